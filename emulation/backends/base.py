@@ -1,0 +1,55 @@
+"""The backend interface: how one node of a scenario becomes a running, limited sandbox.
+
+A backend maps nodes one-to-one onto OS objects (a process; later a namespace + cgroup, or a
+container), starts the node program inside, and removes everything it made in `teardown`,
+which must be safe to call twice and after a crash.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from ..profiles import Profile
+
+RUN_ENV = "TESTBED_RUN"  # every process the testbed starts carries its run id here (for `clean`)
+
+
+class Backend(ABC):
+    name: str
+
+    def __init__(self, run_id: str, workdir: Path):
+        self.run_id = run_id
+        self.workdir = Path(workdir)
+
+    def bind_address(self) -> str:
+        """Where the aggregator must listen so this backend's nodes reach it."""
+        return "127.0.0.1"
+
+    def connect_address(self, bind: str) -> str:
+        """The address nodes of this backend dial to reach an aggregator bound at `bind`."""
+        return bind
+
+    def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
+        """What this backend cannot honour for these profiles, said plainly for the manifest."""
+        return []
+
+    @abstractmethod
+    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+        """Start node `name` with its profile's limits, dialling `endpoint`."""
+
+    @abstractmethod
+    def alive(self, name: str) -> bool:
+        """Is the node's program still running?"""
+
+    @abstractmethod
+    def stop(self, name: str) -> None:
+        """Stop one node (and remove what was made for it)."""
+
+    def teardown(self) -> None:
+        """Stop every node and remove everything this backend made; idempotent."""
+        for name in list(self.nodes()):
+            self.stop(name)
+
+    @abstractmethod
+    def nodes(self) -> list[str]:
+        """Names of the nodes this backend started and has not stopped."""

@@ -1,0 +1,122 @@
+"""The `process` backend: one OS process per node on 127.0.0.1, no privileges needed.
+
+Nothing is kernel-enforced here, so the node emulates its profile in user space: its torch
+thread count, its CPU speed by stretching compute time (cpu_share), its links with the
+in-transport serialization-delay model (node/shaping.py). Memory is measured, not limited.
+Each node runs in its own session with PDEATHSIG, so nodes never outlive the runner.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..profiles import Profile
+from .base import RUN_ENV, Backend
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def node_command(name: str, profile: Profile, endpoint: str, dilation: float, shape_in_transport: bool = True) -> list[str]:
+    """The `python -m node` command line for a profile; link rates divided by dilation.
+
+    cpu_share is NOT divided: stretching is relative to the compute time the node measures,
+    which host contention has already inflated by about the dilation factor.
+    """
+    cmd = [sys.executable, "-m", "node", "--connect", endpoint, "--name", name, "--profile", profile.name,
+           "--threads", str(profile.threads), "--cpu-share", f"{min(1.0, profile.cpu_share):.6g}"]
+    if shape_in_transport:
+        cmd += ["--uplink-mbit", f"{profile.uplink_mbit / dilation:.6g}",
+                "--downlink-mbit", f"{profile.downlink_mbit / dilation:.6g}",
+                "--latency-ms", f"{profile.latency_ms * dilation:.6g}"]
+    return cmd
+
+
+def node_env(run_id: str, threads: int) -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env.update({RUN_ENV: run_id, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "MALLOC_MMAP_THRESHOLD_": "131072", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)})
+    return env
+
+
+class ProcessBackend(Backend):
+    name = "process"
+
+    def __init__(self, run_id: str, workdir: Path):
+        super().__init__(run_id, workdir)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = self.workdir / "logs"
+
+    def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
+        notes = ["process backend: CPU speed emulated by stretching compute time (cpu_share), not by a kernel quota",
+                 "process backend: memory limits are not enforced, only measured (peak RSS per node)",
+                 "process backend: links emulated in the transport (serialization delay + latency), not by tc"]
+        fast = sorted({p.name for p in profiles if p.cpu_share > 1})
+        if fast:
+            notes.append(f"profiles faster than one host core cannot be emulated by stretching: {', '.join(fast)}")
+        return notes
+
+    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(node_command(name, profile, endpoint, dilation),
+                                            env=node_env(self.run_id, profile.threads), stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
+        log.close()
+
+    def alive(self, name: str) -> bool:
+        p = self.procs.get(name)
+        return p is not None and p.poll() is None
+
+    def exit_code(self, name: str) -> int | None:
+        p = self.procs.get(name)
+        return None if p is None else p.poll()
+
+    def nodes(self) -> list[str]:
+        return list(self.procs)
+
+    def stop(self, name: str, grace_s: float = 3.0) -> None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        _kill_group(p, signal.SIGTERM)
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(p, signal.SIGKILL)
+            p.wait()
+
+    def teardown(self) -> None:
+        procs = list(self.procs.items())
+        for _, p in procs:  # signal all first, then wait: teardown of 80 nodes is one grace period
+            _kill_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        for name, p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_group(p, signal.SIGKILL)
+                p.wait()
+            self.procs.pop(name, None)
+
+
+def _kill_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,62 @@
+"""Device profiles: how fast, how much memory, and what link a device has.
+
+`cpu_share` is the device's training throughput for this workload in units of ONE core of
+the reference host (the machine the testbed was calibrated on), so a profile maps directly
+onto a CPU quota (cgroup cfs_quota = cpu_share x period) or, without cgroups, onto stretching
+compute time by 1/cpu_share. Nothing here is a datasheet figure for the transformer step
+itself; each number says where it comes from, and `python -m testbed calibrate` (issue 6) is
+the way to replace an estimate with a measurement of a real device.
+
+Sources of the figures:
+- Relative CPU speed of the Jetsons: STRATEGIES.md's reconstruction of the LEGEND testbed,
+  TX2 : Xavier NX : AGX Xavier = 1 : 2 : 4, anchored so that AGX Xavier = 1.0 host core.
+- Raspberry Pi 4 / 5: public Geekbench 5 single-core scores (Pi 4 about 250, Pi 5 about 700)
+  against about 1400 for a current x86 server core like the reference host: 0.18 and 0.5.
+- Memory: the boards' RAM (Pi 4 4 GB model, Pi 5 8 GB, TX2 8 GB, NX 8 GB, AGX 32 GB), minus
+  about 1 GB each for the OS; TX2/NX/AGX share RAM with their GPU.
+- Links: WiFi rates of the LEGEND platform (1-30 Mbit/s, STRATEGIES.md); Pi on 802.11ac
+  typical home uplink/downlink; latency a typical one-hop WiFi RTT/2.
+- CAFF groups strong / medium / weak: budgets 1.0 / 0.66 / 0.33 of full training
+  (CAFF, STRATEGIES.md): cpu share and memory scale with the budget; memory of "strong" is
+  what full fine-tuning of the 6-block MiniLM needs (measured: about 1.2 GB peak RSS).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    cpu_share: float      # host cores' worth of compute (see module docstring)
+    threads: int          # torch threads the node uses
+    memory_mb: int        # memory limit of the sandbox
+    uplink_mbit: float    # node -> aggregator
+    downlink_mbit: float  # aggregator -> node
+    latency_ms: float     # one-way
+    source: str
+
+    def with_overrides(self, **kw) -> "Profile":
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {p.name: p for p in [
+    Profile("rpi4", 0.18, 1, 3072, 20.0, 40.0, 5.0, "Raspberry Pi 4B 4GB; Geekbench 5 single-core ratio"),
+    Profile("rpi5", 0.5, 1, 7168, 40.0, 80.0, 5.0, "Raspberry Pi 5 8GB; Geekbench 5 single-core ratio"),
+    Profile("jetson-tx2", 0.25, 1, 7168, 10.0, 10.0, 10.0, "LEGEND TX2 class, speed 1 of 1:2:4 (STRATEGIES.md)"),
+    Profile("xavier-nx", 0.5, 1, 7168, 10.0, 10.0, 10.0, "LEGEND Xavier NX class, speed 2 of 1:2:4"),
+    Profile("agx-xavier", 1.0, 1, 31744, 10.0, 10.0, 10.0, "LEGEND AGX Xavier class, speed 4 of 1:2:4"),
+    Profile("caff-strong", 1.0, 1, 1228, 20.0, 20.0, 10.0, "CAFF strong group, budget 1.0 of full training"),
+    Profile("caff-medium", 0.66, 1, 811, 13.2, 20.0, 10.0, "CAFF medium group, budget 0.66"),
+    Profile("caff-weak", 0.33, 1, 405, 6.6, 20.0, 10.0, "CAFF weak group, budget 0.33"),
+    Profile("host", 1.0, 1, 4096, 0.0, 0.0, 0.0, "this host, one core, unshaped link (0 = unlimited)"),
+]}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise KeyError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[name]

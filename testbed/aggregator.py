@@ -1,0 +1,254 @@
+"""The aggregator's network side: a ZeroMQ ROUTER that registers nodes and runs rounds.
+
+One socket, one thread, a poll loop. Every inbound message is decoded and validated; a bad
+one is logged and answered with ERROR (or dropped when the peer cannot be answered), and the
+loop goes on: no input from the network can stop the aggregator.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from node import protocol as P
+
+log = logging.getLogger("testbed.aggregator")
+
+
+@dataclass
+class Peer:
+    name: str
+    peer_id: bytes
+    phase: str = "hello"
+    ready: bool = False
+    last_seen: float = 0.0
+    hello: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class NodeRecord:
+    """One node's part in one round: the `nodes` entries of rounds.jsonl."""
+    node: str
+    profile: str
+    status: str = "dropped"          # ok | dropped | failed | rejected
+    compute_s: float = 0.0
+    upload_s: float = 0.0
+    download_s: float = 0.0
+    wait_s: float = 0.0
+    peak_mem_mb: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    reason: str | None = None
+
+
+@dataclass
+class RoundOutcome:
+    results: dict[str, P.Message]
+    records: dict[str, NodeRecord]
+    wall_real_s: float
+
+
+class Aggregator:
+    def __init__(self, run_id: str, expected: dict[str, str], welcome: Callable[[str], tuple[dict, dict]],
+                 bind: str = "127.0.0.1", port: int = 0):
+        """`expected`: node name -> profile name; `welcome(name)` gives that node's WELCOME (meta, tensors)."""
+        self.run_id, self.expected, self.welcome = run_id, expected, welcome
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if port:
+            self.sock.bind(f"tcp://{bind}:{port}")
+        else:
+            port = self.sock.bind_to_random_port(f"tcp://{bind}")
+        self.bind, self.port = bind, port
+        self.peers: dict[str, Peer] = {}
+        self.by_id: dict[bytes, str] = {}
+        self.traffic: Counter = Counter()       # (node, "up"|"down") -> bytes, all message types
+        self.rejected: deque = deque(maxlen=1000)
+        self.rejected_total = 0
+        self.on_phase: Callable[[str, str], None] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{self.bind}:{self.port}"
+
+    # -- sending ---------------------------------------------------------------------------
+    def _send_raw(self, peer_id: bytes, msg: P.Message) -> int:
+        frames = P.encode(msg)
+        try:
+            self.sock.send_multipart([peer_id, *frames], copy=False)
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or queue full
+            log.warning("cannot send %s to %r: %s", msg.type, peer_id, exc)
+            return 0
+        return P.frames_nbytes(frames)
+
+    def send(self, name: str, type_: str, rnd: int = 0, meta: dict | None = None, tensors: dict | None = None) -> int:
+        peer = self.peers[name]
+        n = self._send_raw(peer.peer_id, P.Message(type_, run=self.run_id, round=rnd, meta=meta or {},
+                                                   tensors=tensors or {}))
+        self.traffic[(name, "down")] += n
+        return n
+
+    def _reject(self, peer_id: bytes, reason: str, answer: bool = True, fatal: bool = False) -> None:
+        self.rejected_total += 1
+        self.rejected.append((time.time(), peer_id.hex()[:16], reason))
+        log.warning("rejected message from peer %s: %s", peer_id.hex()[:16], reason)
+        if answer:
+            self._send_raw(peer_id, P.Message(P.ERROR, run=self.run_id, meta={"error": reason, "fatal": fatal}))
+
+    # -- receiving -------------------------------------------------------------------------
+    def poll(self, timeout_s: float) -> list[tuple[str, P.Message, int]]:
+        """Handle what arrives within `timeout_s`; returns (node, message, bytes) for RESULT and ERROR."""
+        out = []
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            remaining = deadline - time.monotonic()
+            if not self.sock.poll(max(0, int(remaining * 1000)) if not out else 0):
+                break
+            frames = self.sock.recv_multipart(copy=False)
+            item = self._handle(frames)
+            if item:
+                out.append(item)
+            if time.monotonic() >= deadline:
+                break
+        return out
+
+    def _handle(self, frames: list) -> tuple[str, P.Message, int] | None:
+        peer_id, body = frames[0].bytes, frames[1:]
+        nbytes = P.frames_nbytes(body)
+        try:
+            msg = P.decode(body)
+        except P.ProtocolError as exc:
+            fatal = "protocol version" in str(exc)
+            self._reject(peer_id, str(exc), answer=len(body) > 0, fatal=fatal)
+            return None
+        name = self.by_id.get(peer_id)
+        if msg.type == P.HELLO:
+            self._hello(peer_id, msg, nbytes)
+            return None
+        if name is None:
+            self._reject(peer_id, f"{msg.type} before HELLO: say HELLO with your node name first")
+            return None
+        if msg.run != self.run_id:
+            self._reject(peer_id, f"message for run {msg.run!r}, this is run {self.run_id!r}")
+            return None
+        peer = self.peers[name]
+        peer.last_seen = time.monotonic()
+        self.traffic[(name, "up")] += nbytes
+        if msg.type == P.HEARTBEAT:
+            phase = msg.meta.get("phase")
+            if not isinstance(phase, str):
+                self._reject(peer_id, "HEARTBEAT needs meta.phase (a string)")
+                return None
+            peer.phase = phase
+            if phase == "ready":
+                peer.ready = True
+            if self.on_phase:
+                self.on_phase(name, phase)
+            return None
+        if msg.type == P.BYE:
+            peer.ready, peer.phase = False, "left"
+            return None
+        if msg.type in (P.RESULT, P.ERROR):
+            return name, msg, nbytes
+        self._reject(peer_id, f"a node may not send {msg.type}")
+        return None
+
+    def _hello(self, peer_id: bytes, msg: P.Message, nbytes: int) -> None:
+        name = msg.meta.get("name")
+        if not isinstance(name, str) or name not in self.expected:
+            self._reject(peer_id, f"unknown node name {name!r}; this run expects: {', '.join(sorted(self.expected))}",
+                         fatal=True)
+            return
+        old = self.peers.get(name)
+        if old is not None and old.peer_id != peer_id:
+            log.info("node %s re-registered from a new connection", name)
+            self.by_id.pop(old.peer_id, None)
+        peer = Peer(name, peer_id, last_seen=time.monotonic(), hello=dict(msg.meta))
+        self.peers[name], self.by_id[peer_id] = peer, name
+        self.traffic[(name, "up")] += nbytes
+        meta, tensors = self.welcome(name)
+        self.send(name, P.WELCOME, 0, meta, tensors)
+        if self.on_phase:
+            self.on_phase(name, "welcome")
+
+    # -- registration and rounds -----------------------------------------------------------
+    def ready(self) -> set[str]:
+        return {n for n, p in self.peers.items() if p.ready}
+
+    def wait_ready(self, names: set[str], timeout_s: float, alive: Callable[[str], bool]) -> set[str]:
+        """Block until all `names` are ready, one has died, or time is up; returns the ready ones."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.poll(0.2)
+            if names <= self.ready():
+                break
+            dead = [n for n in names - self.ready() if not alive(n)]
+            if dead:
+                log.error("node(s) exited before registering: %s", ", ".join(sorted(dead)))
+                break
+        return self.ready() & names
+
+    def run_round(self, rnd: int, tag: str, tasks: dict[str, tuple[dict, dict]], deadline_real_s: float,
+                  alive: Callable[[str], bool], check: Callable[[str, dict, P.Message], str | None]) -> RoundOutcome:
+        """Send each node its TASK, collect RESULTs until all are in or the deadline passes.
+
+        `check(node, sent_tensors, result)` returns a reason to reject a result, or None.
+        """
+        t0 = time.monotonic()
+        records = {n: NodeRecord(n, self.expected[n]) for n in tasks}
+        task_ids = {n: f"{tag}/{rnd}/{n}" for n in tasks}
+        pending = set()
+        for n, (plan, tensors) in tasks.items():
+            sent = self.send(n, P.TASK, rnd, {"plan": plan, "task_id": task_ids[n]}, tensors)
+            records[n].bytes_down = sent
+            if sent:
+                pending.add(n)
+            else:
+                records[n].status, records[n].reason = "failed", "unreachable"
+        results: dict[str, P.Message] = {}
+        last_done = t0
+        while pending and time.monotonic() - t0 < deadline_real_s:
+            for n, msg, nbytes in self.poll(min(0.25, deadline_real_s - (time.monotonic() - t0))):
+                if n not in pending or msg.meta.get("task_id") != task_ids[n] or msg.round != rnd:
+                    log.info("discarding stale %s from %s (round %d)", msg.type, n, msg.round)
+                    continue
+                pending.discard(n)
+                rec = records[n]
+                rec.bytes_up = nbytes
+                if msg.type == P.ERROR:
+                    rec.status, rec.reason = "failed", str(msg.meta.get("error"))[:500]
+                    continue
+                reason = check(n, tasks[n][1], msg)
+                if reason:
+                    rec.status, rec.reason = "rejected", reason
+                    self.rejected_total += 1
+                    log.warning("rejected result of %s in round %d: %s", n, rnd, reason)
+                    continue
+                rec.status = "ok"
+                for k in ("compute_s", "upload_s", "download_s", "peak_mem_mb"):
+                    v = msg.meta.get(k)
+                    if isinstance(v, (int, float)) and np.isfinite(v) and v >= 0:
+                        setattr(rec, k, float(v))
+                results[n] = msg
+                last_done = time.monotonic()
+            for n in [n for n in pending if not alive(n)]:
+                pending.discard(n)
+                records[n].status, records[n].reason = "failed", "node process exited"
+        for n in pending:
+            records[n].reason = "missed the round deadline"
+        wall = (time.monotonic() if pending else last_done) - t0
+        return RoundOutcome(results, records, wall)
+
+    def close(self, say_bye: bool = True) -> None:
+        if say_bye:
+            for name in list(self.peers):
+                self.send(name, P.BYE)
+        self.sock.close(linger=0)

@@ -1,0 +1,97 @@
+"""`python -m testbed run | validate | report | clean` (the CLI contract of DESIGN.md)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def cmd_validate(args) -> int:
+    from .scenario import ScenarioError, expand_nodes, load
+    bad = 0
+    for path in args.scenarios:
+        try:
+            sc = load(path, args.set)
+            nodes = expand_nodes(sc)
+            print(f"{path}: ok ({sc.name}: {len(nodes)} nodes, {len(sc.strategies.run)} strategies, "
+                  f"baseline {sc.strategies.baseline})")
+        except ScenarioError as exc:
+            bad += 1
+            print(exc, file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_run(args) -> int:
+    from .runner import Run, RunError
+    from .scenario import ScenarioError, load
+    try:
+        sc = load(args.scenario, args.set)
+    except ScenarioError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path("runs") / f"{sc.name}"
+    if not args.out and out.exists():
+        i = 2
+        while (Path("runs") / f"{sc.name}-{i}").exists():
+            i += 1
+        out = Path("runs") / f"{sc.name}-{i}"
+    try:
+        summary = Run(sc, out, backend=args.backend, source=str(args.scenario)).execute()
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: finished rounds are kept in {out}", file=sys.stderr)
+        return 130
+    print(f"results in {out}: " + ", ".join(
+        f"{name} acc {s['final_accuracy']:.3f}" + (f" speedup {s['speedup']:.2f}x" if s.get("speedup") else "")
+        for name, s in summary.get("strategies", {}).items()))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    try:
+        paths = write_report(args.dir)
+    except (OSError, ValueError) as exc:
+        print(f"error: {args.dir}: {exc}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from emulation.cleanup import clean
+    removed = clean(run_id=args.run)
+    for item in removed:
+        print(f"removed {item}")
+    print(f"{len(removed)} leftover(s) removed")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m testbed",
+                                 description="Federated fine-tuning of transformers on emulated edge devices.")
+    ap.add_argument("--log-level", default="WARNING")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a scenario end to end")
+    r.add_argument("scenario")
+    r.add_argument("--out", help="results folder (default runs/<scenario name>)")
+    r.add_argument("--backend", choices=["auto", "process", "netns", "docker"], help="override the scenario's backend")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario field")
+    r.set_defaults(fn=cmd_run)
+    v = sub.add_parser("validate", help="check scenario files and explain every error")
+    v.add_argument("scenarios", nargs="+")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("report", help="(re)write report.md and plots of a run folder")
+    p.add_argument("dir")
+    p.set_defaults(fn=cmd_report)
+    c = sub.add_parser("clean", help="remove every sandbox, process and network object the testbed left behind")
+    c.add_argument("--run", help="only this run id (default: all runs)")
+    c.set_defaults(fn=cmd_clean)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.fn(args)

@@ -1,0 +1,321 @@
+"""Turn a run folder into numbers and pictures a human can compare.
+
+A run folder holds ``manifest.json``, ``rounds.jsonl`` and (normally)
+``summary.json``. This module recomputes the summary when it is missing and
+writes ``report.md`` plus three plots next to them. Strategies are compared at
+equal *emulated* time (``elapsed_s``), because wall time on the test host says
+nothing about the devices being emulated.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are produced on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+MANIFEST, ROUNDS, SUMMARY, REPORT = "manifest.json", "rounds.jsonl", "summary.json", "report.md"
+ACC_PNG, BYTES_PNG, TIMELINE_PNG = "accuracy_vs_time.png", "bytes_vs_time.png", "timeline.png"
+MB = 1e6
+_EPS = 1e-9  # float slack when comparing emulated times
+_PHASES = [("download_s", "download", "tab:blue"), ("compute_s", "compute", "tab:orange"),
+           ("upload_s", "upload", "tab:green"), ("wait_s", "wait", "tab:purple")]
+_STYLE = {**{lbl: {"facecolor": c, "edgecolor": "none"} for _, lbl, c in _PHASES},
+          "dropped": {"facecolor": "lightgrey", "edgecolor": "grey", "hatch": "//"},
+          "failed": {"facecolor": "lightgrey", "edgecolor": "dimgrey", "hatch": "xx"}}
+
+
+# ---------------------------------------------------------------- summary
+def _by_strategy(rounds: list[dict]) -> dict[str, list[dict]]:
+    """Group rows per strategy (first-seen order) sorted by round, since the
+    log interleaves strategies and may not be ordered."""
+    groups: dict[str, list[dict]] = {}
+    for row in rounds:
+        groups.setdefault(row["strategy"], []).append(row)
+    return {k: sorted(v, key=lambda r: r.get("round", 0)) for k, v in groups.items()}
+
+
+def _elapsed(rows: list[dict]) -> list[float]:
+    """Emulated time after each row: ``elapsed_s`` when logged, otherwise the
+    running sum of ``wall_s`` (older runs did not log emulated time)."""
+    out, t = [], 0.0
+    for r in rows:
+        t = float(r["elapsed_s"]) if r.get("elapsed_s") is not None else t + float(r.get("wall_s") or 0)
+        out.append(t)
+    return out
+
+
+def _acc(row: dict) -> float | None:
+    a = row.get("accuracy")
+    return None if a is None or a != a else float(a)  # drop None and NaN
+
+
+def _bytes(row: dict) -> int:
+    return int(row.get("bytes_up") or 0) + int(row.get("bytes_down") or 0)
+
+
+def _strategy_summary(rows: list[dict], target: float) -> dict:
+    times, accs = _elapsed(rows), [_acc(r) for r in rows]
+    known = [a for a in accs if a is not None]
+    ttt = btt = None
+    cum = 0
+    for r, t, a in zip(rows, times, accs):
+        cum += _bytes(r)
+        if a is not None and a >= target:
+            ttt, btt = t, cum
+            break
+    return {
+        "rounds": sum(1 for r in rows if r.get("round", 0) >= 1),
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(known) if known else None,
+        "target_accuracy": target,
+        "time_to_target_s": ttt,
+        "bytes_to_target": btt,
+        "total_wall_s": sum(float(r.get("wall_s") or 0) for r in rows),
+        "total_bytes_up": sum(int(r.get("bytes_up") or 0) for r in rows),
+        "total_bytes_down": sum(int(r.get("bytes_down") or 0) for r in rows),
+        "speedup": None,
+        "accuracy_at_baseline_time": None,
+    }
+
+
+def summarize(rounds: list[dict], baseline: str, target_accuracy: float, *,
+              majority_rate: float | None = None) -> dict:
+    """Build the ``summary.json`` dict from ``rounds.jsonl`` rows.
+
+    Speedup is baseline time-to-target / strategy time-to-target (null when
+    either never reached the target). Because that is often null, each
+    strategy also gets its best accuracy within the baseline's total emulated
+    time, which always allows a comparison at equal time.
+    """
+    groups = _by_strategy(rounds)
+    if baseline not in groups:
+        raise ValueError(f"baseline strategy {baseline!r} not found in rounds "
+                         f"(strategies present: {sorted(groups) or 'none'})")
+    strategies = {name: _strategy_summary(rows, target_accuracy) for name, rows in groups.items()}
+    base_ttt = strategies[baseline]["time_to_target_s"]
+    base_end = _elapsed(groups[baseline])[-1]
+    for name, s in strategies.items():
+        ttt = s["time_to_target_s"]
+        if base_ttt is not None and ttt is not None:
+            s["speedup"] = base_ttt / ttt if ttt > 0 else (1.0 if base_ttt == 0 else None)
+        window = [a for t, a in zip(_elapsed(groups[name]), map(_acc, groups[name]))
+                  if t <= base_end + _EPS and a is not None]
+        s["accuracy_at_baseline_time"] = max(window) if window else None
+    return {"baseline": baseline, "target_accuracy": target_accuracy,
+            "majority_rate": majority_rate, "strategies": strategies}
+
+
+# ---------------------------------------------------------------- loading
+def load_run(dir: str | Path) -> tuple[dict, list[dict], dict | None]:
+    """Read a run folder. A run killed mid-write leaves a partial last line in
+    ``rounds.jsonl``; it is skipped so the completed rounds stay usable."""
+    d = Path(dir)
+    manifest = json.loads((d / MANIFEST).read_text()) if (d / MANIFEST).exists() else {}
+    lines = [ln for ln in (d / ROUNDS).read_text().splitlines() if ln.strip()]
+    rounds = []
+    for i, line in enumerate(lines):
+        try:
+            rounds.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{d / ROUNDS}: line {i + 1} is not valid JSON") from None
+    summary = json.loads((d / SUMMARY).read_text()) if (d / SUMMARY).exists() else None
+    return manifest, rounds, summary
+
+
+def _default_summary(manifest: dict, rounds: list[dict]) -> dict:
+    """Recompute a missing summary (a run that died before writing it) from the
+    baseline and target the manifest's resolved scenario names."""
+    scen = manifest.get("scenario") or {}
+    baseline = (scen.get("strategies") or {}).get("baseline")
+    target = (scen.get("training") or {}).get("target_accuracy")
+    if baseline is None or target is None:
+        raise ValueError("manifest.json names no baseline or target accuracy: cannot summarize this run")
+    if baseline not in _by_strategy(rounds):
+        return {"baseline": baseline, "target_accuracy": target, "majority_rate": None, "strategies": {}}
+    return summarize(rounds, baseline, float(target),
+                     majority_rate=(manifest.get("data") or {}).get("majority_rate"))
+
+
+# ---------------------------------------------------------------- plots
+def _plot_accuracy(groups: dict, summary: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, rows in groups.items():
+        pts = [(t, a) for t, a in zip(_elapsed(rows), map(_acc, rows)) if a is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+    if summary.get("target_accuracy") is not None:
+        ax.axhline(summary["target_accuracy"], ls="--", color="k", lw=1,
+                   label=f"target {summary['target_accuracy']:.3f}")
+    if summary.get("majority_rate") is not None:
+        ax.axhline(summary["majority_rate"], ls=":", color="grey", lw=1,
+                   label=f"majority class {summary['majority_rate']:.3f}")
+    ax.set(xlabel="elapsed emulated time (s)", ylabel="accuracy", title="Accuracy vs emulated time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_bytes(groups: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, rows in groups.items():
+        cum, ys = 0, []
+        for r in rows:
+            cum += _bytes(r)
+            ys.append(cum / MB)
+        ax.plot(_elapsed(rows), ys, marker="o", ms=3, label=name)
+    ax.set(xlabel="elapsed emulated time (s)", ylabel="cumulative traffic up+down (MB)",
+           title="Traffic vs emulated time")
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_timeline(groups: dict, path: Path) -> None:
+    """Each round starts where the previous one ended in emulated time; within
+    it every node's download/compute/upload/wait phases are laid end to end,
+    so stragglers and idle waiting are visible at a glance."""
+    nodes_of = {n: sorted({nd["node"] for r in rows for nd in r.get("nodes") or []}, key=str)
+                for n, rows in groups.items()}
+    heights = [max(1, len(v)) for v in nodes_of.values()] or [1]
+    fig, axes = plt.subplots(len(heights), 1, squeeze=False, sharex=True,
+                             figsize=(10, 1.2 + 0.35 * sum(heights) + 0.6 * len(heights)),
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (name, rows) in zip(axes[:, 0], groups.items()):
+        names = nodes_of[name]
+        ax.set_title(name, loc="left", fontsize=10)
+        if not names:
+            ax.text(0.5, 0.5, "no node data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+            continue
+        ypos = {n: i for i, n in enumerate(names)}
+        bars: dict[str, list[tuple[float, float, float]]] = {}  # style -> (y, left, width)
+        start = 0.0
+        for r, end in zip(rows, _elapsed(rows)):
+            for nd in r.get("nodes") or []:
+                y, t, status = ypos[nd["node"]], start, nd.get("status", "ok")
+                for key, label, _ in _PHASES:
+                    dur = float(nd.get(key) or 0)
+                    if dur > 0:
+                        bars.setdefault(label if status == "ok" else status, []).append((y, t, dur))
+                        t += dur
+                if status != "ok" and t == start:  # nothing timed: still mark the loss
+                    bars.setdefault(status, []).append((y, start, max(end - start, 0)))
+            start = end
+        for style, items in bars.items():
+            y, left, width = zip(*items)
+            kw = _STYLE.get(style, _STYLE["failed"])
+            ax.barh(y, width, left=left, height=0.8, lw=0.5, **kw)
+        ax.set_yticks(range(len(names)), [str(n) for n in names], fontsize=8)
+        ax.set_ylim(-0.6, len(names) - 0.4)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    ends = [_elapsed(rows)[-1] for rows in groups.values() if rows]
+    if ends and max(ends) > 0:
+        axes[-1, 0].set_xlim(0, max(ends))
+    axes[-1, 0].set_xlabel("elapsed emulated time (s)")
+    legend = [Patch(label=k, **v) for k, v in _STYLE.items()]
+    fig.legend(handles=legend, loc="upper right", ncol=6, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- markdown
+def _fmt(v, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _profile_table(groups: dict) -> list[str]:
+    """Mean compute time and peak memory per device profile: the point of the
+    testbed is to see how heterogeneous devices cope with each strategy."""
+    out = ["| strategy | profile | node-rounds | dropped/failed | mean compute, ok nodes (s) "
+           "| max peak mem (MB) |",
+           "|---|---|---|---|---|---|"]
+    for name, rows in groups.items():
+        prof: dict[str, list[dict]] = {}
+        for r in rows:
+            for nd in r.get("nodes") or []:
+                prof.setdefault(str(nd.get("profile", "?")), []).append(nd)
+        for p, nds in sorted(prof.items()):
+            comp = [float(n["compute_s"]) for n in nds  # lost nodes' partial work would skew it
+                    if n.get("compute_s") is not None and n.get("status", "ok") == "ok"]
+            mem = [float(n["peak_mem_mb"]) for n in nds if n.get("peak_mem_mb") is not None]
+            lost = sum(1 for n in nds if n.get("status", "ok") != "ok")
+            out.append(f"| {name} | {p} | {len(nds)} | {lost} | "
+                       f"{_fmt(sum(comp) / len(comp) if comp else None, '.2f')} | "
+                       f"{_fmt(max(mem) if mem else None, '.0f')} |")
+    return out if len(out) > 2 else ["_No per-node data recorded._"]
+
+
+def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
+    scen = manifest.get("scenario") or {}
+    host = manifest.get("host") or {}
+    lines = [f"# Run report: {scen.get('name', 'unnamed scenario')}", "",
+             f"- backend: {manifest.get('backend', 'n/a')}",
+             f"- dilation: {manifest.get('dilation', 'n/a')}",
+             f"- host: {host.get('cores', 'n/a')} cores, {host.get('memory_mb', 'n/a')} MB memory",
+             f"- baseline: {summary.get('baseline')}, target accuracy: {_fmt(summary.get('target_accuracy'))}"]
+    if summary.get("majority_rate") is not None:
+        lines.append(f"- majority-class rate: {_fmt(summary['majority_rate'])}")
+    if manifest.get("fidelity"):
+        lines += ["", "## Fidelity warnings", "", "The host could not honour everything the scenario asked:", ""]
+        lines += [f"- {w}" for w in manifest["fidelity"]]
+    lines += ["", "## Strategies", "",
+              "| strategy | rounds | final acc | best acc | time to target (s) | bytes to target (MB) "
+              "| total time (s) | wall (s) | MB up | MB down | speedup | acc at baseline time |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    strategies = summary.get("strategies") or {}
+    for name, s in strategies.items():
+        rows = groups.get(name) or []
+        total = _elapsed(rows)[-1] if rows else None
+        btt = s.get("bytes_to_target")
+        lines.append(
+            f"| {name} | {s.get('rounds')} | {_fmt(s.get('final_accuracy'))} | {_fmt(s.get('best_accuracy'))} "
+            f"| {_fmt(s.get('time_to_target_s'), '.1f')} | {_fmt(None if btt is None else btt / MB, '.2f')} "
+            f"| {_fmt(total, '.1f')} | {_fmt(s.get('total_wall_s'), '.1f')} "
+            f"| {_fmt((s.get('total_bytes_up') or 0) / MB, '.2f')} "
+            f"| {_fmt((s.get('total_bytes_down') or 0) / MB, '.2f')} "
+            f"| {_fmt(s.get('speedup'), '.2f')} | {_fmt(s.get('accuracy_at_baseline_time'))} |")
+    lines += ["", f"Times are emulated seconds. Speedup = baseline ({summary.get('baseline')}) "
+                  "time-to-target / strategy time-to-target; above 1 means the strategy reached "
+                  "the target sooner."]
+    if any(s.get("speedup") is None for s in strategies.values()):
+        lines.append("Speedup is n/a where the baseline or the strategy never reached the target; "
+                     "compare the \"acc at baseline time\" column instead: each strategy's best "
+                     "accuracy within the baseline's total emulated time.")
+    lines += ["", "## Per-profile cost", "", *_profile_table(groups), "", "## Plots", "",
+              f"![accuracy vs time]({ACC_PNG})", "", f"![bytes vs time]({BYTES_PNG})", "",
+              f"![per-node timeline]({TIMELINE_PNG})", ""]
+    return "\n".join(lines)
+
+
+def write_report(dir: str | Path) -> list[Path]:
+    """Write report.md and the three plots into the run folder; recomputes the
+    summary from rounds.jsonl when summary.json is missing (crashed run)."""
+    d = Path(dir)
+    manifest, rounds, summary = load_run(d)
+    if summary is None:
+        summary = _default_summary(manifest, rounds)
+    groups = _by_strategy(rounds)
+    base = summary.get("baseline")
+    groups = {k: groups[k] for k in sorted(groups, key=lambda k: k != base)}  # baseline first
+    strategies = summary.get("strategies") or {}
+    summary = {**summary, "strategies": {k: strategies[k] for k in
+                                          sorted(strategies, key=lambda k: k != base)}}
+    paths = [d / REPORT, d / ACC_PNG, d / BYTES_PNG, d / TIMELINE_PNG]
+    _plot_accuracy(groups, summary, paths[1])
+    _plot_bytes(groups, paths[2])
+    _plot_timeline(groups, paths[3])
+    paths[0].write_text(_markdown(manifest, summary, groups))
+    return paths

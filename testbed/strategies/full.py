@@ -1,0 +1,36 @@
+"""FedAvg of full fine-tuning (McMahan et al. 2017), the baseline both papers compare with.
+
+Every sampled node trains the same blocks (all by default, or the last `last_blocks`) plus
+the head; the server averages each tensor weighted by sample count. Embeddings are large
+(11.7M of MiniLM's 22.7M parameters) and are trained only when `train_embeddings` is set.
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import NodeInfo, Params, State, Strategy, Update, weighted_average
+
+
+class FullParams(Params):
+    last_blocks: int | None = Field(None, ge=1, description="train only the last n blocks (+ head); None = all")
+    train_embeddings: bool = False
+
+
+class Full(Strategy):
+    name = "full"
+    Params = FullParams
+
+    def blocks(self) -> list[int]:
+        n = self.ctx.num_blocks
+        k = min(self.p.last_blocks or n, n)
+        return list(range(n - k, n))
+
+    def global_plan(self) -> dict:
+        return {"method": "full", "blocks": self.blocks(), "train_embeddings": self.p.train_embeddings,
+                "head": True, **self.train_fields(0)}
+
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
+        return {n.name: ({**self.global_plan(), **self.train_fields(rnd, i)}, state) for i, n in enumerate(nodes)}
+
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
+        return weighted_average(updates, state)
