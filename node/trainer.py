@@ -42,6 +42,8 @@ def model_path(name: str) -> str:
 def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -202,7 +204,8 @@ def train(base, plan: dict, tensors: dict[str, np.ndarray], data: Tokenized) -> 
     """Run `plan` from `tensors` on `data`; return (trained tensors, measurements)."""
     import torch
     t0 = time.perf_counter()
-    with PeakRSS() as mem:
+    with PeakRSS() as mem, torch.random.fork_rng():
+        torch.manual_seed(int(plan.get("seed", 0)))  # dropout too: a plan + tensors give one result
         model = build_model(base, plan)
         load_trainable(model, tensors)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -81,6 +81,7 @@ class Run:
         self.sc, self.out, self.source = sc, Path(out), source
         self.requested_backend = backend or sc.backend
         self.nodes = expand_nodes(sc)
+        self.remote = {n.name: n.remote for n in self.nodes}
         self.run_id = f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.live = live
         self.rows: list[dict] = []
@@ -168,6 +169,7 @@ class Run:
         else:
             self.dilation = float(sc.dilation)
         backend = BACKENDS[self.backend_name](self.run_id, self.out)
+        self.backend = backend
         self.fidelity = backend.fidelity([n.profile for n in self.nodes], self.dilation)
         threads = sum(sorted((n.profile.threads for n in self.nodes), reverse=True)[:per_round])
         if threads > self.caps["cores"] * self.dilation:
@@ -187,15 +189,19 @@ class Run:
                 for note in self.fidelity:
                     progress.message(f"[yellow]fidelity:[/] {note}")
                 agg = Aggregator(self.run_id, {n.name: n.profile.name for n in self.nodes}, self.welcome,
-                                 bind=backend.bind_address(), port=sc.aggregator.port)
+                                 bind=backend.bind_address(sc.aggregator.bind), port=sc.aggregator.port)
                 agg.on_phase = progress.node_phase
                 self._write_json("manifest.json", self.manifest(status="starting", endpoint=agg.endpoint))
                 endpoint = f"tcp://{backend.connect_address(agg.bind)}:{agg.port}"
                 for n in self.nodes:
-                    backend.start(n.name, n.profile, endpoint, self.dilation)
+                    if n.remote:
+                        progress.message(f"waiting for {n.name} ({n.profile.name}) to join: python -m node "
+                                         f"--connect tcp://{agg.bind}:{agg.port} --name {n.name} --profile {n.profile.name}")
+                    else:
+                        backend.start(n.name, n.profile, endpoint, self.dilation)
                 names = {n.name for n in self.nodes}
                 t_reg = time.monotonic()
-                ready = agg.wait_ready(names, sc.aggregator.register_timeout_s, backend.alive)
+                ready = agg.wait_ready(names, sc.aggregator.register_timeout_s, self.alive)
                 register_s = time.monotonic() - t_reg
                 if ready != names:
                     missing = sorted(names - ready)
@@ -233,6 +239,10 @@ class Run:
             self._write_json("summary.json", self.summary)
             write_report(self.out)
 
+    def alive(self, name: str) -> bool:
+        """Emulated nodes: their sandbox runs. Remote (real) devices: judged by the round deadline."""
+        return True if self.remote.get(name) else self.backend.alive(name)
+
     def _evaluate(self, plan: dict, state: dict) -> tuple[dict, float]:
         t = time.perf_counter()
         res = trainer.evaluate(self.base, plan, state, self.test)
@@ -253,14 +263,14 @@ class Run:
         elapsed = 0.0
         profiles = {n.name: n.profile for n in self.nodes}
         for rnd in range(1, sc.training.rounds + 1):
-            pool = sorted(n for n in agg.ready() if backend.alive(n))
+            pool = sorted(n for n in agg.ready() if self.alive(n))
             k = min(sc.training.clients_per_round or len(self.nodes), len(pool))
             rng = np.random.default_rng([sc.seed, rnd])  # same nodes in round r for every strategy
             sampled = sorted(rng.choice(pool, size=k, replace=False).tolist()) if k else []
             infos = [NodeInfo(n, profiles[n], len(self.shards[n])) for n in sampled]
             tasks = strat.configure(rnd, infos, state)
             t_round = time.perf_counter()
-            outcome = agg.run_round(rnd, entry.name, tasks, sc.training.round_deadline_s * f, backend.alive,
+            outcome = agg.run_round(rnd, entry.name, tasks, sc.training.round_deadline_s * f, self.alive,
                                     lambda n, sent, msg: check_result(sent, msg))
             updates = [Update(n, tasks[n][0], dict(m.tensors), int(m.meta["samples"]), dict(m.meta))
                        for n, m in outcome.results.items()]

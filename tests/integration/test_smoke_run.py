@@ -1,0 +1,90 @@
+"""The whole path with real processes and sockets: `python -m testbed run scenarios/smoke.yaml`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emulation.cleanup import tagged_processes
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+ROW_KEYS = {"strategy", "round", "wall_s", "accuracy", "loss", "bytes_up", "bytes_down", "participants",
+            "dropped", "nodes"}
+NODE_KEYS = {"node", "profile", "status", "compute_s", "upload_s", "download_s", "wait_s", "peak_mem_mb",
+             "bytes_up", "bytes_down"}
+SUMMARY_KEYS = {"rounds", "final_accuracy", "best_accuracy", "target_accuracy", "time_to_target_s",
+                "bytes_to_target", "total_wall_s", "total_bytes_up", "total_bytes_down", "speedup"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = subprocess.run([sys.executable, "-m", "testbed", "run", "scenarios/smoke.yaml", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    yield out, proc
+    for p in tagged_processes():  # never leave a node behind, even if the test failed
+        p.kill()
+
+
+def test_run_succeeds_and_writes_contract_files(smoke_run):
+    out, proc = smoke_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("manifest.json", "rounds.jsonl", "summary.json", "report.md", "accuracy_vs_time.png"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_manifest_records_backend_capabilities_and_fidelity(smoke_run):
+    out, _ = smoke_run
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "finished"
+    assert m["backend"] == "process"
+    for key in ("root", "cgroup", "qdiscs", "netem", "docker"):
+        assert key in m["capabilities"]
+    assert m["dilation"] >= 1
+    assert any("not enforced" in f for f in m["fidelity"])
+    assert m["host"]["cores"] >= 1 and m["versions"]["torch"].startswith("2.13.0")
+    assert len(m["nodes"]) == 4 and sum(n["samples"] for n in m["nodes"]) == m["data"]["train"]
+
+
+def test_rounds_follow_the_contract(smoke_run):
+    out, _ = smoke_run
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert {r["strategy"] for r in rows} == {"fedlora", "full"}
+    for r in rows:
+        assert ROW_KEYS <= r.keys()
+        if r["round"] == 0:
+            continue
+        assert r["participants"] == 4 and r["dropped"] == 0
+        assert r["bytes_up"] == sum(n["bytes_up"] for n in r["nodes"]) > 0
+        for n in r["nodes"]:
+            assert NODE_KEYS <= n.keys() and n["status"] == "ok"
+            assert n["compute_s"] > 0 and n["peak_mem_mb"] > 100
+    lora = [r for r in rows if r["strategy"] == "fedlora" and r["round"] > 0]
+    full = [r for r in rows if r["strategy"] == "full" and r["round"] > 0]
+    # LoRA exchanges far fewer bytes than a full block + head
+    assert lora[0]["bytes_up"] * 3 < full[0]["bytes_up"]
+    # slow uplinks show: the agx nodes (10-30 Mbit) upload a full block slower than the pi5s (40 Mbit)
+    ups = {n["node"]: n["upload_s"] for n in full[0]["nodes"]}
+    assert min(ups["agx-0"], ups["agx-1"]) > max(ups["pi5-0"], ups["pi5-1"])
+
+
+def test_summary_and_learning(smoke_run):
+    out, _ = smoke_run
+    s = json.loads((out / "summary.json").read_text())
+    assert s["baseline"] == "fedlora"
+    for name, st in s["strategies"].items():
+        assert SUMMARY_KEYS <= st.keys(), name
+    base = s["strategies"]["fedlora"]
+    assert base["best_accuracy"] > s["majority_rate"], "federated fine-tuning did not beat the majority class"
+    if base["time_to_target_s"] is not None:
+        assert base["speedup"] == pytest.approx(1.0)
+
+
+def test_no_node_process_left(smoke_run):
+    out, _ = smoke_run
+    run_id = json.loads((out / "manifest.json").read_text())["run_id"]
+    assert tagged_processes(run_id) == []

@@ -1,0 +1,283 @@
+"""Scenario files: a good one parses, every broken one gets a message naming file, field, value and
+what is allowed; --set overrides; expansion of node groups into nodes."""
+import copy
+from pathlib import Path
+
+import pytest
+
+from emulation.profiles import PROFILES
+from testbed.scenario import Scenario, ScenarioError, expand_nodes, load, parse
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "data" / "scenarios"
+
+MINIMAL = {
+    "name": "t",
+    "nodes": [{"group": "pi5", "count": 2, "profile": "rpi5"}],
+    "strategies": {"baseline": "fedlora", "run": [{"name": "fedlora"}]},
+}
+
+
+def _load_error(name: str, overrides=None) -> str:
+    path = DATA / name
+    with pytest.raises(ScenarioError) as err:
+        load(path, overrides)
+    text = str(err.value)
+    assert str(path) in text, "the message must name the file"
+    return text
+
+
+# -- valid files --------------------------------------------------------------------------
+
+def test_minimal_file_parses_with_defaults():
+    sc = load(DATA / "minimal.yaml")
+    assert isinstance(sc, Scenario)
+    assert sc.name == "minimal"
+    assert sc.nodes[0].profile == "rpi5" and sc.nodes[0].count == 2
+    assert sc.strategies.baseline == "fedlora"
+    assert sc.strategies.run[0].type == "fedlora"  # type defaults to the name
+    assert sc.training.rounds == 10 and sc.training.clients_per_round is None
+    assert sc.aggregator.bind == "127.0.0.1"
+
+
+def test_minimal_dict_parses():
+    sc = parse(copy.deepcopy(MINIMAL))
+    assert [n.name for n in expand_nodes(sc)] == ["pi5-0", "pi5-1"]
+
+
+PROJECT_SCENARIOS = sorted((ROOT / "scenarios").glob("*.yaml"))
+
+
+def test_project_has_scenarios():
+    assert PROJECT_SCENARIOS, "scenarios/*.yaml should hold at least one scenario"
+
+
+@pytest.mark.parametrize("path", PROJECT_SCENARIOS, ids=lambda p: p.name)
+def test_every_project_scenario_validates(path):
+    sc = load(path)
+    nodes = expand_nodes(sc)
+    assert len(nodes) == sum(g.count for g in sc.nodes)
+    assert sc.strategies.baseline in {s.name for s in sc.strategies.run}
+
+
+# -- broken files: exact messages ---------------------------------------------------------
+
+def test_broken_yaml_names_file_and_line():
+    text = _load_error("broken_yaml.yaml")
+    assert "not valid YAML" in text
+    assert "line 6" in text  # the line of the unclosed/mangled flow sequence
+
+
+def test_unknown_profile():
+    text = _load_error("unknown_profile.yaml")
+    assert "nodes[0].profile" in text
+    assert "'raspberry-pi-9'" in text
+    assert "allowed:" in text
+    for name in PROFILES:
+        assert name in text
+    assert "rpi4" in text
+
+
+def test_negative_count():
+    text = _load_error("negative_count.yaml")
+    assert "nodes[0].count" in text
+    assert "-3" in text
+    assert "greater than or equal to 1" in text
+
+
+def test_unknown_strategy_lists_allowed():
+    text = _load_error("unknown_strategy.yaml")
+    assert "strategies.run[0]" in text
+    assert "'fedlroa'" in text
+    assert "allowed:" in text and "fedlora" in text and "full" in text
+
+
+def test_unknown_strategy_param_names_the_param():
+    text = _load_error("unknown_strategy_param.yaml")
+    assert "strategies.run[0]" in text
+    assert "rank_typo" in text
+    assert "Extra inputs are not permitted" in text
+
+
+@pytest.mark.xfail(reason="bug: testbed/scenario.py:119 StrategyEntry._check validates params inside a model "
+                          "validator, so pydantic reports the error at strategies.run[0].rank_typo, "
+                          "dropping the 'params' segment of the field path", strict=False)
+def test_unknown_strategy_param_full_field_path():
+    text = _load_error("unknown_strategy_param.yaml")
+    assert "strategies.run[0].params.rank_typo" in text
+
+
+def test_baseline_not_among_strategies():
+    text = _load_error("baseline_missing.yaml")
+    assert "strategies:" in text
+    assert "baseline 'full'" in text
+    assert "['fedlora']" in text
+
+
+def test_unknown_top_level_field():
+    text = _load_error("unknown_top_level.yaml")
+    assert "trainig" in text
+    assert "Extra inputs are not permitted" in text
+
+
+def test_clients_per_round_exceeds_nodes():
+    text = _load_error("too_many_clients.yaml")
+    assert "training.clients_per_round = 9" in text
+    assert "3 nodes" in text  # 2 + 1 declared
+
+
+def test_document_not_a_mapping():
+    text = _load_error("not_a_mapping.yaml")
+    assert "must be a YAML mapping" in text and "list" in text
+
+
+def test_missing_file():
+    path = DATA / "does_not_exist.yaml"
+    with pytest.raises(ScenarioError, match="cannot read scenario") as err:
+        load(path)
+    assert str(path) in str(err.value)
+
+
+def test_every_problem_is_listed(tmp_path):
+    doc = copy.deepcopy(MINIMAL)
+    doc["nodes"] = [{"group": "a", "count": 0, "profile": "rpi4"}, {"group": "b", "profile": "nope"}]
+    doc["training"] = {"rounds": 0}
+    with pytest.raises(ScenarioError) as err:
+        parse(doc, "mem.yaml")
+    text = str(err.value)
+    assert "3 error(s)" in text
+    for where in ("nodes[0].count", "nodes[1].profile", "training.rounds"):
+        assert f"mem.yaml: {where}:" in text
+
+
+@pytest.mark.parametrize("mutate, where, allowed", [
+    (lambda d: d["nodes"][0].update(overrides={"cpu_shar": 1.0}), "nodes[0].overrides", "cpu_share"),
+    (lambda d: d["nodes"][0].update(ranges={"uplink_mbit": [20, 5]}), "nodes[0].ranges", "lo <= hi"),
+    (lambda d: d.update(backend="kvm"), "backend", "'docker'"),
+    (lambda d: d.update(data={"partition": {"kind": "dirichlet", "alpha": 0}}), "data.partition.alpha",
+     "greater than 0"),
+    (lambda d: d.update(data={"dataset": "imagenet"}), "data.dataset", "rotten_tomatoes"),
+    (lambda d: d.update(model={"name": "gpt9"}), "model.name", "all-minilm-l6-v2"),
+    (lambda d: d["nodes"].append({"group": "pi5", "profile": "rpi4"}), "<top>", "repeated: ['pi5']"),
+    (lambda d: d["strategies"]["run"].append({"name": "fedlora"}), "strategies", "repeated: ['fedlora']"),
+    (lambda d: d.update(training={"min_results": 5}), "<top>", "min_results = 5"),
+])
+def test_other_field_errors(mutate, where, allowed):
+    doc = copy.deepcopy(MINIMAL)
+    mutate(doc)
+    with pytest.raises(ScenarioError) as err:
+        parse(doc, "mem.yaml")
+    text = str(err.value)
+    assert f"mem.yaml: {where}" in text
+    assert allowed in text
+
+
+# -- --set overrides ----------------------------------------------------------------------
+
+def test_set_overrides_apply():
+    sc = load(DATA / "minimal.yaml", ["training.rounds=5", "seed=42", "nodes.0.count=3",
+                                      "data.partition.alpha=0.1", "training.lr = 0.01"])
+    assert sc.training.rounds == 5
+    assert sc.seed == 42
+    assert sc.nodes[0].count == 3
+    assert sc.data.partition.alpha == pytest.approx(0.1)
+    assert sc.training.lr == pytest.approx(0.01)
+
+
+def test_set_value_parsed_as_yaml_list():
+    sc = load(DATA / "minimal.yaml", ["nodes.0.ranges.uplink_mbit=[1, 2]"])
+    assert sc.nodes[0].ranges["uplink_mbit"] == (1.0, 2.0)
+
+
+def test_set_override_is_validated():
+    with pytest.raises(ScenarioError) as err:
+        load(DATA / "minimal.yaml", ["training.rounds=0"])
+    assert "training.rounds" in str(err.value) and "(got 0)" in str(err.value)
+
+
+def test_bad_set_without_equals():
+    with pytest.raises(ScenarioError, match="expected key=value") as err:
+        load(DATA / "minimal.yaml", ["training.rounds"])
+    assert "'training.rounds'" in str(err.value)
+
+
+def test_set_into_a_scalar_is_refused():
+    with pytest.raises(ScenarioError, match="--set name.x"):
+        load(DATA / "minimal.yaml", ["name.x=1"])
+
+
+def test_set_does_not_touch_the_file():
+    before = (DATA / "minimal.yaml").read_text()
+    load(DATA / "minimal.yaml", ["training.rounds=5"])
+    assert (DATA / "minimal.yaml").read_text() == before
+    assert load(DATA / "minimal.yaml").training.rounds == 10
+
+
+# -- expand_nodes -------------------------------------------------------------------------
+
+def _scenario(seed=0, **group_extra):
+    doc = copy.deepcopy(MINIMAL)
+    doc["seed"] = seed
+    doc["nodes"] = [
+        {"group": "pi5", "count": 3, "profile": "rpi5", **group_extra},
+        {"group": "agx", "count": 2, "profile": "agx-xavier"},
+    ]
+    return parse(doc)
+
+
+def test_expand_counts_and_names():
+    nodes = expand_nodes(_scenario())
+    assert [n.name for n in nodes] == ["pi5-0", "pi5-1", "pi5-2", "agx-0", "agx-1"]
+    assert [n.group for n in nodes] == ["pi5"] * 3 + ["agx"] * 2
+    assert all(n.profile == PROFILES["rpi5"] for n in nodes[:3])
+    assert all(n.profile == PROFILES["agx-xavier"] for n in nodes[3:])
+    assert not any(n.remote for n in nodes)
+
+
+def test_expand_ranges_within_bounds_and_reproducible():
+    ranges = {"uplink_mbit": [5.0, 20.0], "latency_ms": [1.0, 50.0], "cpu_share": [0.1, 0.2]}
+    a = expand_nodes(_scenario(seed=7, count=50, ranges=ranges))
+    b = expand_nodes(_scenario(seed=7, count=50, ranges=ranges))
+    c = expand_nodes(_scenario(seed=8, count=50, ranges=ranges))
+    drawn = [n for n in a if n.group == "pi5"]
+    assert len(drawn) == 50
+    for n in drawn:
+        assert 5.0 <= n.profile.uplink_mbit <= 20.0
+        assert 1.0 <= n.profile.latency_ms <= 50.0
+        assert 0.1 <= n.profile.cpu_share <= 0.2
+        # fields without a range keep the profile's value
+        assert n.profile.downlink_mbit == PROFILES["rpi5"].downlink_mbit
+    ups = [n.profile.uplink_mbit for n in drawn]
+    assert len(set(ups)) > 40, "each node draws its own value"
+    assert [n.profile for n in a] == [n.profile for n in b]  # same seed, same draws
+    assert [n.profile for n in a] != [n.profile for n in c]  # another seed, other draws
+    # groups without ranges are untouched
+    assert all(n.profile == PROFILES["agx-xavier"] for n in a if n.group == "agx")
+
+
+def test_expand_degenerate_range_gives_exact_value():
+    nodes = expand_nodes(_scenario(ranges={"uplink_mbit": [7.5, 7.5]}))
+    assert all(n.profile.uplink_mbit == 7.5 for n in nodes if n.group == "pi5")
+
+
+def test_expand_overrides_applied_and_integer_fields_rounded():
+    nodes = expand_nodes(_scenario(overrides={"memory_mb": 1000.7, "uplink_mbit": 3.0, "threads": 2.6},
+                                   ranges={"latency_ms": [10, 20]}))
+    for n in nodes[:3]:
+        assert n.profile.memory_mb == 1000 and isinstance(n.profile.memory_mb, int)
+        assert n.profile.threads == 3 and isinstance(n.profile.threads, int)
+        assert n.profile.uplink_mbit == 3.0
+        assert 10 <= n.profile.latency_ms <= 20
+        assert n.profile.cpu_share == PROFILES["rpi5"].cpu_share
+        assert n.profile.name == "rpi5"
+    assert PROFILES["rpi5"].memory_mb != 1000  # the shared profile is not modified
+
+
+def test_expand_threads_at_least_one():
+    nodes = expand_nodes(_scenario(ranges={"threads": [0.0, 0.4]}))
+    assert all(n.profile.threads == 1 for n in nodes if n.group == "pi5")
+
+
+def test_expand_remote_backend():
+    nodes = expand_nodes(_scenario(backend="remote"))
+    assert [n.remote for n in nodes] == [True] * 3 + [False] * 2

@@ -1,0 +1,191 @@
+"""Strategies: the weighted-average rule, block bookkeeping, and the plans of Full and FedLoRA."""
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from emulation.profiles import PROFILES
+from testbed.scenario import TrainingConfig
+from testbed.strategies import STRATEGIES, Context, NodeInfo, Update
+from testbed.strategies.base import block_of, update_counts, weighted_average
+from testbed.strategies.fedlora import FedLoRA
+from testbed.strategies.full import Full
+
+
+def _ctx(num_blocks=6, seed=3, **training):
+    return Context(training=TrainingConfig(**training), max_len=64, num_blocks=num_blocks, seed=seed)
+
+
+def _nodes(k):
+    return [NodeInfo(f"n{i}", PROFILES["rpi4"], num_samples=10 * (i + 1)) for i in range(k)]
+
+
+def _u(node, n, **tensors):
+    return Update(node=node, plan={}, tensors={k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()},
+                  num_samples=n)
+
+
+# -- weighted_average ---------------------------------------------------------------------
+
+def test_weighted_average_by_sample_count():
+    state = {"w": np.zeros(3, np.float32)}
+    ups = [_u("a", 1, w=[1, 2, 3]), _u("b", 3, w=[5, 6, 7])]
+    new = weighted_average(ups, state)
+    np.testing.assert_allclose(new["w"], [(1 + 15) / 4, (2 + 18) / 4, (3 + 21) / 4], rtol=1e-7)
+    assert new["w"].dtype == np.float32 and new["w"].shape == (3,)
+
+
+def test_tensor_carried_by_some_updates_is_averaged_over_those_only():
+    state = {"a": np.zeros(2, np.float32), "b": np.full(2, 9, np.float32), "c": np.full(2, -1, np.float32)}
+    ups = [_u("x", 2, a=[2, 4], b=[1, 1]),
+           _u("y", 6, a=[10, 20])]
+    new = weighted_average(ups, state)
+    np.testing.assert_allclose(new["a"], [(2 * 2 + 6 * 10) / 8, (2 * 4 + 6 * 20) / 8])
+    np.testing.assert_array_equal(new["b"], [1, 1])        # only x carried b: its value, not a mix with state
+    np.testing.assert_array_equal(new["c"], [-1, -1])      # nobody carried c: unchanged
+    assert new["c"] is state["c"]
+
+
+def test_weighted_average_does_not_modify_inputs():
+    state = {"w": np.zeros((2, 2), np.float32)}
+    u = _u("a", 5, w=[[1, 2], [3, 4]])
+    before_state, before_u = state["w"].copy(), u.tensors["w"].copy()
+    new = weighted_average([u], state)
+    np.testing.assert_array_equal(state["w"], before_state)
+    np.testing.assert_array_equal(u.tensors["w"], before_u)
+    assert new is not state
+    np.testing.assert_array_equal(new["w"], before_u)
+
+
+def test_weighted_average_zero_samples_falls_back_to_plain_mean():
+    state = {"w": np.zeros(1, np.float32)}
+    new = weighted_average([_u("a", 0, w=[2]), _u("b", 0, w=[4])], state)
+    np.testing.assert_allclose(new["w"], [3.0])
+
+
+def test_weighted_average_ignores_tensors_not_in_state():
+    state = {"w": np.zeros(1, np.float32)}
+    new = weighted_average([_u("a", 1, w=[1], extra=[5])], state)
+    assert set(new) == {"w"}
+
+
+def test_weighted_average_no_updates_keeps_state():
+    state = {"w": np.arange(3, dtype=np.float32)}
+    new = weighted_average([], state)
+    np.testing.assert_array_equal(new["w"], state["w"])
+
+
+# -- block_of / update_counts -------------------------------------------------------------
+
+@pytest.mark.parametrize("name, block", [
+    ("bert.encoder.layer.0.attention.self.query.weight", 0),
+    ("bert.encoder.layer.5.output.dense.bias", 5),
+    ("bert.encoder.layer.11.attention.self.value.lora_A.default.weight", 11),
+    ("base_model.model.bert.encoder.layer.3.attention.self.query.lora_B.default.weight", 3),
+    ("layer.7.x", 7),
+    ("bert.embeddings.word_embeddings.weight", None),
+    ("bert.pooler.dense.weight", None),
+    ("classifier.bias", None),
+    ("mylayer.3.weight", None),           # 'layer' must be a whole path segment
+    ("bert.encoder.layer.x.weight", None),
+])
+def test_block_of(name, block):
+    assert block_of(name) == block
+
+
+def test_update_counts():
+    ups = [
+        Update("a", {}, {"bert.encoder.layer.4.w": 0, "bert.encoder.layer.4.b": 0,
+                         "bert.encoder.layer.5.w": 0, "classifier.weight": 0}, 1),
+        Update("b", {}, {"bert.encoder.layer.5.w": 0, "bert.pooler.dense.weight": 0}, 1),
+        Update("c", {}, {}, 1),
+    ]
+    assert update_counts(ups) == {"4": 1, "5": 2, "head": 2}
+    assert update_counts([]) == {}
+
+
+# -- plans --------------------------------------------------------------------------------
+
+def test_registry():
+    assert STRATEGIES == {"full": Full, "fedlora": FedLoRA}
+
+
+def test_full_last_blocks():
+    assert Full({"last_blocks": 2}, _ctx(6)).global_plan()["blocks"] == [4, 5]
+    assert Full({"last_blocks": 1}, _ctx(6)).global_plan()["blocks"] == [5]
+    assert Full({"last_blocks": 10}, _ctx(6)).global_plan()["blocks"] == [0, 1, 2, 3, 4, 5]
+    assert Full({}, _ctx(6)).global_plan()["blocks"] == [0, 1, 2, 3, 4, 5]
+
+
+def test_full_plan_fields():
+    plan = Full({"last_blocks": 2, "lr": 1e-4, "train_embeddings": True}, _ctx(6, local_steps=7, batch_size=4)).global_plan()
+    assert plan["method"] == "full"
+    assert plan["head"] is True and plan["train_embeddings"] is True
+    assert plan["lr"] == 1e-4                       # strategy lr overrides training.lr
+    assert plan["local_steps"] == 7 and plan["batch_size"] == 4 and plan["max_len"] == 64
+
+
+def test_fedlora_plan():
+    plan = FedLoRA({"rank": 4}, _ctx(6)).global_plan()
+    assert plan["method"] == "lora"
+    assert plan["blocks"] == [0, 1, 2, 3, 4, 5]
+    assert plan["lora"]["r"] == 4
+    assert plan["lora"]["alpha"] == 8               # default 2 x rank
+    assert plan["lora"]["target_modules"] == ["query", "value"]
+    assert plan["head"] is True
+    assert plan["lr"] == TrainingConfig().lr        # no override: training.lr
+
+
+def test_fedlora_explicit_alpha_and_defaults():
+    assert FedLoRA({"rank": 4, "alpha": 3.0}, _ctx()).global_plan()["lora"]["alpha"] == 3.0
+    assert FedLoRA({}, _ctx()).global_plan()["lora"]["r"] == 8
+    assert FedLoRA({}, _ctx()).global_plan()["lora"]["alpha"] == 16
+
+
+@pytest.mark.parametrize("cls, params", [(Full, {"last_blocks": 2}), (FedLoRA, {"rank": 4})])
+def test_configure_every_node_distinct_seed_same_state(cls, params):
+    s = cls(params, _ctx(6, seed=3))
+    state = {"w": np.ones(2, np.float32)}
+    nodes = _nodes(5)
+    out = s.configure(2, nodes, state)
+    assert set(out) == {n.name for n in nodes}
+    seeds = [out[n.name][0]["seed"] for n in nodes]
+    assert len(set(seeds)) == len(nodes)
+    for n in nodes:
+        plan, tensors = out[n.name]
+        assert tensors is state
+        # apart from the seed every node gets the global plan
+        expected = {k: v for k, v in s.global_plan().items() if k != "seed"}
+        assert {k: v for k, v in plan.items() if k != "seed"} == expected
+    # seeds depend on the round as well: no node repeats its randomness across rounds
+    out3 = s.configure(3, nodes, state)
+    assert not set(seeds) & {out3[n.name][0]["seed"] for n in nodes}
+
+
+def test_configure_seed_depends_on_scenario_seed():
+    a = FedLoRA({}, _ctx(seed=1)).configure(1, _nodes(2), {})
+    b = FedLoRA({}, _ctx(seed=2)).configure(1, _nodes(2), {})
+    assert a["n0"][0]["seed"] != b["n0"][0]["seed"]
+
+
+def test_aggregate_is_weighted_average():
+    s = FedLoRA({}, _ctx())
+    state = {"w": np.zeros(2, np.float32)}
+    new = s.aggregate(1, [_u("a", 1, w=[4, 0]), _u("b", 3, w=[0, 4])], state)
+    np.testing.assert_allclose(new["w"], [1, 3])
+
+
+@pytest.mark.parametrize("cls, params, field", [
+    (FedLoRA, {"rank": 0}, "rank"),
+    (FedLoRA, {"rank": 1000}, "rank"),
+    (FedLoRA, {"rank_typo": 4}, "rank_typo"),
+    (FedLoRA, {"dropout": 1.0}, "dropout"),
+    (FedLoRA, {"target_modules": []}, "target_modules"),
+    (Full, {"last_blocks": 0}, "last_blocks"),
+    (Full, {"lr": 0}, "lr"),
+    (Full, {"local_steps": 0}, "local_steps"),
+    (Full, {"rank": 4}, "rank"),  # a FedLoRA param is unknown to Full
+])
+def test_bad_params_raise_validation_error(cls, params, field):
+    with pytest.raises(ValidationError) as err:
+        cls(params, _ctx())
+    assert field in str(err.value)

@@ -1,0 +1,91 @@
+"""The trainer executes plans on the real pretrained model (cut to 2 blocks for speed)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from node import trainer  # noqa: E402
+from node.data import load_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.set_num_threads(1)
+    model, tok = trainer.load_base(trainer.ModelSpec(num_layers=2, seed=0))
+    ds = load_dataset("rotten_tomatoes")
+    data = trainer.Tokenized(tok, ds.texts[:64], ds.labels[:64], 16)
+    return model, data
+
+
+def lora_plan(**kw):
+    plan = {"method": "lora", "blocks": None, "lora": {"r": 4, "alpha": 8}, "head": True,
+            "local_steps": 2, "batch_size": 8, "lr": 1e-2, "seed": 1}
+    plan.update(kw)
+    return plan
+
+
+def test_dataset_is_real_labelled_text():
+    ds = load_dataset("rotten_tomatoes")
+    assert len(ds) > 10_000 and set(ds.labels) == {0, 1} and ds.classes == ("rotten", "fresh")
+    with pytest.raises(ValueError, match="available: rotten_tomatoes"):
+        load_dataset("imagenet")
+
+
+def test_head_is_identical_wherever_it_is_built():
+    a, _ = trainer.load_base(trainer.ModelSpec(num_layers=2, seed=5))
+    b, _ = trainer.load_base(trainer.ModelSpec(num_layers=2, seed=5))
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+
+
+def test_lora_plan_trains_and_sends_only_adapters_and_head(base):
+    model, data = base
+    m = trainer.build_model(model, lora_plan(blocks=[1], lora={"r": 2, "alpha": 4, "rank_pattern": {"1": 4}}))
+    state = trainer.trainable_state(m)
+    assert all("lora_" in k or "classifier" in k or "pooler" in k for k in state)
+    assert not any("layer.0." in k for k in state)
+    assert state["base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"].shape == (4, 384)
+    assert sum(v.size for v in state.values()) < 0.05 * sum(p.numel() for p in model.parameters())
+
+
+def test_full_plan_unfreezes_only_chosen_blocks(base):
+    model, _ = base
+    m = trainer.build_model(model, {"method": "full", "blocks": [1], "head": True})
+    state = trainer.trainable_state(m)
+    assert any(k.startswith("bert.encoder.layer.1.") for k in state)
+    assert not any(k.startswith(("bert.encoder.layer.0.", "bert.embeddings.")) for k in state)
+    assert "classifier.weight" in state
+    with pytest.raises(ValueError, match="blocks 0..1"):
+        trainer.build_model(model, {"method": "full", "blocks": [5]})
+
+
+def test_train_changes_tensors_deterministically_and_leaves_base_frozen(base):
+    model, data = base
+    plan = lora_plan()
+    init = trainer.trainable_state(trainer.build_model(model, plan))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out1, m1 = trainer.train(model, plan, init, data)
+    out2, _ = trainer.train(model, plan, init, data)
+    assert set(out1) == set(init)
+    assert any(not np.allclose(out1[k], init[k]) for k in init)
+    for k in out1:
+        np.testing.assert_array_equal(out1[k], out2[k])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert m1["samples"] == 16 and m1["peak_mem_mb"] > 50 and m1["compute_s"] > 0
+
+
+def test_load_trainable_rejects_foreign_tensors(base):
+    model, _ = base
+    m = trainer.build_model(model, lora_plan())
+    with pytest.raises(ValueError, match="does not train"):
+        trainer.load_trainable(m, {"bert.embeddings.word_embeddings.weight": np.zeros((2, 2), np.float32)})
+    key = next(iter(trainer.trainable_state(m)))
+    with pytest.raises(ValueError, match="shape"):
+        trainer.load_trainable(m, {key: np.zeros((1, 1), np.float32)})
+
+
+def test_evaluate_reports_accuracy(base):
+    model, data = base
+    plan = lora_plan()
+    res = trainer.evaluate(model, plan, trainer.trainable_state(trainer.build_model(model, plan)), data)
+    assert 0 <= res["accuracy"] <= 1 and res["loss"] > 0
