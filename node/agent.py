@@ -111,7 +111,7 @@ class Agent:
                 frames = self.sock.recv_multipart(copy=False)
                 try:
                     msg = P.decode(frames)
-                except P.ProtocolError as exc:
+                except Exception as exc:  # ProtocolError, or anything a malformed message provokes
                     log.error("%s: bad message from aggregator: %s", self.name, exc)
                     continue
                 if msg.type == P.WELCOME:

@@ -8,6 +8,7 @@ anything else gets a ProtocolError, never a crash.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Any
 
 import msgpack
@@ -26,6 +27,7 @@ TYPES = (HELLO, WELCOME, TASK, RESULT, HEARTBEAT, BYE, ERROR)
 
 # Only plain numeric dtypes travel; anything else (object arrays, pickles) is refused.
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+_ITEMSIZE = {d: np.dtype(d).itemsize for d in DTYPES}
 MAX_TENSORS = 4096
 MAX_HEADER_BYTES = 16 << 20
 MAX_MESSAGE_BYTES = 2 << 30
@@ -51,12 +53,14 @@ def encode(msg: Message) -> list:
     """Frames for `msg`: msgpack header, then each tensor's buffer (no copy if contiguous)."""
     specs, frames = [], []
     for name, arr in msg.tensors.items():
-        arr = np.ascontiguousarray(arr)
-        dtype = str(arr.dtype)
-        if dtype not in DTYPES:
+        arr = np.asarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # (ascontiguousarray would turn a 0-d tensor into shape (1,))
+        dtype = arr.dtype.name
+        if dtype not in _ITEMSIZE:
             raise ProtocolError(f"tensor {name!r}: dtype {dtype} is not one of {', '.join(DTYPES)}")
         specs.append([name, dtype, list(arr.shape)])
-        frames.append(arr.data if arr.ndim else arr.reshape(1).data)
+        frames.append(arr.reshape(-1).data)  # flat bytes: also for 0-d and shapes with a 0
     header = {"type": msg.type, "version": msg.version, "run": msg.run, "round": int(msg.round),
               "meta": msg.meta, "tensors": specs}
     return [msgpack.packb(header, use_bin_type=True)] + frames
@@ -96,20 +100,24 @@ def decode(frames: list, *, check_version: bool = True) -> Message:
     _check(isinstance(specs, list) and len(specs) <= MAX_TENSORS, f"field 'tensors' must be a list of at most {MAX_TENSORS}")
     _check(len(specs) == len(raw) - 1, f"header names {len(specs)} tensors but {len(raw) - 1} frames follow")
     tensors: dict[str, np.ndarray] = {}
-    for i, spec in enumerate(specs):
-        _check(isinstance(spec, list) and len(spec) == 3, f"tensors[{i}] must be [name, dtype, shape]")
+    for i, spec in enumerate(specs):  # hot path: messages are built only when a check fails
+        if not (isinstance(spec, list) and len(spec) == 3):
+            raise ProtocolError(f"tensors[{i}] must be [name, dtype, shape]")
         name, dtype, shape = spec
-        _check(isinstance(name, str) and 0 < len(name) <= MAX_NAME_LEN, f"tensors[{i}].name must be a non-empty string")
-        _check(name not in tensors, f"tensor {name!r} appears twice")
-        _check(dtype in DTYPES, f"tensor {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        _check(isinstance(shape, list) and len(shape) <= 8
-               and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape),
-               f"tensor {name!r}: shape must be a list of at most 8 non-negative integers")
-        dt = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        _check(count * dt.itemsize == len(raw[i + 1]),
-               f"tensor {name!r}: shape {shape} of {dtype} needs {count * dt.itemsize} bytes, frame has {len(raw[i + 1])}")
-        tensors[name] = np.frombuffer(raw[i + 1], dtype=dt).reshape(shape)
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_LEN):
+            raise ProtocolError(f"tensors[{i}].name must be a non-empty string")
+        if name in tensors:
+            raise ProtocolError(f"tensor {name!r} appears twice")
+        if dtype not in DTYPES:
+            raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if not (isinstance(shape, list) and len(shape) <= 8
+                and all(type(d) is int and 0 <= d < 1 << 31 for d in shape)):
+            raise ProtocolError(f"tensor {name!r}: shape must be a list of at most 8 non-negative integers")
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]  # Python ints: no overflow
+        if nbytes != len(raw[i + 1]):
+            raise ProtocolError(f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, "
+                                f"frame has {len(raw[i + 1])}")
+        tensors[name] = np.frombuffer(raw[i + 1], dtype=dtype).reshape(shape)
     return Message(type=header["type"], run=header["run"], round=rnd, meta=header["meta"],
                    tensors=tensors, version=version)
 

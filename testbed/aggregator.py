@@ -113,7 +113,13 @@ class Aggregator:
             if not self.sock.poll(max(0, int(remaining * 1000)) if not out else 0):
                 break
             frames = self.sock.recv_multipart(copy=False)
-            item = self._handle(frames)
+            try:
+                item = self._handle(frames)
+            except Exception as exc:  # last line of defence: nothing from the network stops the loop
+                log.exception("message handling failed")
+                self.rejected_total += 1
+                self.rejected.append((time.time(), "?", f"{type(exc).__name__}: {exc}"))
+                item = None
             if item:
                 out.append(item)
             if time.monotonic() >= deadline:
@@ -221,6 +227,7 @@ class Aggregator:
                     log.info("discarding stale %s from %s (round %d)", msg.type, n, msg.round)
                     continue
                 pending.discard(n)
+                last_done = time.monotonic()
                 rec = records[n]
                 rec.bytes_up = nbytes
                 if msg.type == P.ERROR:
@@ -238,7 +245,6 @@ class Aggregator:
                     if isinstance(v, (int, float)) and np.isfinite(v) and v >= 0:
                         setattr(rec, k, float(v))
                 results[n] = msg
-                last_done = time.monotonic()
             for n in [n for n in pending if not alive(n)]:
                 pending.discard(n)
                 records[n].status, records[n].reason = "failed", "node process exited"

@@ -227,8 +227,9 @@ class Run:
     def _finish(self, status: str, agg: Aggregator | None) -> None:
         """Whatever happened: manifest status, summary and report of the rounds that finished."""
         extra = {"status": status}
-        if agg is not None:
+        if agg is not None:  # every byte each node sent and received, control messages included
             extra["rejected_messages"] = agg.rejected_total
+            extra["traffic"] = {n: {"up": agg.traffic[(n, "up")], "down": agg.traffic[(n, "down")]} for n in agg.peers}
         if hasattr(self, "caps"):
             self._write_json("manifest.json", self.manifest(**extra))
         self.summary = {}

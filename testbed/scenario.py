@@ -6,6 +6,7 @@ run. Every error names the file, the field path, the bad value and what is allow
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,7 +117,13 @@ class StrategyEntry(Strict):
         self.type = self.type or self.name
         if self.type not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.type!r}; allowed: {', '.join(STRATEGIES)}")
-        STRATEGIES[self.type].Params.model_validate(self.params)  # errors carry the param name
+        try:
+            STRATEGIES[self.type].Params.model_validate(self.params)
+        except ValidationError as err:  # say which param, under params.
+            first = err.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"params.{loc}: {first['msg']} (strategy {self.type!r} takes: "
+                             f"{', '.join(STRATEGIES[self.type].Params.model_fields)})") from None
         return self
 
 
@@ -199,6 +206,9 @@ def _format_errors(path: str, err: ValidationError, doc: Any) -> str:
     for e in err.errors():
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
         msg = e["msg"].removeprefix("Value error, ")
+        sub = re.match(r"(params\.[\w.]+): ", msg)  # a validator that checked a nested field names it
+        if sub:
+            loc, msg = f"{loc}.{sub.group(1)}", msg[sub.end():]
         got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""
         lines.append(f"  {path}: {loc or '<top>'}: {msg}{got}")
     return "\n".join(lines)

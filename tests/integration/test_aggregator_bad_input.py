@@ -149,10 +149,6 @@ def test_registered_node_wrong_run_and_forbidden_types(agg, dealer):
     assert agg.ready() == set()
 
 
-@pytest.mark.xfail(reason="bug: node/protocol.py:109 shape product overflows int64 (wraps to 0), decode "
-                          "raises a plain ValueError that Aggregator._handle (testbed/aggregator.py:127-128, catches only ProtocolError) does "
-                          "not catch, so one crafted message stops the aggregator's poll loop",
-                   raises=ValueError, strict=False)
 def test_overflowing_shape_does_not_crash_the_aggregator(agg, dealer):
     s = dealer()
     hdr = {"type": P.RESULT, "version": 1, "run": RUN, "round": 0, "meta": {},

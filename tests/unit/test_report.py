@@ -77,7 +77,9 @@ def test_missing_baseline_raises():
 def _write_run(d, rows, summary=None, tail=""):
     d.mkdir(exist_ok=True)
     (d / "manifest.json").write_text(json.dumps({
-        "scenario": {"name": "toy-scenario"}, "backend": "process", "dilation": 2.0,
+        "scenario": {"name": "toy-scenario", "strategies": {"baseline": "fedlora"},
+                     "training": {"target_accuracy": TARGET}},
+        "backend": "process", "dilation": 2.0,
         "host": {"cores": 4, "memory_mb": 8000}, "fidelity": ["cannot cap bandwidth below 1 Mbit/s"]}))
     (d / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
     if summary is not None:
@@ -106,7 +108,14 @@ def test_write_report_files_and_content(tmp_path):
 
 
 def test_write_report_recomputes_missing_summary(tmp_path):
-    _write_run(tmp_path, _run_rows())  # no summary.json: baseline falls back to fedlora
+    _write_run(tmp_path, _run_rows())  # no summary.json: baseline and target from the manifest's scenario
     paths = write_report(tmp_path)
     assert all(p.exists() for p in paths)
     assert "fedlora" in (tmp_path / "report.md").read_text()
+
+
+def test_write_report_without_baseline_in_manifest_says_so(tmp_path):
+    _write_run(tmp_path, _run_rows())
+    (tmp_path / "manifest.json").write_text(json.dumps({"scenario": {"name": "x"}}))
+    with pytest.raises(ValueError, match="no baseline or target"):
+        write_report(tmp_path)

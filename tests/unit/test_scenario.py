@@ -99,9 +99,6 @@ def test_unknown_strategy_param_names_the_param():
     assert "Extra inputs are not permitted" in text
 
 
-@pytest.mark.xfail(reason="bug: testbed/scenario.py:119 StrategyEntry._check validates params inside a model "
-                          "validator, so pydantic reports the error at strategies.run[0].rank_typo, "
-                          "dropping the 'params' segment of the field path", strict=False)
 def test_unknown_strategy_param_full_field_path():
     text = _load_error("unknown_strategy_param.yaml")
     assert "strategies.run[0].params.rank_typo" in text
