@@ -29,6 +29,7 @@ def tagged_processes(run_id: str | None = None) -> list[psutil.Process]:
 
 
 def clean(run_id: str | None = None) -> list[str]:
+    """Kill tagged processes, then remove cgroups, namespaces and interfaces of our runs."""
     removed = []
     procs = tagged_processes(run_id)
     for p in procs:
@@ -39,4 +40,30 @@ def clean(run_id: str | None = None) -> list[str]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     psutil.wait_procs(procs, timeout=5)
+    removed += _clean_kernel_objects(run_id)
+    return removed
+
+
+def _clean_kernel_objects(run_id: str | None) -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    from . import cgroups, netns
+    from .probe import cgroup_info
+    removed = []
+    info = cgroup_info()
+    for d in cgroups.leftovers(info.get("version"), info.get("v2_path"), run_id=run_id):
+        try:
+            for pid in (d / "cgroup.procs").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+            d.rmdir()
+            removed.append(f"cgroup {d}")
+        except OSError:
+            pass
+    tag = netns.run_tag(run_id) if run_id else None  # namespaces and interfaces carry the run's tag
+    for ns in netns.leftovers(tag)["namespaces"]:
+        netns.Namespace(ns).delete()
+        removed.append(f"namespace {ns}")
+    for ifname in netns.leftovers(tag)["interfaces"]:  # deleting namespaces removed their veths
+        netns.sh("ip", "link", "del", ifname, check=False)
+        removed.append(f"interface {ifname}")
     return removed

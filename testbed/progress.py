@@ -42,7 +42,7 @@ class Progress:
         head = Table.grid(padding=(0, 2))
         head.add_row(Text(f"strategy {self.strategy}", style="bold"), f"round {self.round}/{self.rounds}",
                      f"host time {time.monotonic() - self.t0:,.0f} s")
-        acc = Table(title="accuracy (emulated elapsed time)", title_justify="left", box=None)
+        acc = Table(title="accuracy", title_justify="left", box=None)
         acc.add_column("strategy")
         acc.add_column("accuracy", justify="right")
         acc.add_column("elapsed s", justify="right")

@@ -168,7 +168,7 @@ class Run:
             self.dilation = auto_dilation(self.nodes, per_round, self.caps["cores"])
         else:
             self.dilation = float(sc.dilation)
-        backend = BACKENDS[self.backend_name](self.run_id, self.out)
+        backend = BACKENDS[self.backend_name](self.run_id, self.out, self.caps)
         self.backend = backend
         self.fidelity = backend.fidelity([n.profile for n in self.nodes], self.dilation)
         threads = sum(sorted((n.profile.threads for n in self.nodes), reverse=True)[:per_round])
@@ -205,7 +205,9 @@ class Run:
                 register_s = time.monotonic() - t_reg
                 if ready != names:
                     missing = sorted(names - ready)
-                    raise RunError(f"{len(missing)} node(s) did not register: {', '.join(missing[:10])}; "
+                    why = "; ".join(f"{n}: {self.backend.exit_reason(n) or 'still starting'}" for n in missing[:10]
+                                    if not self.remote.get(n))
+                    raise RunError(f"{len(missing)} node(s) did not register: {', '.join(missing[:10])} ({why}); "
                                    f"see {self.out / 'logs'} for their output")
                 progress.message(f"all {len(names)} nodes registered in {register_s:.1f} s")
                 self._write_json("manifest.json", self.manifest(status="running", endpoint=agg.endpoint,
@@ -273,6 +275,13 @@ class Run:
             t_round = time.perf_counter()
             outcome = agg.run_round(rnd, entry.name, tasks, sc.training.round_deadline_s * f, self.alive,
                                     lambda n, sent, msg: check_result(sent, msg))
+            events = []
+            for n, rec in outcome.records.items():
+                if rec.status != "ok" and not self.remote.get(n) and not backend.alive(n):
+                    rec.reason = backend.exit_reason(n) or rec.reason
+                    oom = backend.oom(n)
+                    if oom:
+                        events.append({"type": "oom", "round": rnd, "node": n, **oom})
             updates = [Update(n, tasks[n][0], dict(m.tensors), int(m.meta["samples"]), dict(m.meta))
                        for n, m in outcome.results.items()]
             failed = len(updates) < sc.training.min_results
@@ -293,7 +302,7 @@ class Run:
                    "bytes_up": sum(r.bytes_up for r in outcome.records.values()),
                    "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
                    "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
-                   "eval_s": eval_s, "update_counts": _update_counts(updates), "nodes": nodes}
+                   "eval_s": eval_s, "update_counts": _update_counts(updates), "events": events, "nodes": nodes}
             self._append_row(row)
             progress.round_done(row)
 

@@ -153,7 +153,7 @@ class Scenario(Strict):
     description: str = ""
     seed: int = 0
     backend: Literal["auto", "process", "netns", "docker"] = "auto"
-    dilation: Literal["auto", "off"] | float = "off"
+    dilation: Literal["auto", "off"] | float = Field("auto", description="slow every device and link by one factor when the host is short of cores")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()

@@ -1,19 +1,39 @@
-"""Backends: how nodes become sandboxes. `process` needs nothing; netns and docker need root/engine."""
+"""Backends: how nodes become sandboxes. `process` needs nothing; `netns` needs root + cgroups."""
 from .base import RUN_ENV, Backend
+from .netns import NetnsBackend
 from .process import ProcessBackend
 
-BACKENDS: dict[str, type[Backend]] = {"process": ProcessBackend}
+BACKENDS: dict[str, type[Backend]] = {"process": ProcessBackend, "netns": NetnsBackend}
+
+
+def netns_missing(caps: dict) -> list[str]:
+    """What this host lacks for the netns backend (empty: it can run)."""
+    missing = []
+    if not caps.get("root"):
+        missing.append("root")
+    if not caps.get("netns"):
+        missing.append("ip netns (iproute2)")
+    if caps.get("cgroup", {}).get("version") is None:
+        missing.append("writable cpu+memory cgroup controllers")
+    if not any(caps.get("qdiscs", {}).get(q) for q in ("htb", "tbf")):
+        missing.append("an htb or tbf qdisc")
+    return missing
 
 
 def choose(requested: str, caps: dict) -> tuple[str, str]:
     """(backend name, why) for `requested` in auto|process|netns|docker given probed capabilities."""
+    missing = netns_missing(caps)
     if requested == "auto":
-        return "process", ("process: the only backend built so far (netns and docker backends come with the "
-                           "real-device-emulation work); root=%s, docker=%s" % (caps.get("root"),
-                                                                              caps.get("docker", {}).get("available")))
+        if not missing:
+            cg = caps["cgroup"]["version"]
+            return "netns", (f"auto: root, network namespaces, cgroup v{cg} cpu+memory and tc "
+                             f"{'+netem' if caps.get('netem') else '(no netem)'} are available")
+        return "process", f"auto: the netns backend needs {', '.join(missing)}; falling back to unprivileged processes"
+    if requested == "netns" and missing:
+        raise ValueError(f"backend netns cannot run here: missing {', '.join(missing)}; use --backend process")
     if requested not in BACKENDS:
         raise ValueError(f"backend {requested!r} is not available in this version; available: {', '.join(BACKENDS)}")
     return requested, "requested"
 
 
-__all__ = ["BACKENDS", "RUN_ENV", "Backend", "ProcessBackend", "choose"]
+__all__ = ["BACKENDS", "RUN_ENV", "Backend", "NetnsBackend", "ProcessBackend", "choose", "netns_missing"]

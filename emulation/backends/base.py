@@ -17,9 +17,13 @@ RUN_ENV = "TESTBED_RUN"  # every process the testbed starts carries its run id h
 class Backend(ABC):
     name: str
 
-    def __init__(self, run_id: str, workdir: Path):
+    def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
+        if caps is None:
+            from ..probe import probe
+            caps = probe()
         self.run_id = run_id
         self.workdir = Path(workdir)
+        self.caps = caps
 
     def bind_address(self, requested: str) -> str:
         """Where the aggregator must listen so this backend's nodes reach it (default: as the scenario says)."""
@@ -40,6 +44,14 @@ class Backend(ABC):
     @abstractmethod
     def alive(self, name: str) -> bool:
         """Is the node's program still running?"""
+
+    def exit_reason(self, name: str) -> str | None:
+        """Why a node that is no longer alive stopped (None while it runs)."""
+        return None if self.alive(name) else "node process exited"
+
+    def oom(self, name: str) -> dict | None:
+        """{limit_mb, peak_mb} if the kernel killed the node for exceeding its memory limit."""
+        return None
 
     @abstractmethod
     def stop(self, name: str) -> None:

@@ -56,8 +56,8 @@ def node_env(run_id: str, threads: int) -> dict[str, str]:
 class ProcessBackend(Backend):
     name = "process"
 
-    def __init__(self, run_id: str, workdir: Path):
-        super().__init__(run_id, workdir)
+    def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
+        super().__init__(run_id, workdir, caps)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = self.workdir / "logs"
 
@@ -83,9 +83,11 @@ class ProcessBackend(Backend):
         p = self.procs.get(name)
         return p is not None and p.poll() is None
 
-    def exit_code(self, name: str) -> int | None:
+    def exit_reason(self, name: str) -> str | None:
         p = self.procs.get(name)
-        return None if p is None else p.poll()
+        if p is None or p.poll() is None:
+            return None
+        return f"node process exited with code {p.returncode}"
 
     def nodes(self) -> list[str]:
         return list(self.procs)

@@ -1,0 +1,160 @@
+"""The `netns` backend: each node in its own network namespace and cgroup (needs root).
+
+Per run: one bridge with the run's private /24 (the aggregator listens on the bridge address).
+Per node: a namespace, a veth pair to the bridge, htb (and netem where the kernel has it) on
+both ends (uplink on the node side, downlink on the host side), and a cgroup with CPU quota
+= cpu_share / dilation and memory limit = the profile's memory. A node killed by its memory
+limit is reported as an out-of-memory event (exit_reason), not as a silent loss.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from .. import netns as N
+from ..cgroups import CGroup
+from ..profiles import Profile
+from .base import RUN_ENV, Backend
+from .process import _die_with_parent, _kill_group, node_command, node_env
+
+
+class NetnsBackend(Backend):
+    name = "netns"
+
+    def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
+        super().__init__(run_id, workdir, caps)
+        cg = self.caps["cgroup"]
+        if not self.caps.get("root") or not self.caps.get("netns"):
+            raise RuntimeError("the netns backend needs root and iproute2 (ip netns); use backend: process")
+        if cg.get("version") is None:
+            raise RuntimeError("the netns backend needs writable cpu and memory cgroup controllers (v1 or v2)")
+        self.cg_version, self.v2_root = cg["version"], (Path(cg["v2_path"]) if cg.get("v2_path") else None)
+        self.netem = bool(self.caps.get("netem"))
+        self.tag = N.run_tag(run_id)
+        self.subnet = None
+        self.bridge: N.Bridge | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.sandboxes: dict[str, tuple[N.Namespace, N.VethLink, CGroup, Profile]] = {}
+        self.logs = self.workdir / "logs"
+        self._index = 0
+
+    # -- network of the run ----------------------------------------------------------------
+    def _ensure_bridge(self) -> None:
+        if self.bridge is None:
+            self.subnet = N.pick_subnet(self.tag)
+            hosts = list(self.subnet.hosts())
+            self._hosts = iter(hosts[1:])
+            self.bridge = N.Bridge(f"{N.IF_PREFIX}{self.tag}b", f"{hosts[0]}/{self.subnet.prefixlen}")
+            self.bridge.create()
+
+    def bind_address(self, requested: str) -> str:
+        self._ensure_bridge()
+        return self.bridge.ip
+
+    def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
+        notes = []
+        if not self.netem and any(p.latency_ms > 0 for p in profiles):
+            notes.append("netns backend: no netem in this kernel: latency is emulated in the transport, rates by htb")
+        return notes
+
+    # -- nodes -----------------------------------------------------------------------------
+    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+        self._ensure_bridge()
+        i = self._index
+        self._index += 1
+        ns = N.Namespace(f"{N.NS_PREFIX}{self.tag}-{name}")
+        link = N.VethLink(f"{N.IF_PREFIX}{self.tag}h{i}", f"{N.IF_PREFIX}{self.tag}n{i}", ns,
+                          f"{next(self._hosts)}/{self.subnet.prefixlen}")
+        cg = CGroup(self.run_id, name, self.cg_version, self.v2_root)
+        self.sandboxes[name] = (ns, link, cg, profile)
+        ns.create()
+        link.create(self.bridge)
+        delay = profile.latency_ms * dilation if self.netem else 0.0
+        link.shape(N.Shaping(profile.uplink_mbit / dilation, delay), N.Shaping(profile.downlink_mbit / dilation, delay),
+                   self.netem)
+        cg.create(profile.cpu_share / dilation, profile.memory_mb)
+        cmd = node_command(name, profile, endpoint, dilation, shape_in_transport=False)
+        cmd[cmd.index("--cpu-share") + 1] = "1"     # the kernel quota does it
+        if not self.netem and profile.latency_ms > 0:  # latency only, in the transport
+            cmd += ["--latency-ms", f"{profile.latency_ms * dilation:.6g}"]
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")
+
+        def enter_sandbox():
+            _die_with_parent()
+            cg.add(os.getpid())  # before exec: everything the node runs is limited
+
+        self.procs[name] = subprocess.Popen([*ns.exec_prefix(), *cmd], env=node_env(self.run_id, profile.threads),
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, preexec_fn=enter_sandbox)
+        log.close()
+
+    def alive(self, name: str) -> bool:
+        p = self.procs.get(name)
+        return p is not None and p.poll() is None
+
+    def exit_reason(self, name: str) -> str | None:
+        sb = self.sandboxes.get(name)
+        p = self.procs.get(name)
+        if sb is None or p is None or p.poll() is None:
+            return None
+        oom = self.oom(name)
+        if oom:
+            return f"out of memory: killed by its {oom['limit_mb']} MB limit (peak {oom['peak_mb']:.0f} MB)"
+        return f"node process exited with code {p.returncode}"
+
+    def oom(self, name: str) -> dict | None:
+        sb = self.sandboxes.get(name)
+        if sb is None or sb[2].oom_kills() == 0:
+            return None
+        return {"limit_mb": sb[3].memory_mb, "peak_mb": sb[2].peak_memory_bytes() / 2**20}
+
+    def limits(self, name: str) -> dict:
+        ns, link, cg, _ = self.sandboxes[name]
+        return {**cg.limits(), **link.qdiscs(), "namespace": ns.name}
+
+    def nodes(self) -> list[str]:
+        return list(self.sandboxes)
+
+    def stop(self, name: str) -> None:
+        p = self.procs.pop(name, None)
+        if p is not None:
+            _kill_group(p, signal.SIGTERM)
+            try:
+                p.wait(3)
+            except subprocess.TimeoutExpired:
+                _kill_group(p, signal.SIGKILL)
+                p.wait()
+        sb = self.sandboxes.pop(name, None)
+        if sb:
+            ns, link, cg, _ = sb
+            cg.remove()
+            link.delete()
+            ns.delete()
+
+    def teardown(self) -> None:
+        for p in self.procs.values():
+            _kill_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for name in list(self.sandboxes):
+            self.stop(name)
+        if self.bridge is not None:
+            self.bridge.delete()
+            self.bridge = None
+        from ..cgroups import leftovers
+        for d in leftovers(self.cg_version, self.v2_root, run_id=self.run_id):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+__all__ = ["NetnsBackend", "RUN_ENV"]

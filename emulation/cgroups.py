@@ -1,0 +1,153 @@
+"""One cgroup per node: a CPU quota and a memory limit the kernel enforces.
+
+Both hierarchies are supported: cgroup v1 (separate `cpu` and `memory` mounts, as on this
+host) and cgroup v2 (one unified tree with `cpu.max` and `memory.max`, as on most current
+hosts). Every group lives under a `fedge/<run id>/` parent, so `clean` finds leftovers by path.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "fedge"
+PERIOD_US = 100_000
+
+
+def _write(path: Path, value: str) -> None:
+    path.write_text(value)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+class CGroup:
+    """A node's cgroup. `version` 1 uses <root>/cpu/... and <root>/memory/...; 2 uses <v2 root>/..."""
+
+    def __init__(self, run_id: str, name: str, version: int, v2_root: Path | None = None, root: Path = ROOT):
+        self.run_id, self.name, self.version = run_id, name, version
+        rel = Path(PARENT) / run_id / name
+        if version == 1:
+            self.dirs = {"cpu": root / "cpu" / rel, "memory": root / "memory" / rel}
+        elif version == 2:
+            base = Path(v2_root or root)
+            self.dirs = {"cpu": base / rel, "memory": base / rel}
+            self._v2_base = base
+        else:
+            raise ValueError(f"cgroup version must be 1 or 2, got {version}")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def create(self, cpu_share: float, memory_mb: int) -> None:
+        """Make the group(s) and set quota = cpu_share x period, memory limit = memory_mb (no swap)."""
+        if self.version == 2:
+            self._enable_v2_controllers()
+        for d in set(self.dirs.values()):
+            d.mkdir(parents=True, exist_ok=True)
+        quota = max(1000, int(cpu_share * PERIOD_US))
+        limit = int(memory_mb) * 2**20
+        if self.version == 1:
+            _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(PERIOD_US))
+            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+            _write(self.dirs["memory"] / "memory.limit_in_bytes", str(limit))
+            swap = self.dirs["memory"] / "memory.memsw.limit_in_bytes"
+            if swap.exists():
+                _write(swap, str(limit))
+        else:
+            _write(self.dirs["cpu"] / "cpu.max", f"{quota} {PERIOD_US}")
+            _write(self.dirs["memory"] / "memory.max", str(limit))
+            if (self.dirs["memory"] / "memory.swap.max").exists():
+                _write(self.dirs["memory"] / "memory.swap.max", "0")
+
+    def _enable_v2_controllers(self) -> None:
+        """cgroup v2 needs +cpu +memory in subtree_control of every ancestor of our groups."""
+        cur = self._v2_base
+        for part in (PARENT, self.run_id):
+            ctl = cur / "cgroup.subtree_control"
+            if ctl.exists():
+                have = _read(ctl).split()
+                for c in ("cpu", "memory"):
+                    if c not in have:
+                        _write(ctl, f"+{c}")
+            cur = cur / part
+            cur.mkdir(exist_ok=True)
+
+    def add(self, pid: int) -> None:
+        for d in set(self.dirs.values()):
+            _write(d / "cgroup.procs", str(pid))
+
+    def pids(self) -> list[int]:
+        out = set()
+        for d in set(self.dirs.values()):
+            out.update(int(x) for x in _read(d / "cgroup.procs").split())
+        return sorted(out)
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """Kill what is left inside, then rmdir (a cgroup with tasks cannot be removed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                for d in set(self.dirs.values()):
+                    if d.exists():
+                        d.rmdir()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    # -- readings --------------------------------------------------------------------------
+    def limits(self) -> dict:
+        """The limits as the kernel reports them (tests read them back)."""
+        if self.version == 1:
+            quota = int(_read(self.dirs["cpu"] / "cpu.cfs_quota_us") or -1)
+            period = int(_read(self.dirs["cpu"] / "cpu.cfs_period_us") or PERIOD_US)
+            mem = int(_read(self.dirs["memory"] / "memory.limit_in_bytes") or -1)
+        else:
+            q, p = (_read(self.dirs["cpu"] / "cpu.max") or "max 100000").split()
+            quota, period = (-1 if q == "max" else int(q)), int(p)
+            m = _read(self.dirs["memory"] / "memory.max")
+            mem = -1 if m in ("", "max") else int(m)
+        return {"cpu_share": quota / period if quota > 0 else None, "memory_bytes": mem}
+
+    def peak_memory_bytes(self) -> int:
+        f = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        v = _read(self.dirs["memory"] / f)
+        return int(v) if v.isdigit() else 0
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel killed in this group for exceeding its memory limit."""
+        f = "memory.oom_control" if self.version == 1 else "memory.events"
+        for line in _read(self.dirs["memory"] / f).splitlines():
+            key, _, val = line.partition(" ")
+            if key == "oom_kill":
+                return int(val)
+        return 0
+
+
+def leftovers(version: int | None, v2_root: Path | None = None, root: Path = ROOT, run_id: str | None = None) -> list[Path]:
+    """Directories of our cgroups (deepest first) that crashed runs left behind."""
+    bases = [root / "cpu" / PARENT, root / "memory" / PARENT]
+    if v2_root:
+        bases.append(Path(v2_root) / PARENT)
+    found = []
+    for b in bases:
+        if not b.is_dir():
+            continue
+        runs = [b / run_id] if run_id else [p for p in b.iterdir() if p.is_dir()]
+        for r in runs:
+            if r.is_dir():
+                found.extend(sorted((p for p in r.iterdir() if p.is_dir()), reverse=True))
+                found.append(r)
+    return found

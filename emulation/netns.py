@@ -1,0 +1,159 @@
+"""Network kernel objects, Mininet-style: a namespace, a bridge, a veth link and its qdiscs.
+
+Each class maps onto one kernel object and knows how to create and delete it. Names carry a
+short run tag so `clean` can find leftovers of crashed runs. Addresses come from the run's own
+private /24 on its own bridge: traffic never leaves the namespaces the testbed made.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from dataclasses import dataclass
+
+NS_PREFIX = "fedge-"     # namespaces: fedge-<tag>-<node>
+IF_PREFIX = "fe"         # interfaces: fe<tag>b (bridge), fe<tag>h<i> / fe<tag>n<i> (veth ends)
+NET_BASE = "10.231"      # runs take 10.231.<k>.0/24, k free on this host
+
+
+class NetError(RuntimeError):
+    pass
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise NetError(f"{' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r
+
+
+def run_tag(run_id: str) -> str:
+    """The 4-hex tag in names of a run's namespaces and interfaces (IFNAMSIZ leaves no room for more)."""
+    last = run_id.rsplit("-", 1)[-1]
+    if len(last) >= 4 and all(c in "0123456789abcdef" for c in last[:4]):
+        return last[:4]
+    import hashlib
+    return hashlib.sha1(run_id.encode()).hexdigest()[:4]
+
+
+def used_subnets() -> set[int]:
+    """Third octets of 10.231.k.0/24 already on some interface of this host."""
+    out = sh("ip", "-j", "-4", "addr", "show", check=False).stdout or "[]"
+    ks = set()
+    for link in json.loads(out):
+        for a in link.get("addr_info", []):
+            parts = a.get("local", "").split(".")
+            if ".".join(parts[:2]) == NET_BASE:
+                ks.add(int(parts[2]))
+    return ks
+
+
+def pick_subnet(tag: str) -> ipaddress.IPv4Network:
+    used = used_subnets()
+    start = int(tag, 16) % 250 + 1
+    for i in range(250):
+        k = (start + i - 1) % 250 + 1
+        if k not in used:
+            return ipaddress.ip_network(f"{NET_BASE}.{k}.0/24")
+    raise NetError(f"no free subnet left in {NET_BASE}.0.0/16")
+
+
+@dataclass
+class Namespace:
+    name: str
+
+    def create(self) -> None:
+        sh("ip", "netns", "add", self.name)
+        sh("ip", "-n", self.name, "link", "set", "lo", "up")
+
+    def delete(self) -> None:
+        sh("ip", "netns", "del", self.name, check=False)
+
+    def exec_prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+
+@dataclass
+class Bridge:
+    name: str
+    address: str  # with prefix, e.g. 10.231.7.1/24
+
+    def create(self) -> None:
+        sh("ip", "link", "add", self.name, "type", "bridge")
+        sh("ip", "addr", "add", self.address, "dev", self.name)
+        sh("ip", "link", "set", self.name, "up")
+
+    def delete(self) -> None:
+        sh("ip", "link", "del", self.name, check=False)
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+
+@dataclass
+class Shaping:
+    rate_mbit: float   # 0 = unlimited
+    delay_ms: float    # applied only where netem exists
+
+
+@dataclass
+class VethLink:
+    """host_if (on the bridge, host side) <-> node_if (inside the node's namespace)."""
+    host_if: str
+    node_if: str
+    ns: Namespace
+    address: str       # node side, with prefix
+
+    def create(self, bridge: Bridge) -> None:
+        sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.node_if, "netns", self.ns.name)
+        sh("ip", "link", "set", self.host_if, "master", bridge.name)
+        sh("ip", "link", "set", self.host_if, "up")
+        sh("ip", "-n", self.ns.name, "addr", "add", self.address, "dev", self.node_if)
+        sh("ip", "-n", self.ns.name, "link", "set", self.node_if, "up")
+
+    def delete(self) -> None:
+        sh("ip", "link", "del", self.host_if, check=False)  # removes both ends
+
+    def shape(self, uplink: Shaping, downlink: Shaping, netem: bool) -> None:
+        """Uplink on the node side's egress, downlink on the host side's egress (towards the node)."""
+        _shape(["ip", "netns", "exec", self.ns.name], self.node_if, uplink, netem)
+        _shape([], self.host_if, downlink, netem)
+
+    def qdiscs(self) -> dict[str, str]:
+        """`tc qdisc show` of both ends, for tests and the manifest."""
+        up = sh("ip", "netns", "exec", self.ns.name, "tc", "qdisc", "show", "dev", self.node_if).stdout
+        down = sh("tc", "qdisc", "show", "dev", self.host_if).stdout
+        return {"uplink": up.strip(), "downlink": down.strip()}
+
+
+def _shape(prefix: list[str], dev: str, s: Shaping, netem: bool) -> None:
+    """htb class at the rate (burst sized for the rate), netem below it for delay where available."""
+    tc = [*prefix, "tc"]
+    sh(*tc, "qdisc", "del", "dev", dev, "root", check=False)
+    if s.rate_mbit > 0:
+        kbit = max(8, int(s.rate_mbit * 1000))
+        burst = max(3028, int(s.rate_mbit * 1e6 / 8 / 100))  # about 10 ms of traffic, at least 2 MTU
+        sh(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10")
+        sh(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", f"{kbit}kbit",
+           "ceil", f"{kbit}kbit", "burst", str(burst), "cburst", str(burst))
+        if netem and s.delay_ms > 0:
+            sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "netem", "delay", f"{s.delay_ms}ms",
+               "limit", "10000")
+    elif netem and s.delay_ms > 0:
+        sh(*tc, "qdisc", "add", "dev", dev, "root", "netem", "delay", f"{s.delay_ms}ms", "limit", "10000")
+
+
+def leftovers(tag: str | None = None) -> dict[str, list[str]]:
+    """Namespaces and interfaces of the testbed on this host (of one run tag, or all)."""
+    ns = [line.split()[0] for line in sh("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()]
+    links = [l["ifname"] for l in json.loads(sh("ip", "-j", "link", "show", check=False).stdout or "[]")]
+    pre_ns, pre_if = NS_PREFIX + (f"{tag}-" if tag else ""), IF_PREFIX + (tag or "")
+    return {"namespaces": [n for n in ns if n.startswith(pre_ns)],
+            "interfaces": [i.split("@")[0] for i in links if i.startswith(pre_if) and (tag or _is_ours(i))]}
+
+
+def _is_ours(ifname: str) -> bool:
+    """fe + 4 hex tag + b|h|n (+ index): the only interface names this module makes."""
+    name = ifname.split("@")[0]
+    return len(name) >= 7 and all(c in "0123456789abcdef" for c in name[2:6]) and name[6] in "bhn"
