@@ -29,6 +29,7 @@ class Peer:
     last_seen: float = 0.0
     hello: dict = field(default_factory=dict)
     error: str | None = None
+    phase_at: dict = field(default_factory=dict)   # (round, phase) -> arrival time of that HEARTBEAT
 
 
 @dataclass
@@ -154,6 +155,7 @@ class Aggregator:
                 self._reject(peer_id, "HEARTBEAT needs meta.phase (a string)")
                 return None
             peer.phase = phase
+            peer.phase_at[(msg.round, phase)] = time.monotonic()
             if phase == "ready":
                 peer.ready = True
             if self.on_phase:
@@ -212,7 +214,11 @@ class Aggregator:
         records = {n: NodeRecord(n, self.expected[n]) for n in tasks}
         task_ids = {n: f"{tag}/{rnd}/{n}" for n in tasks}
         pending = set()
+        sent_at: dict[str, float] = {}
+        done_at: dict[str, float] = {}
         for n, (plan, tensors) in tasks.items():
+            self.peers[n].phase_at.clear()
+            sent_at[n] = time.monotonic()
             sent = self.send(n, P.TASK, rnd, {"plan": plan, "task_id": task_ids[n]}, tensors)
             records[n].bytes_down = sent
             if sent:
@@ -227,7 +233,7 @@ class Aggregator:
                     log.info("discarding stale %s from %s (round %d)", msg.type, n, msg.round)
                     continue
                 pending.discard(n)
-                last_done = time.monotonic()
+                last_done = done_at[n] = time.monotonic()
                 rec = records[n]
                 rec.bytes_up = nbytes
                 if msg.type == P.ERROR:
@@ -244,6 +250,13 @@ class Aggregator:
                     v = msg.meta.get(k)
                     if isinstance(v, (int, float)) and np.isfinite(v) and v >= 0:
                         setattr(rec, k, float(v))
+                # Link times as the aggregator sees them, whatever shapes the link (tc, the transport,
+                # a real WiFi): TASK sent -> "train" heartbeat back; "upload" heartbeat -> RESULT in.
+                times = self.peers[n].phase_at
+                if (rnd, "train") in times:
+                    rec.download_s = times[(rnd, "train")] - sent_at[n]
+                if (rnd, "upload") in times:
+                    rec.upload_s = done_at[n] - times[(rnd, "upload")]
                 results[n] = msg
             for n in [n for n in pending if not alive(n)]:
                 pending.discard(n)

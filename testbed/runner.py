@@ -51,11 +51,10 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def auto_dilation(nodes: list[NodeSpec], per_round: int, cores: int) -> float:
+def auto_dilation(demands: list[float], per_round: int, cores: int) -> float:
     """Slow everything down by one factor when the concurrently training nodes need more CPU
     than the host has; otherwise host contention, not the devices, would set the times."""
-    demand = sorted((max(n.profile.threads, n.profile.cpu_share) for n in nodes), reverse=True)[:per_round]
-    return max(1.0, sum(demand) / max(1, cores))
+    return max(1.0, sum(sorted(demands, reverse=True)[:per_round]) / max(1, cores))
 
 
 def check_result(sent: dict, msg: P.Message) -> str | None:
@@ -162,20 +161,25 @@ class Run:
         self.caps = probe()
         self.backend_name, self.backend_reason = choose(self.requested_backend, self.caps)
         per_round = sc.training.clients_per_round or len(self.nodes)
+        backend = BACKENDS[self.backend_name](self.run_id, self.out, self.caps)
+        self.backend = backend
+        local = [n for n in self.nodes if not n.remote]
+        demands = [backend.cpu_demand(n.profile) for n in local]
         if sc.dilation == "off":
             self.dilation = 1.0
         elif sc.dilation == "auto":
-            self.dilation = auto_dilation(self.nodes, per_round, self.caps["cores"])
+            self.dilation = auto_dilation(demands, per_round, self.caps["cores"])
         else:
             self.dilation = float(sc.dilation)
-        backend = BACKENDS[self.backend_name](self.run_id, self.out, self.caps)
-        self.backend = backend
-        self.fidelity = backend.fidelity([n.profile for n in self.nodes], self.dilation)
-        threads = sum(sorted((n.profile.threads for n in self.nodes), reverse=True)[:per_round])
-        if threads > self.caps["cores"] * self.dilation:
-            self.fidelity.append(f"{per_round} concurrent nodes use {threads} threads on {self.caps['cores']} cores "
+        self.fidelity = backend.fidelity([n.profile for n in local], self.dilation)
+        demand = sum(sorted(demands, reverse=True)[:per_round])
+        if demand > self.caps["cores"] * self.dilation * 1.001:
+            self.fidelity.append(f"{per_round} concurrent nodes need {demand:g} cores on {self.caps['cores']} "
                                  f"with dilation {self.dilation:g}: compute times include host contention "
                                  "(set dilation: auto)")
+        if self.dilation > 1 and len(local) < len(self.nodes):
+            self.fidelity.append("remote (real) devices run at real speed: their times are divided by the "
+                                 f"dilation {self.dilation:g} like the emulated ones; use dilation: off to compare them")
         self._prepare_data()
         self._prepare_model()
         progress = Progress({n.name: n.profile.name for n in self.nodes}, live=self.live)

@@ -33,6 +33,10 @@ class Backend(ABC):
         """The address nodes of this backend dial to reach an aggregator bound at `bind`."""
         return bind
 
+    def cpu_demand(self, profile: Profile) -> float:
+        """Host cores this node uses while training (a quota caps it at cpu_share)."""
+        return min(float(profile.threads), profile.cpu_share)
+
     def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
         """What this backend cannot honour for these profiles, said plainly for the manifest."""
         return []

@@ -61,6 +61,10 @@ class ProcessBackend(Backend):
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = self.workdir / "logs"
 
+    def cpu_demand(self, profile: Profile) -> float:
+        """No quota here: a training node keeps all its threads busy, however slow it pretends to be."""
+        return float(profile.threads)
+
     def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
         notes = ["process backend: CPU speed emulated by stretching compute time (cpu_share), not by a kernel quota",
                  "process backend: memory limits are not enforced, only measured (peak RSS per node)",

@@ -1,0 +1,83 @@
+"""Real namespaces, veths, qdiscs and cgroups: limits are in force, and nothing is left after."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from emulation import cgroups, netns
+from emulation.backends.netns import NetnsBackend
+from emulation.cleanup import clean, tagged_processes
+from emulation.profiles import get_profile
+
+pytestmark = pytest.mark.emulation
+
+
+@pytest.fixture
+def backend(netns_caps, tmp_path):
+    run_id = f"test-{uuid.uuid4().hex[:6]}"
+    b = NetnsBackend(run_id, tmp_path, netns_caps)
+    yield b
+    b.teardown()
+
+
+def test_limits_are_in_force_and_removed(backend, netns_caps):
+    ip = backend.bind_address("127.0.0.1")
+    assert ip.startswith(netns.NET_BASE + ".")
+    profile = get_profile("rpi4").with_overrides(uplink_mbit=5.0, downlink_mbit=20.0, memory_mb=1500)
+    backend.start("n0", profile, f"tcp://{ip}:1", dilation=2.0)  # nobody listens: the node keeps retrying
+    assert backend.alive("n0")
+    lim = backend.limits("n0")
+    assert lim["cpu_share"] == pytest.approx(0.18 / 2.0, rel=0.02)
+    assert lim["memory_bytes"] == 1500 * 2**20
+    assert "htb" in lim["uplink"] and "htb" in lim["downlink"]
+    ns, link, cg, _ = backend.sandboxes["n0"]
+    up = netns.sh("ip", "netns", "exec", ns.name, "tc", "class", "show", "dev", link.node_if).stdout
+    down = netns.sh("tc", "class", "show", "dev", link.host_if).stdout
+    assert "rate 2500Kbit" in up, up      # 5 Mbit/s at dilation 2
+    assert "rate 10Mbit" in down, down    # 20 Mbit/s at dilation 2
+    pid = backend.procs["n0"].pid
+    assert pid in cg.pids(), "the node must run inside its cgroup"
+    assert ns.name in netns.sh("ip", "netns", "list").stdout
+    backend.teardown()
+    assert not backend.alive("n0")
+    left = netns.leftovers(backend.tag)
+    assert left == {"namespaces": [], "interfaces": []}
+    info = netns_caps["cgroup"]
+    assert cgroups.leftovers(info["version"], info.get("v2_path"), run_id=backend.run_id) == []
+    assert tagged_processes(backend.run_id) == []
+
+
+def test_node_reaches_aggregator_through_the_bridge(backend):
+    import zmq
+
+    from node import protocol as P
+    ip = backend.bind_address("127.0.0.1")
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port(f"tcp://{ip}")
+    try:
+        backend.start("n1", get_profile("host"), f"tcp://{ip}:{port}", dilation=1.0)
+        assert router.poll(120_000), "no HELLO from the node inside its namespace"
+        frames = router.recv_multipart()
+        msg = P.decode(frames[1:])
+        assert msg.type == P.HELLO and msg.meta["name"] == "n1"
+    finally:
+        router.close()
+
+
+def test_clean_removes_leftovers_of_a_crashed_run(netns_caps, tmp_path):
+    b = NetnsBackend(f"crash-{uuid.uuid4().hex[:6]}", tmp_path, netns_caps)
+    ip = b.bind_address("127.0.0.1")
+    b.start("n0", get_profile("host"), f"tcp://{ip}:1", dilation=1.0)
+    time.sleep(0.5)
+    # the runner "crashes": no teardown; the safety net must find everything by run id
+    removed = clean(run_id=b.run_id)
+    assert any(r.startswith("process") for r in removed)
+    assert any(r.startswith("namespace") for r in removed)
+    assert any(r.startswith("cgroup") for r in removed)
+    assert netns.leftovers(b.tag)["namespaces"] == []
+    b.bridge = None  # removed below by clean's interface sweep
+    assert netns.leftovers(b.tag)["interfaces"] == []

@@ -1,0 +1,57 @@
+"""A node whose plan needs more memory than its limit is an out-of-memory event; the run finishes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from emulation.cleanup import tagged_processes
+
+pytestmark = pytest.mark.emulation
+ROOT = Path(__file__).resolve().parents[2]
+
+SCENARIO = """
+name: oom
+seed: 2
+backend: netns
+dilation: off
+model: {name: all-minilm-l6-v2, num_layers: 2}
+data: {dataset: rotten_tomatoes, test_size: 40, train_size: 400, max_len: 128, partition: {kind: iid}}
+training: {rounds: 2, local_steps: 2, batch_size: 64, lr: 0.0001, target_accuracy: 0.99, round_deadline_s: 600}
+nodes:
+  - {group: big, count: 1, profile: host}
+  # enough to start and register (about 0.6 GB), far too little for full fine-tuning at batch 64
+  - {group: small, count: 1, profile: host, overrides: {memory_mb: MEM}}
+strategies:
+  baseline: full
+  run: [{name: full, params: {train_embeddings: true}}]
+"""
+
+
+def test_oom_is_recorded_and_the_run_finishes(netns_caps, tmp_path):
+    # the idle footprint of a node with the 2-block model, measured by the process backend's own nodes
+    mem = 900
+    scenario = tmp_path / "oom.yaml"
+    scenario.write_text(textwrap.dedent(SCENARIO).replace("MEM", str(mem)))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    r1 = next(r for r in rows if r["round"] == 1)
+    small = next(n for n in r1["nodes"] if n["node"] == "small-0")
+    big = next(n for n in r1["nodes"] if n["node"] == "big-0")
+    assert big["status"] == "ok"
+    assert small["status"] == "failed" and "out of memory" in small["reason"], small
+    (event,) = [e for e in r1["events"] if e["node"] == "small-0"]
+    assert event["type"] == "oom" and event["limit_mb"] == mem and event["round"] == 1
+    assert event["peak_mb"] >= mem * 0.95
+    r2 = next(r for r in rows if r["round"] == 2)
+    assert r2["participants"] == 1 and not r2["failed"], "the run goes on without the killed node"
+    assert (out / "summary.json").exists()
+    run_id = json.loads((out / "manifest.json").read_text())["run_id"]
+    assert tagged_processes(run_id) == []

@@ -1,0 +1,50 @@
+"""cgroup v1 and v2 file layouts, against a fake /sys/fs/cgroup (real hosts are mostly v2)."""
+from __future__ import annotations
+
+import pytest
+
+from emulation import cgroups
+from emulation.cgroups import CGroup
+
+
+def test_v1_writes_quota_and_memory(tmp_path):
+    for ctrl in ("cpu", "memory"):
+        (tmp_path / ctrl).mkdir()
+    cg = CGroup("run1", "n0", 1, root=tmp_path)
+    cg.create(cpu_share=0.25, memory_mb=512)
+    assert (tmp_path / "cpu/fedge/run1/n0/cpu.cfs_quota_us").read_text() == "25000"
+    assert (tmp_path / "cpu/fedge/run1/n0/cpu.cfs_period_us").read_text() == "100000"
+    assert (tmp_path / "memory/fedge/run1/n0/memory.limit_in_bytes").read_text() == str(512 * 2**20)
+    assert cg.limits() == {"cpu_share": 0.25, "memory_bytes": 512 * 2**20}
+    (tmp_path / "memory/fedge/run1/n0/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert cg.oom_kills() == 2
+
+
+def test_v2_enables_controllers_and_writes_max(tmp_path):
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    cg = CGroup("run2", "n1", 2, v2_root=tmp_path)
+    # a fake tree does not propagate subtree_control files: create them as the kernel would
+    (tmp_path / "fedge").mkdir()
+    (tmp_path / "fedge/cgroup.subtree_control").write_text("")
+    cg.create(cpu_share=1.5, memory_mb=100)
+    assert (tmp_path / "fedge/run2/n1/cpu.max").read_text() == "150000 100000"
+    assert (tmp_path / "fedge/run2/n1/memory.max").read_text() == str(100 * 2**20)
+    assert "+memory" in (tmp_path / "fedge/cgroup.subtree_control").read_text()
+    assert cg.limits()["cpu_share"] == 1.5
+    (tmp_path / "fedge/run2/n1/memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert cg.oom_kills() == 1
+    (tmp_path / "fedge/run2/n1/memory.peak").write_text("1048576\n")
+    assert cg.peak_memory_bytes() == 1048576
+
+
+def test_leftovers_lists_deepest_first(tmp_path):
+    for ctrl in ("cpu", "memory"):
+        (tmp_path / ctrl / "fedge" / "runA" / "n0").mkdir(parents=True)
+    found = cgroups.leftovers(1, root=tmp_path)
+    assert found.index(tmp_path / "cpu/fedge/runA/n0") < found.index(tmp_path / "cpu/fedge/runA")
+    assert cgroups.leftovers(1, root=tmp_path, run_id="other") == []
+
+
+def test_bad_version():
+    with pytest.raises(ValueError, match="1 or 2"):
+        CGroup("r", "n", 3)
