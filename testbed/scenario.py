@@ -161,6 +161,17 @@ class Scenario(Strict):
     strategies: Strategies
     aggregator: AggregatorConfig = AggregatorConfig()
 
+    @field_validator("dilation", mode="before")
+    @classmethod
+    def _dilation(cls, v):
+        if v is False:  # YAML 1.1 reads a bare `off` as false
+            return "off"
+        if v is True:
+            raise ValueError("dilation must be auto, off or a number >= 1")
+        if isinstance(v, (int, float)) and v < 1:
+            raise ValueError(f"dilation must be auto, off or a number >= 1 (got {v})")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "Scenario":
         groups = [g.group for g in self.nodes]

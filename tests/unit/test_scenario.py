@@ -278,3 +278,14 @@ def test_expand_threads_at_least_one():
 def test_expand_remote_backend():
     nodes = expand_nodes(_scenario(backend="remote"))
     assert [n.remote for n in nodes] == [True] * 3 + [False] * 2
+
+
+def test_dilation_off_auto_and_numbers():
+    from testbed.scenario import parse
+    base = {"name": "d", "nodes": [{"group": "g", "profile": "host"}],
+            "strategies": {"baseline": "fedlora", "run": [{"name": "fedlora"}]}}
+    assert parse({**base, "dilation": False}).dilation == "off"   # YAML `dilation: off`
+    assert parse({**base, "dilation": "auto"}).dilation == "auto"
+    assert parse({**base, "dilation": 2.5}).dilation == 2.5
+    with pytest.raises(ScenarioError, match="dilation"):
+        parse({**base, "dilation": 0.5})
