@@ -90,3 +90,14 @@ def probe() -> dict:
         "netem": q.get("netem", False),
         "docker": docker_info(),
     }
+
+
+def describe(caps: dict) -> str:
+    """One line for the screen: what this host can enforce."""
+    cg = caps["cgroup"]
+    cgs = f"cgroup v{cg['version']} ({', '.join(cg['v1'] if cg['version'] == 1 else cg['v2'])})" if cg["version"] \
+        else "no writable cpu+memory cgroups"
+    q = [k for k, v in caps["qdiscs"].items() if v] or ["none"]
+    dock = f"docker {caps['docker'].get('version')}" if caps["docker"]["available"] else "no docker engine"
+    return (f"host: {caps['cores']} cores, {caps['memory_mb'] / 1024:.0f} GiB, {'root' if caps['root'] else 'not root'}, "
+            f"{cgs}, qdiscs: {' '.join(q)}, netem {'yes' if caps['netem'] else 'no'}, {dock}")

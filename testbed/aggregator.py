@@ -69,6 +69,7 @@ class Aggregator:
         else:
             port = self.sock.bind_to_random_port(f"tcp://{bind}")
         self.bind, self.port = bind, port
+        self.extra_endpoints: list[str] = []
         self.peers: dict[str, Peer] = {}
         self.by_id: dict[bytes, str] = {}
         self.traffic: Counter = Counter()       # (node, "up"|"down") -> bytes, all message types
@@ -79,6 +80,16 @@ class Aggregator:
     @property
     def endpoint(self) -> str:
         return f"tcp://{self.bind}:{self.port}"
+
+    def listen_also(self, bind: str, port: int = 0) -> str:
+        """Listen on a second address too (e.g. the sandboxes' bridge and a LAN for real devices)."""
+        if port:
+            self.sock.bind(f"tcp://{bind}:{port}")
+        else:
+            port = self.sock.bind_to_random_port(f"tcp://{bind}")
+        ep = f"tcp://{bind}:{port}"
+        self.extra_endpoints.append(ep)
+        return ep
 
     # -- sending ---------------------------------------------------------------------------
     def _send_raw(self, peer_id: bytes, msg: P.Message) -> int:

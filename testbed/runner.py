@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from emulation.backends import BACKENDS, choose
-from emulation.probe import probe
+from emulation.probe import describe, probe
 from node import protocol as P
 from node import trainer
 from node.data import load_dataset
@@ -190,17 +190,21 @@ class Run:
             with progress:
                 progress.message(f"run {self.run_id}: backend {self.backend_name} ({self.backend_reason}); "
                                  f"dilation {self.dilation:g}; {len(self.nodes)} nodes; output {self.out}")
+                progress.message(describe(self.caps))
                 for note in self.fidelity:
                     progress.message(f"[yellow]fidelity:[/] {note}")
                 agg = Aggregator(self.run_id, {n.name: n.profile.name for n in self.nodes}, self.welcome,
                                  bind=backend.bind_address(sc.aggregator.bind), port=sc.aggregator.port)
                 agg.on_phase = progress.node_phase
-                self._write_json("manifest.json", self.manifest(status="starting", endpoint=agg.endpoint))
+                join = agg.endpoint  # where hand-started (remote) devices dial in
+                if any(n.remote for n in self.nodes) and agg.bind != sc.aggregator.bind:
+                    join = agg.listen_also(sc.aggregator.bind, sc.aggregator.port)
+                self._write_json("manifest.json", self.manifest(status="starting", endpoint=agg.endpoint, join=join))
                 endpoint = f"tcp://{backend.connect_address(agg.bind)}:{agg.port}"
                 for n in self.nodes:
                     if n.remote:
                         progress.message(f"waiting for {n.name} ({n.profile.name}) to join: python -m node "
-                                         f"--connect tcp://{agg.bind}:{agg.port} --name {n.name} --profile {n.profile.name}")
+                                         f"--connect {join} --name {n.name} --profile {n.profile.name}")
                     else:
                         backend.start(n.name, n.profile, endpoint, self.dilation)
                 names = {n.name for n in self.nodes}

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = """
 name: tiny-remote
 seed: 3
-backend: process
+backend: BACKEND
 model: {name: all-minilm-l6-v2, num_layers: 2}
 data: {dataset: rotten_tomatoes, test_size: 40, train_size: 300, max_len: 16, partition: {kind: iid}}
 training: {rounds: 2, local_steps: 2, batch_size: 8, lr: 0.001, target_accuracy: 0.99, round_deadline_s: 300}
@@ -46,10 +46,17 @@ def procs():
             p.wait()
 
 
-def test_hand_started_node_joins_and_trains(tmp_path, procs):
+@pytest.mark.parametrize("backend", ["process", "netns"])
+def test_hand_started_node_joins_and_trains(backend, tmp_path, procs):
+    if backend == "netns":
+        from emulation.backends import netns_missing
+        from emulation.probe import probe
+        missing = netns_missing(probe())
+        if missing:
+            pytest.skip(f"netns backend unavailable: missing {', '.join(missing)}")
     port = free_port()
     scenario = tmp_path / "tiny.yaml"
-    scenario.write_text(textwrap.dedent(TINY).replace("PORT", str(port)))
+    scenario.write_text(textwrap.dedent(TINY).replace("PORT", str(port)).replace("BACKEND", backend))
     out = tmp_path / "run"
     run = subprocess.Popen([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out)],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,0 +1,362 @@
+"""The `docker` backend: one container per node, from the image the testbed builds itself.
+
+Per run: one docker bridge network, `internal` (no route off the host: a node reaches only the
+aggregator on the network's gateway address and the run's other containers), on a private /24
+picked like the netns backend's, named `fedge-<hash>` and labelled `fedge.run=<run id>`; the
+aggregator binds on its gateway.
+Per node: a container `fedge-<hash>-<node>` of the node image (`emulation.image`, tagged by the
+hash of node/ + requirements: `make image` builds it), labelled too, with
+- CPU: NanoCpus = cpu_share / dilation (the kernel's CFS quota; the node is told cpu_share 1),
+- memory: Memory = MemorySwap = the profile's memory (no swap); an OOM kill is reported as such,
+- link: htb on both ends of the container's veth, Mininet-like: the uplink on the container's
+  eth0 egress (tc run in its network namespace from the host), the downlink on the host-side
+  veth (found from eth0's peer index); netem below htb where the kernel has it, otherwise the
+  latency is emulated in the node's transport (--latency-ms), as in the netns backend.
+The node starts importing torch (seconds) before its first message, so its link is shaped
+before any traffic. Without root (a docker-group user) the host side cannot be shaped: the
+uplink is shaped inside the container (`docker exec tc`, NET_ADMIN), the downlink in the
+transport, and fidelity() says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from .. import netns as N
+from ..profiles import Profile
+from .base import RUN_ENV, Backend
+from .process import node_command
+
+LABEL_RUN = "fedge.run"      # on every container and network the backend makes: `clean` finds them by it
+LABEL_NODE = "fedge.node"
+NAME_PREFIX = "fedge-"
+MIN_CPUS = 0.01              # docker refuses smaller NanoCpus
+STOP_GRACE_S = 3.0
+log = logging.getLogger("emulation.docker")
+
+
+def run_hash(run_id: str) -> str:
+    """8 hex of the run id: in container, network and bridge names (a bridge name has 15 chars at most)."""
+    return hashlib.sha1(run_id.encode()).hexdigest()[:8]
+
+
+def docker_missing(caps: dict) -> list[str]:
+    """What this host lacks for the docker backend (empty: it can run). For `choose`."""
+    info = caps.get("docker") or {}
+    if not info.get("available"):
+        return [f"a reachable docker engine ({info.get('reason', 'not probed')}; install docker.io and start dockerd)"]
+    from .. import image
+    try:
+        image.require_image(image.client(timeout=10))
+    except image.ImageError as exc:
+        return [str(exc)]
+    return []
+
+
+class DockerBackend(Backend):
+    name = "docker"
+
+    def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
+        super().__init__(run_id, workdir, caps)
+        from .. import image
+        try:
+            self.client = image.client(timeout=60)
+            self.image = image.require_image(self.client)
+        except image.ImageError as exc:
+            raise RuntimeError(f"the docker backend cannot run: {exc}") from exc
+        import docker
+        self._errors = docker.errors
+        self.netem = bool(self.caps.get("netem"))
+        self.root = os.geteuid() == 0 and bool(shutil.which("nsenter")) and bool(shutil.which("tc"))
+        self.exec_tc = not self.root and bool(shutil.which("docker"))  # uplink via `docker exec tc`
+        self.cores = int(self.caps.get("cores") or os.cpu_count() or 1)
+        self.hash = run_hash(run_id)
+        self.labels = {LABEL_RUN: run_id}
+        self.network = None
+        self.gateway: str | None = None
+        self.containers: dict = {}
+        self.profiles: dict[str, Profile] = {}
+        self.host_ifs: dict[str, str] = {}
+        self.logs = self.workdir / "logs"
+        self._states: dict[str, str] = {}
+        self._states_at = 0.0
+
+    # -- network of the run ----------------------------------------------------------------
+    def _ensure_network(self) -> None:
+        if self.network is not None:
+            return
+        from docker.types import IPAMConfig, IPAMPool
+        name = f"{NAME_PREFIX}{self.hash}"
+        tag = N.run_tag(self.run_id)
+        last = None
+        for _ in range(8):  # another run (or engine) may take the same /24 between pick and create
+            subnet = N.pick_subnet(tag)
+            gateway = str(next(subnet.hosts()))
+            try:
+                self.network = self.client.networks.create(
+                    name, driver="bridge", internal=True, labels=dict(self.labels), check_duplicate=True,
+                    ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=str(subnet), gateway=gateway)]),
+                    options={"com.docker.network.bridge.name": name})
+                self.gateway = gateway
+                return
+            except self._errors.APIError as exc:
+                last = exc
+                if "overlap" not in str(exc).lower():
+                    raise
+                tag = f"{(int(tag, 16) + 1) % 0x10000:04x}"
+        raise N.NetError(f"no free subnet for the docker network: {last}")
+
+    def bind_address(self, requested: str) -> str:
+        self._ensure_network()
+        return self.gateway
+
+    def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
+        notes = []
+        if not self.netem and any(p.latency_ms > 0 for p in profiles):
+            notes.append("docker backend: no netem in this kernel: latency is emulated in the transport, rates by htb")
+        if not self.root:
+            where = "the uplink by tc inside the container, " if self.exec_tc else ""
+            notes.append(f"docker backend: not root: {where}the "
+                         f"{'downlink' if self.exec_tc else 'uplink and downlink'} emulated in the transport")
+        fast = sorted({p.name for p in profiles if p.cpu_share / dilation > self.cores})
+        if fast:
+            notes.append(f"docker backend: CPU quota capped at the host's {self.cores} cores for {', '.join(fast)}")
+        slow = sorted({p.name for p in profiles if 0 < p.cpu_share / dilation < MIN_CPUS})
+        if slow:
+            notes.append(f"docker backend: CPU quota raised to docker's minimum {MIN_CPUS} for {', '.join(slow)}")
+        return notes
+
+    # -- nodes -----------------------------------------------------------------------------
+    def _command(self, name: str, profile: Profile, endpoint: str, dilation: float) -> list[str]:
+        up, down = self._transport_links()
+        cmd = node_command(name, profile, endpoint, dilation, shape_in_transport=False)[3:]  # drop `python -m node`
+        cmd[cmd.index("--cpu-share") + 1] = "1"  # the kernel quota does it
+        if up and profile.uplink_mbit > 0:
+            cmd += ["--uplink-mbit", f"{profile.uplink_mbit / dilation:.6g}"]
+        if down and profile.downlink_mbit > 0:
+            cmd += ["--downlink-mbit", f"{profile.downlink_mbit / dilation:.6g}"]
+        if not self.netem and profile.latency_ms > 0:
+            cmd += ["--latency-ms", f"{profile.latency_ms * dilation:.6g}"]
+        return cmd
+
+    def _transport_links(self) -> tuple[bool, bool]:
+        """(uplink, downlink) emulated in the node's transport rather than by tc."""
+        if self.root:
+            return False, False
+        return (not self.exec_tc), True
+
+    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+        self._ensure_network()
+        cpus = min(float(self.cores), max(MIN_CPUS, profile.cpu_share / dilation))
+        mem = f"{int(profile.memory_mb)}m"
+        safe = re.sub(r"[^a-zA-Z0-9_.-]", "_", name)
+        env = {RUN_ENV: self.run_id, "OMP_NUM_THREADS": str(profile.threads), "MKL_NUM_THREADS": str(profile.threads),
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONUNBUFFERED": "1"}
+        container = self.client.containers.run(
+            self.image, self._command(name, profile, endpoint, dilation), name=f"{NAME_PREFIX}{self.hash}-{safe}",
+            hostname=safe[:63], detach=True, init=True, network=self.network.name, environment=env,
+            labels={**self.labels, LABEL_NODE: name}, nano_cpus=int(round(cpus * 1e9)), mem_limit=mem,
+            memswap_limit=mem, cap_add=["NET_ADMIN"], stdin_open=False)
+        self.containers[name] = container
+        self.profiles[name] = profile
+        self._states_at = 0.0
+        self._shape(name, container, profile, dilation)
+
+    def _shape(self, name: str, container, profile: Profile, dilation: float) -> None:
+        delay = profile.latency_ms * dilation if self.netem else 0.0
+        up = N.Shaping(profile.uplink_mbit / dilation, delay)
+        down = N.Shaping(profile.downlink_mbit / dilation, delay)
+        if not (up.rate_mbit or down.rate_mbit or delay):
+            return
+        container.reload()
+        pid = container.attrs["State"].get("Pid") or 0
+        if not pid:  # died at once: nothing to shape; exit_reason() tells why
+            return
+        if self.root:
+            inside = ["nsenter", "-t", str(pid), "-n"]
+            host_if = self._host_veth(inside)
+            self.host_ifs[name] = host_if
+            N._shape(inside, "eth0", up, self.netem)
+            N._shape([], host_if, down, self.netem)
+        elif self.exec_tc:
+            N._shape(["docker", "exec", container.id], "eth0", up, self.netem)
+
+    @staticmethod
+    def _host_veth(inside: list[str]) -> str:
+        """The host-side veth of the container's eth0: the host interface whose index is eth0's iflink."""
+        links = json.loads(N.sh(*inside, "ip", "-j", "link", "show", "dev", "eth0").stdout)
+        peer = links[0].get("link_index")
+        if peer is None:
+            raise N.NetError(f"eth0 of the container shows no veth peer: {links}")
+        for link in json.loads(N.sh("ip", "-j", "link", "show").stdout):
+            if link.get("ifindex") == peer:
+                return link["ifname"]
+        raise N.NetError(f"no host interface with index {peer} (the container's veth peer)")
+
+    def limits(self, name: str) -> dict:
+        """What the kernel and engine enforce for a node: for tests and the manifest."""
+        c = self.containers[name]
+        c.reload()
+        hc = c.attrs["HostConfig"]
+        out = {"container": c.name, "image": self.image, "nano_cpus": hc.get("NanoCpus"), "memory": hc.get("Memory"),
+               "memory_swap": hc.get("MemorySwap"), "cap_add": hc.get("CapAdd"), "network": self.network.name}
+        pid = c.attrs["State"].get("Pid") or 0
+        if self.root and pid:
+            out["uplink"] = N.sh("nsenter", "-t", str(pid), "-n", "tc", "qdisc", "show", "dev", "eth0").stdout.strip()
+        if name in self.host_ifs:
+            out["host_if"] = self.host_ifs[name]
+            out["downlink"] = N.sh("tc", "qdisc", "show", "dev", self.host_ifs[name], check=False).stdout.strip()
+        return out
+
+    def _refresh(self, max_age: float = 0.5) -> dict[str, str]:
+        """Status of every container of the run, one engine call at most every max_age seconds (80+ nodes)."""
+        now = time.monotonic()
+        if now - self._states_at > max_age:
+            found = self.client.api.containers(all=True, filters={"label": f"{LABEL_RUN}={self.run_id}"})
+            self._states = {c["Labels"].get(LABEL_NODE, ""): c["State"] for c in found}
+            self._states_at = now
+        return self._states
+
+    def alive(self, name: str) -> bool:
+        if name not in self.containers:
+            return False
+        try:
+            return self._refresh().get(name) == "running"
+        except Exception:
+            return False
+
+    def _state(self, name: str) -> dict | None:
+        c = self.containers.get(name)
+        if c is None:
+            return None
+        try:
+            c.reload()
+        except self._errors.NotFound:
+            return {"Status": "removed"}
+        return c.attrs["State"]
+
+    def exit_reason(self, name: str) -> str | None:
+        st = self._state(name)
+        if st is None or st.get("Status") in ("running", "created", "restarting"):
+            return None
+        if st.get("Status") == "removed":
+            return "node container was removed"
+        oom = self.oom(name)
+        if oom:
+            return f"out of memory: killed by its {oom['limit_mb']} MB limit (peak {oom['peak_mb']:.0f} MB)"
+        err = f" ({st['Error']})" if st.get("Error") else ""
+        return f"node container exited with code {st.get('ExitCode')}{err}"
+
+    def oom(self, name: str) -> dict | None:
+        """{limit_mb, peak_mb} if the kernel killed the node at its memory limit.
+
+        The container's cgroup is gone once it has exited, so its peak is the limit it was killed at."""
+        st = self._state(name)
+        if not st or not st.get("OOMKilled"):
+            return None
+        limit = self.profiles[name].memory_mb
+        return {"limit_mb": limit, "peak_mb": float(limit)}
+
+    def nodes(self) -> list[str]:
+        return list(self.containers)
+
+    def _save_log(self, name: str, container) -> None:
+        try:
+            data = container.logs(stdout=True, stderr=True)
+        except Exception:
+            return
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as fh:
+            fh.write(data)
+
+    def _remove(self, name: str, container) -> None:
+        self._save_log(name, container)
+        try:
+            container.remove(force=True)
+        except self._errors.NotFound:
+            pass
+        except self._errors.APIError as exc:
+            if "already in progress" not in str(exc):
+                raise
+        self.containers.pop(name, None)
+        self.host_ifs.pop(name, None)
+        self._states_at = 0.0
+
+    def stop(self, name: str) -> None:
+        c = self.containers.get(name)
+        if c is None:
+            return
+        try:
+            c.stop(timeout=int(STOP_GRACE_S))
+        except self._errors.NotFound:
+            pass
+        self._remove(name, c)
+
+    def teardown(self) -> None:
+        """Signal every node, give them one grace period in all, remove containers, then the network;
+        then sweep whatever still carries this run's label (after a crash of an earlier attempt)."""
+        items = list(self.containers.items())
+        for _, c in items:
+            try:
+                c.kill(signal="SIGTERM")
+            except self._errors.APIError:  # not running any more, or gone
+                pass
+        deadline = time.monotonic() + STOP_GRACE_S
+        while items and time.monotonic() < deadline:
+            try:
+                if not any(s == "running" for s in self._refresh(0.0).values()):
+                    break
+            except Exception:
+                break
+            time.sleep(0.1)
+        for name, c in items:
+            self._remove(name, c)
+        if self.network is not None:
+            try:
+                self.network.remove()
+            except self._errors.NotFound:
+                pass
+            except self._errors.APIError as exc:  # still has endpoints: the sweep below retries
+                log.warning("removing network %s: %s", self.network.name, exc)
+            self.network = None
+        clean(self.run_id, self.client)
+
+
+def clean(run_id: str | None = None, client=None) -> list[str]:
+    """Remove containers, then networks, labelled fedge.run (of one run, or of all); [] without docker."""
+    if client is None:
+        try:
+            import docker
+            client = docker.from_env(timeout=10)
+            client.ping()
+        except Exception:  # no SDK, no engine: nothing of ours can exist there
+            return []
+    selector = {"label": LABEL_RUN if run_id is None else f"{LABEL_RUN}={run_id}"}
+    removed = []
+    for kind, listing in (("container", client.containers), ("docker network", client.networks)):
+        try:
+            found = listing.list(all=True, filters=selector) if kind == "container" else listing.list(filters=selector)
+        except Exception as exc:
+            log.warning("cannot list %ss: %s", kind, exc)
+            continue
+        for obj in found:
+            try:
+                if kind == "container":
+                    obj.remove(force=True)
+                else:
+                    obj.remove()
+                labels = obj.labels if kind == "container" else (obj.attrs.get("Labels") or {})
+                removed.append(f"{kind} {obj.name} of run {labels.get(LABEL_RUN)}")
+            except Exception as exc:
+                log.warning("cannot remove %s %s: %s", kind, obj.name, exc)
+    return removed
+
+
+__all__ = ["DockerBackend", "LABEL_RUN", "clean", "docker_missing"]
