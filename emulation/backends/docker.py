@@ -209,10 +209,10 @@ class DockerBackend(Backend):
                "memory_swap": hc.get("MemorySwap"), "cap_add": hc.get("CapAdd"), "network": self.network.name}
         pid = c.attrs["State"].get("Pid") or 0
         if self.root and pid:
-            out["uplink"] = N.sh("nsenter", "-t", str(pid), "-n", "tc", "qdisc", "show", "dev", "eth0").stdout.strip()
+            out["uplink"] = _tc_show(["nsenter", "-t", str(pid), "-n"], "eth0")
         if name in self.host_ifs:
             out["host_if"] = self.host_ifs[name]
-            out["downlink"] = N.sh("tc", "qdisc", "show", "dev", self.host_ifs[name], check=False).stdout.strip()
+            out["downlink"] = _tc_show([], self.host_ifs[name])
         return out
 
     def _refresh(self, max_age: float = 0.5) -> dict[str, str]:
@@ -327,6 +327,12 @@ class DockerBackend(Backend):
                 log.warning("removing network %s: %s", self.network.name, exc)
             self.network = None
         clean(self.run_id, self.client)
+
+
+def _tc_show(prefix: list[str], dev: str) -> str:
+    """`tc qdisc show` + `tc class show` of a device (where the rates are)."""
+    return "\n".join(N.sh(*prefix, "tc", what, "show", "dev", dev, check=False).stdout.strip()
+                     for what in ("qdisc", "class")).strip()
 
 
 def clean(run_id: str | None = None, client=None) -> list[str]:

@@ -9,20 +9,20 @@ limit is reported as an out-of-memory event (exit_reason), not as a silent loss.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 from .. import netns as N
 from ..cgroups import CGroup
+from ..cgroups import leftovers as cgroup_leftovers
 from ..profiles import Profile
-from .base import RUN_ENV, Backend
-from .process import _die_with_parent, _kill_group, node_command, node_env
+from .base import Backend
+from .process import ProcessBackend, _die_with_parent, node_command
 
 
-class NetnsBackend(Backend):
+class NetnsBackend(ProcessBackend):
+    """Processes as in the process backend, each inside its namespace and cgroup."""
     name = "netns"
+    cpu_demand = Backend.cpu_demand  # the quota caps a node at its cpu_share
 
     def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
         super().__init__(run_id, workdir, caps)
@@ -36,9 +36,7 @@ class NetnsBackend(Backend):
         self.tag = N.run_tag(run_id)
         self.subnet = None
         self.bridge: N.Bridge | None = None
-        self.procs: dict[str, subprocess.Popen] = {}
         self.sandboxes: dict[str, tuple[N.Namespace, N.VethLink, CGroup, Profile]] = {}
-        self.logs = self.workdir / "logs"
         self._index = 0
 
     # -- network of the run ----------------------------------------------------------------
@@ -80,31 +78,19 @@ class NetnsBackend(Backend):
         cmd[cmd.index("--cpu-share") + 1] = "1"     # the kernel quota does it
         if not self.netem and profile.latency_ms > 0:  # latency only, in the transport
             cmd += ["--latency-ms", f"{profile.latency_ms * dilation:.6g}"]
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log = open(self.logs / f"{name}.log", "ab")
 
         def enter_sandbox():
             _die_with_parent()
             cg.add(os.getpid())  # before exec: everything the node runs is limited
 
-        self.procs[name] = subprocess.Popen([*ns.exec_prefix(), *cmd], env=node_env(self.run_id, profile.threads),
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, preexec_fn=enter_sandbox)
-        log.close()
-
-    def alive(self, name: str) -> bool:
-        p = self.procs.get(name)
-        return p is not None and p.poll() is None
+        self._spawn(name, [*ns.exec_prefix(), *cmd], profile.threads, preexec=enter_sandbox)
 
     def exit_reason(self, name: str) -> str | None:
-        sb = self.sandboxes.get(name)
-        p = self.procs.get(name)
-        if sb is None or p is None or p.poll() is None:
-            return None
-        oom = self.oom(name)
+        reason = super().exit_reason(name)
+        oom = self.oom(name) if reason else None
         if oom:
             return f"out of memory: killed by its {oom['limit_mb']} MB limit (peak {oom['peak_mb']:.0f} MB)"
-        return f"node process exited with code {p.returncode}"
+        return reason
 
     def oom(self, name: str) -> dict | None:
         sb = self.sandboxes.get(name)
@@ -119,15 +105,7 @@ class NetnsBackend(Backend):
     def nodes(self) -> list[str]:
         return list(self.sandboxes)
 
-    def stop(self, name: str) -> None:
-        p = self.procs.pop(name, None)
-        if p is not None:
-            _kill_group(p, signal.SIGTERM)
-            try:
-                p.wait(3)
-            except subprocess.TimeoutExpired:
-                _kill_group(p, signal.SIGKILL)
-                p.wait()
+    def _remove_sandbox(self, name: str) -> None:
         sb = self.sandboxes.pop(name, None)
         if sb:
             ns, link, cg, _ = sb
@@ -135,26 +113,22 @@ class NetnsBackend(Backend):
             link.delete()
             ns.delete()
 
+    def stop(self, name: str) -> None:
+        super().stop(name)
+        self._remove_sandbox(name)
+
     def teardown(self) -> None:
-        for p in self.procs.values():
-            _kill_group(p, signal.SIGTERM)
-        deadline = time.monotonic() + 3
-        for p in self.procs.values():
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        super().teardown()
         for name in list(self.sandboxes):
-            self.stop(name)
+            self._remove_sandbox(name)
         if self.bridge is not None:
             self.bridge.delete()
             self.bridge = None
-        from ..cgroups import leftovers
-        for d in leftovers(self.cg_version, self.v2_root, run_id=self.run_id):
+        for d in cgroup_leftovers(self.cg_version, self.v2_root, run_id=self.run_id):
             try:
                 d.rmdir()
             except OSError:
                 pass
 
 
-__all__ = ["NetnsBackend", "RUN_ENV"]
+__all__ = ["NetnsBackend"]

@@ -75,13 +75,15 @@ class ProcessBackend(Backend):
         return notes
 
     def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+        self._spawn(name, node_command(name, profile, endpoint, dilation), profile.threads)
+
+    def _spawn(self, name: str, cmd: list[str], threads: int, preexec=_die_with_parent) -> None:
+        """Start a node program in its own session, output to logs/<name>.log."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = open(self.logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(node_command(name, profile, endpoint, dilation),
-                                            env=node_env(self.run_id, profile.threads), stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
-        log.close()
+        with open(self.logs / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(cmd, env=node_env(self.run_id, threads), stdin=subprocess.DEVNULL,
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                preexec_fn=preexec)
 
     def alive(self, name: str) -> bool:
         p = self.procs.get(name)
@@ -108,8 +110,9 @@ class ProcessBackend(Backend):
             p.wait()
 
     def teardown(self) -> None:
+        """Stop every node: all signalled first, so 80 nodes take one grace period, not 80."""
         procs = list(self.procs.items())
-        for _, p in procs:  # signal all first, then wait: teardown of 80 nodes is one grace period
+        for _, p in procs:
             _kill_group(p, signal.SIGTERM)
         deadline = time.monotonic() + 3.0
         for name, p in procs:
