@@ -6,7 +6,7 @@ S       ?= scenarios/smoke.yaml
 OUT     ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup run scenario test test-unit bench clean distclean
+.PHONY: setup run scenario test test-unit bench image clean distclean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test: setup
 
 test-unit: setup
 	$(PYTHON) -m pytest -q tests/unit
+
+# The docker backend's node image, built offline (debootstrap base + host wheelhouse); rebuilt only
+# when node/ or docker/ change. FEDGE_IMAGE_BASE=registry builds FROM python:3.11-slim instead.
+image: setup
+	$(PYTHON) -m emulation.image build
 
 bench: setup
 	$(PYTHON) bench/bench_wire.py

@@ -11,7 +11,10 @@ bridge address in the host, where the netns backend puts the aggregator (default
         --  (shaped veth fe<tag>h<i> / fe<tag>n<i>)  --  fedge-<tag>-node
 
 (`--server ns` needs the bridge to forward between its ports: with br_netfilter loaded and an
-iptables FORWARD policy of DROP, which dockerd sets, that traffic is dropped; a warning says so.)
+iptables FORWARD policy of DROP, which dockerd sets, that traffic is dropped; the script then
+says so and stops.) `--cap-gso` caps GSO at one frame on the devices made here, which the
+testbed does not do: it shows how much of the excess at low rates comes from htb releasing
+whole GSO packets (up to 64 KB) against a burst sized for 10 ms.
 
 The node's veth is shaped exactly as the netns backend shapes a device:
 `VethLink.shape(Shaping(R, 0), Shaping(R, 0), netem=False)` (htb, uplink on the node side,
@@ -199,7 +202,8 @@ def protocol(net, procs: Procs, rate: float, downlink: bool, nbytes: int) -> flo
         for name, p in (("router", pr), ("dealer", pd)):
             outs[name] = p.communicate(timeout=timeout + 10)
             if p.returncode != 0:
-                raise RuntimeError(f"{name} exited with {p.returncode}: {outs[name][1].strip()[-300:]}")
+                raise RuntimeError(f"{name} exited with {p.returncode}: "
+                                   f"{(outs[name][1].strip().splitlines() or [''])[-1][:300]}")
         res = json.loads(outs["router" if sender is pr else "dealer"][0].strip().splitlines()[-1])
     except Exception as exc:  # noqa: BLE001 - report and go on with the other rows
         print(f"  protocol at {rate:g} Mbit/s {'down' if downlink else 'up'}: failed: {type(exc).__name__}: {exc}")
@@ -228,7 +232,11 @@ def latency(net, netem: bool, quick: bool) -> None:
         print(f"netem is available: node link reshaped with a netem delay of {delay:g} ms each way "
               f"(Shaping(0, {delay:g}) up and down), RTT measured with ping against {2 * delay:g} ms")
         base = ping_rtt(net, 5)
-        net["link"].shape(N.Shaping(0, delay), N.Shaping(0, delay), netem=True)
+        try:
+            net["link"].shape(N.Shaping(0, delay), N.Shaping(0, delay), netem=True)
+        except N.NetError as exc:
+            print(f"  could not add netem: {exc}")
+            return
         rtts = ping_rtt(net, 5 if quick else 20)
         if rtts is None:
             print("  ping is not installed (apt-get install -y iputils-ping): latency not measured")
@@ -263,21 +271,21 @@ def build(tag: str, created: list, server_ns: bool):
     hosts = list(subnet.hosts())
     plen = subnet.prefixlen
     bridge = N.Bridge(f"{N.IF_PREFIX}{tag}b", f"{hosts[0]}/{plen}")
+    created.append(bridge)  # before create(): a half-made object is deleted too (delete() tolerates absence)
     bridge.create()
-    created.append(bridge)
     net = {"bridge": bridge, "subnet": str(subnet), "server_prefix": [], "server_ip": bridge.ip,
            "server_desc": f"host (bridge address {bridge.ip})"}
     for i, role in enumerate(("server", "node") if server_ns else ("node",)):
         ns = N.Namespace(f"{N.NS_PREFIX}{tag}-{role}")
-        ns.create()
         created.append(ns)
+        ns.create()
         link = N.VethLink(f"{N.IF_PREFIX}{tag}h{i}", f"{N.IF_PREFIX}{tag}n{i}", ns, f"{hosts[1 + i]}/{plen}")
-        link.create(bridge)
         created.append(link)
+        link.create(bridge)
         if role == "node":
             net.update(node=ns, node_ip=str(hosts[1 + i]), link=link)
         else:
-            net.update(server_prefix=ns.exec_prefix(), server_ip=str(hosts[1 + i]),
+            net.update(server_prefix=ns.exec_prefix(), server_ip=str(hosts[1 + i]), server_link=link,
                        server_desc=f"namespace {ns.name} {hosts[1 + i]} (unshaped veth)")
     return net
 
@@ -314,6 +322,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="5 and 20 Mbit/s, uplink only, short runs (< 30 s)")
     ap.add_argument("--rates", default=None, help="comma-separated Mbit/s (default 1,5,20,100; quick 5,20)")
     ap.add_argument("--seconds", type=float, default=None, help="iperf3 duration (default 5; quick 3)")
+    ap.add_argument("--cap-gso", action="store_true",
+                    help="set gso_max_size 1514 on the bridge and veth ends made here (not what the testbed does: "
+                         "shows how much of the excess at low rates comes from htb releasing whole GSO packets)")
     ap.add_argument("--server", choices=["host", "ns"], default="host",
                     help="where the server end runs: the bridge address in the host (default, as the netns backend "
                          "places the aggregator) or a second, unshaped namespace on the bridge")
@@ -358,7 +369,17 @@ def main(argv=None) -> int:
               f"node = namespace {net['node'].name} {net['node_ip']} "
               "(htb: VethLink.shape(Shaping(R, 0), Shaping(R, 0), netem=False))")
         if args.server == "ns" and (w := bridge_filter_warning()):
-            print(f"WARNING: {w}")
+            print(f"cannot measure: {w}")
+            return 2
+        if args.cap_gso:
+            link = net["link"]
+            N.sh("ip", "link", "set", "dev", net["bridge"].name, "gso_max_size", "1514")
+            N.sh("ip", "link", "set", "dev", link.host_if, "gso_max_size", "1514")
+            N.sh(*link.ns.exec_prefix(), "ip", "link", "set", "dev", link.node_if, "gso_max_size", "1514")
+            if "server_link" in net:  # the sender's own device sets the size of what it hands to the bridge
+                sl = net["server_link"]
+                N.sh(*sl.ns.exec_prefix(), "ip", "link", "set", "dev", sl.node_if, "gso_max_size", "1514")
+            print("--cap-gso: gso_max_size 1514 on the bridge and the node's veth ends (NOT the testbed's setting)")
         if have_iperf:
             srv = procs.start([*net["server_prefix"], "iperf3", "-s", "-B", net["server_ip"], "-p", str(IPERF_PORT)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

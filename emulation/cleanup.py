@@ -29,7 +29,7 @@ def tagged_processes(run_id: str | None = None) -> list[psutil.Process]:
 
 
 def clean(run_id: str | None = None) -> list[str]:
-    """Kill tagged processes, then remove cgroups, namespaces and interfaces of our runs."""
+    """Kill tagged processes, remove containers and docker networks, then cgroups, namespaces, interfaces."""
     removed = []
     procs = tagged_processes(run_id)
     for p in procs:
@@ -40,6 +40,8 @@ def clean(run_id: str | None = None) -> list[str]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     psutil.wait_procs(procs, timeout=5)
+    from .backends.docker import clean as clean_docker  # containers, then networks, labelled fedge.run
+    removed += clean_docker(run_id)
     removed += _clean_kernel_objects(run_id)
     return removed
 

@@ -38,7 +38,7 @@ def cmd_run(args) -> int:
         out = Path("runs") / f"{sc.name}-{i}"
     try:
         summary = Run(sc, out, backend=args.backend, source=str(args.scenario)).execute()
-    except RunError as exc:
+    except (RunError, ValueError) as exc:  # ValueError: a backend this host cannot run, bad data settings
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -38,6 +38,7 @@ LABEL_NODE = "fedge.node"
 NAME_PREFIX = "fedge-"
 MIN_CPUS = 0.01              # docker refuses smaller NanoCpus
 STOP_GRACE_S = 3.0
+IDLE_NODE_MB = 300           # one interpreter with torch+transformers+peft imported (DESIGN.md: 279 MB)
 log = logging.getLogger("emulation.docker")
 
 
@@ -51,6 +52,8 @@ def docker_missing(caps: dict) -> list[str]:
     info = caps.get("docker") or {}
     if not info.get("available"):
         return [f"a reachable docker engine ({info.get('reason', 'not probed')}; install docker.io and start dockerd)"]
+    if caps.get("root") and not caps.get("qdiscs", {}).get("htb"):
+        return ["the htb qdisc (links are shaped with htb)"]
     from .. import image
     try:
         image.require_image(image.client(timeout=10))
@@ -130,12 +133,20 @@ class DockerBackend(Backend):
         slow = sorted({p.name for p in profiles if 0 < p.cpu_share / dilation < MIN_CPUS})
         if slow:
             notes.append(f"docker backend: CPU quota raised to docker's minimum {MIN_CPUS} for {', '.join(slow)}")
+        need = len(profiles) * IDLE_NODE_MB
+        host = int(self.caps.get("memory_mb") or 0)
+        if host and need > 0.8 * host:
+            notes.append(f"docker backend: {len(profiles)} containers each run their own interpreter (about "
+                         f"{IDLE_NODE_MB} MB before training, nothing shared): about {need // 1024} GB of this "
+                         f"host's {host // 1024} GB; fewer nodes or the netns backend may be needed")
         return notes
 
     # -- nodes -----------------------------------------------------------------------------
     def _command(self, name: str, profile: Profile, endpoint: str, dilation: float) -> list[str]:
         up, down = self._transport_links()
-        cmd = node_command(name, profile, endpoint, dilation, shape_in_transport=False)[3:]  # drop `python -m node`
+        full = node_command(name, profile, endpoint, dilation, shape_in_transport=False)
+        assert full[1:3] == ["-m", "node"], full
+        cmd = full[3:]  # the image's entrypoint is `python -m node`
         cmd[cmd.index("--cpu-share") + 1] = "1"  # the kernel quota does it
         if up and profile.uplink_mbit > 0:
             cmd += ["--uplink-mbit", f"{profile.uplink_mbit / dilation:.6g}"]
@@ -229,8 +240,8 @@ class DockerBackend(Backend):
             return False
         try:
             return self._refresh().get(name) == "running"
-        except Exception:
-            return False
+        except Exception:  # engine busy or restarting: the last known state
+            return self._states.get(name) == "running"
 
     def _state(self, name: str) -> dict | None:
         c = self.containers.get(name)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from emulation.backends import BACKENDS
+from emulation.backends import docker_missing
 
 pytestmark = pytest.mark.emulation
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def run(backend: str, tmp_path: Path) -> tuple[list[dict], dict]:
 
 
 def test_process_and_kernel_backends_give_the_same_learning(netns_caps, tmp_path):
-    backends = ["process", "netns"] + (["docker"] if "docker" in BACKENDS and netns_caps["docker"]["available"] else [])
+    backends = ["process", "netns"] + ([] if docker_missing(netns_caps) else ["docker"])
     results = {b: run(b, tmp_path) for b in backends}
     ref_rows, _ = results["process"]
     for b, (rows, manifest) in results.items():
