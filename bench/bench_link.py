@@ -24,8 +24,9 @@ server -> node) this prints:
 - iperf3 Mbit/s: TCP goodput of `iperf3 -c ... -J` (`-R` for downlink), as received;
 - protocol Mbit/s: one RESULT-like message (node.protocol.encode of one float32 tensor of
   about 2 s of traffic at R, at least 1 MB) from a ZeroMQ DEALER to a ROUTER (uplink) or from
-  the ROUTER to the DEALER (downlink), each in its own namespace (`ip netns exec NS python
-  bench/bench_link.py --peer ...`): message bytes x 8 / (time from just before encode on the
+  the ROUTER to the DEALER (downlink); both are this script re-run with `--peer`, the DEALER in
+  the node namespace (`ip netns exec`), the ROUTER at the server end: message bytes x 8 /
+  (time from just before encode on the
   sender until the receiver has received and decoded all of it; both ends read the same
   CLOCK_MONOTONIC), after a HELLO/WELCOME exchange that opened the connection;
 - each against the rate (x/rate) and against the TCP/IP header ceiling at MTU 1500,
@@ -37,7 +38,8 @@ against 40 ms. Without netem the testbed emulates latency in the transport (node
 so the fidelity of `node.shaping.Link(0, 20).transfer(100)` against 20 ms is reported instead.
 
 Every namespace, interface and process made here is removed at the end, also on error and on
-Ctrl-C / SIGTERM. Traffic stays inside the namespaces made here. Nothing asserts on time.
+Ctrl-C / SIGTERM. Traffic stays on the bridge and in the namespaces made here. Nothing asserts
+on time.
 `--quick`: 5 and 20 Mbit/s, uplink only, short runs (< 30 s).
 """
 from __future__ import annotations

@@ -80,6 +80,7 @@ class Bridge:
 
     def create(self) -> None:
         sh("ip", "link", "add", self.name, "type", "bridge")
+        cap_gso([], self.name)  # the aggregator's downlink traffic is segmented for the bridge
         sh("ip", "addr", "add", self.address, "dev", self.name)
         sh("ip", "link", "set", self.name, "up")
 
@@ -127,11 +128,21 @@ class VethLink:
         return {"uplink": up.strip(), "downlink": down.strip()}
 
 
+GSO_MAX = "1514"  # one Ethernet frame
+
+
+def cap_gso(prefix: list[str], dev: str) -> None:
+    """Stop the stack from handing `dev` 64 KB GSO super-packets: htb sends one whole and charges it
+    afterwards, a burst of about 0.5 s at 1 Mbit/s (measured 1.07x the rate; 1.00x with this cap)."""
+    sh(*prefix, "ip", "link", "set", "dev", dev, "gso_max_size", GSO_MAX, check=False)
+
+
 def _shape(prefix: list[str], dev: str, s: Shaping, netem: bool) -> None:
     """htb class at the rate (burst sized for the rate), netem below it for delay where available."""
     tc = [*prefix, "tc"]
     sh(*tc, "qdisc", "del", "dev", dev, "root", check=False)
     if s.rate_mbit > 0:
+        cap_gso(prefix, dev)
         kbit = max(8, int(s.rate_mbit * 1000))
         burst = max(3028, int(s.rate_mbit * 1e6 / 8 / 100))  # about 10 ms of traffic, at least 2 MTU
         sh(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10")

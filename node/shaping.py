@@ -27,11 +27,14 @@ class Link:
         return serialize + self.latency_s
 
     def transfer(self, nbytes: int) -> float:
-        """Block until `nbytes` would have crossed the link; returns the seconds spent."""
+        """Block until `nbytes` would have crossed the link; returns the seconds spent.
+
+        Serialization occupies the link (a second message queues behind it); latency does not
+        (it is propagation: messages in flight overlap)."""
         start = self._clock()
-        done = max(start, self._busy_until) + self.delay_for(nbytes)
-        self._busy_until = done
-        remaining = done - self._clock()
+        sent = max(start, self._busy_until) + self.delay_for(nbytes) - self.latency_s
+        self._busy_until = sent
+        remaining = sent + self.latency_s - self._clock()
         if remaining > 0:
             self._sleep(remaining)
         return self._clock() - start

@@ -107,6 +107,8 @@ class DockerBackend(Backend):
                     ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=str(subnet), gateway=gateway)]),
                     options={"com.docker.network.bridge.name": name})
                 self.gateway = gateway
+                if self.root:
+                    N.cap_gso([], name)  # as for the netns bridge: no 64 KB bursts through htb
                 return
             except self._errors.APIError as exc:
                 last = exc

@@ -74,11 +74,12 @@ def test_back_to_back_transfers_queue():
     assert t.sleeps == [pytest.approx(1.0), pytest.approx(1.5)]
 
 
-def test_queueing_includes_latency_per_message():
+def test_queued_messages_wait_for_serialization_not_for_latency():
+    # latency is propagation: two messages in flight overlap in it, they only queue for the wire
     link, t = _link(8.0, 10.0, advance_on_sleep=False)
-    link.transfer(1000)
-    link.transfer(1000)
-    assert t.sleeps == [pytest.approx(0.011), pytest.approx(0.022)]
+    link.transfer(1000)   # 1 ms on the wire + 10 ms latency
+    link.transfer(1000)   # waits for the first's 1 ms, then its own 1 ms + 10 ms
+    assert t.sleeps == [pytest.approx(0.011), pytest.approx(0.012)]
 
 
 def test_partly_overlapping_transfer_waits_only_the_remainder():
