@@ -12,9 +12,9 @@ bridge address in the host, where the netns backend puts the aggregator (default
 
 (`--server ns` needs the bridge to forward between its ports: with br_netfilter loaded and an
 iptables FORWARD policy of DROP, which dockerd sets, that traffic is dropped; the script then
-says so and stops.) `--cap-gso` caps GSO at one frame on the devices made here, which the
-testbed does not do: it shows how much of the excess at low rates comes from htb releasing
-whole GSO packets (up to 64 KB) against a burst sized for 10 ms.
+says so and stops.) The shaped devices and the bridge have GSO capped at one frame, as the
+testbed's own shaping does (emulation.netns.cap_gso): without it htb releases whole 64 KB GSO
+packets and a 1 Mbit/s link ran 7% fast.
 
 The node's veth is shaped exactly as the netns backend shapes a device:
 `VethLink.shape(Shaping(R, 0), Shaping(R, 0), netem=False)` (htb, uplink on the node side,
@@ -324,9 +324,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="5 and 20 Mbit/s, uplink only, short runs (< 30 s)")
     ap.add_argument("--rates", default=None, help="comma-separated Mbit/s (default 1,5,20,100; quick 5,20)")
     ap.add_argument("--seconds", type=float, default=None, help="iperf3 duration (default 5; quick 3)")
-    ap.add_argument("--cap-gso", action="store_true",
-                    help="set gso_max_size 1514 on the bridge and veth ends made here (not what the testbed does: "
-                         "shows how much of the excess at low rates comes from htb releasing whole GSO packets)")
     ap.add_argument("--server", choices=["host", "ns"], default="host",
                     help="where the server end runs: the bridge address in the host (default, as the netns backend "
                          "places the aggregator) or a second, unshaped namespace on the bridge")
@@ -373,15 +370,8 @@ def main(argv=None) -> int:
         if args.server == "ns" and (w := bridge_filter_warning()):
             print(f"cannot measure: {w}")
             return 2
-        if args.cap_gso:
-            link = net["link"]
-            N.sh("ip", "link", "set", "dev", net["bridge"].name, "gso_max_size", "1514")
-            N.sh("ip", "link", "set", "dev", link.host_if, "gso_max_size", "1514")
-            N.sh(*link.ns.exec_prefix(), "ip", "link", "set", "dev", link.node_if, "gso_max_size", "1514")
-            if "server_link" in net:  # the sender's own device sets the size of what it hands to the bridge
-                sl = net["server_link"]
-                N.sh(*sl.ns.exec_prefix(), "ip", "link", "set", "dev", sl.node_if, "gso_max_size", "1514")
-            print("--cap-gso: gso_max_size 1514 on the bridge and the node's veth ends (NOT the testbed's setting)")
+        if "server_link" in net:  # the sender's own device sets the size of what it hands to the bridge
+            N.cap_gso(net["server_link"].ns.exec_prefix(), net["server_link"].node_if)
         if have_iperf:
             srv = procs.start([*net["server_prefix"], "iperf3", "-s", "-B", net["server_ip"], "-p", str(IPERF_PORT)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
