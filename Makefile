@@ -6,7 +6,7 @@ S       ?= scenarios/smoke.yaml
 OUT     ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup run scenario test test-unit bench image clean distclean
+.PHONY: setup run scenario test test-unit bench bench-fidelity image clean distclean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ image: setup
 bench: setup
 	$(PYTHON) bench/bench_wire.py
 	$(PYTHON) bench/bench_aggregator.py
+
+# link (htb vs iperf3 and the testbed's protocol) and CPU quota fidelity; needs root
+bench-fidelity: setup
+	$(PYTHON) bench/bench_link.py
+	$(PYTHON) bench/bench_cpu.py
 
 clean:
 	-test -x $(PYTHON) && $(PYTHON) -m testbed clean
