@@ -9,7 +9,7 @@ Plan fields (all plain msgpack types):
     blocks: list of encoder block indices that train (None = all); for "lora", where
             adapters go; for "full", which blocks are unfrozen
     train_embeddings: bool (method "full" only)
-    lora: {r, alpha, dropout, target_modules, rank_pattern: {block: r}}  (method "lora")
+    lora: {r, alpha, dropout, target_modules, rank_pattern: {block: r}, alpha_pattern: {block: alpha}}
     head: bool (pooler + classifier train; always sent back)
     local_steps, batch_size, lr, weight_decay, max_len, seed
 """
@@ -111,17 +111,21 @@ def build_model(base, plan: dict):
                                or (emb and name.startswith("bert.embeddings.")))
         return model
     if plan["method"] == "lora":
+        if not blocks:  # peft reads an empty layers_to_transform as "every layer"
+            raise ValueError("a lora plan needs at least one block; for the head alone use method full, blocks []")
         from peft import LoraConfig, get_peft_model
         lo = plan["lora"]
         targets = list(lo.get("target_modules", ["query", "value"]))
         rank_pattern = {f"layer.{int(b)}.attention.self.{t}": int(r)
                         for b, r in (lo.get("rank_pattern") or {}).items() for t in targets}
+        alpha_pattern = {f"layer.{int(b)}.attention.self.{t}": float(a)
+                         for b, a in (lo.get("alpha_pattern") or {}).items() for t in targets}
         with torch.random.fork_rng():
             torch.manual_seed(int(plan.get("seed", 0)))
             config = LoraConfig(r=int(lo["r"]), lora_alpha=float(lo["alpha"]),
                                 lora_dropout=float(lo.get("dropout", 0.0)), target_modules=targets,
                                 layers_to_transform=blocks or None, layers_pattern="layer",
-                                rank_pattern=rank_pattern,
+                                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                                 modules_to_save=["classifier", "pooler"] if head else None)
             return get_peft_model(model, config)
     raise ValueError(f"plan method {plan['method']!r} is not one of: full, lora")

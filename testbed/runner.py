@@ -261,7 +261,8 @@ class Run:
 
     def _run_strategy(self, entry, agg: Aggregator, backend, progress: Progress) -> None:
         sc, f = self.sc, self.dilation
-        ctx = Context(training=sc.training, max_len=sc.data.max_len, num_blocks=self.num_blocks, seed=sc.seed)
+        ctx = Context(training=sc.training, max_len=sc.data.max_len, num_blocks=self.num_blocks, seed=sc.seed,
+                      model_config=self.base.config, profiles={n.name: n.profile for n in self.nodes})
         strat = STRATEGIES[entry.type](entry.params, ctx)
         gplan = strat.global_plan()
         state = trainer.trainable_state(trainer.build_model(self.base, gplan))
@@ -290,7 +291,15 @@ class Run:
                     oom = backend.oom(n)
                     if oom:
                         events.append({"type": "oom", "round": rnd, "node": n, **oom})
-            updates = [Update(n, tasks[n][0], dict(m.tensors), int(m.meta["samples"]), dict(m.meta))
+            nodes = {}
+            for n, rec in outcome.records.items():
+                d = nodes[n] = asdict(rec)
+                plan = tasks[n][0]  # what the node was asked to train: blocks and the strategy's own choices
+                d["plan"] = {k: v for k, v in plan.items() if k in ("method", "blocks") or k.startswith(f"{entry.type}_")}
+                for key in ("compute_s", "upload_s", "download_s"):
+                    d[key] = d[key] / f  # emulated seconds, as everything the strategy and results see
+            # strategies learn from what happened (LEGEND estimates speed and bandwidth from it)
+            updates = [Update(n, tasks[n][0], dict(m.tensors), int(m.meta["samples"]), {**m.meta, **nodes[n]})
                        for n, m in outcome.results.items()]
             failed = len(updates) < sc.training.min_results
             if not failed:
@@ -298,14 +307,10 @@ class Run:
             wall_s = (time.perf_counter() - t_round) / f
             elapsed += wall_s
             ev, eval_s = self._evaluate(gplan, state)
-            nodes = []
-            for rec in outcome.records.values():
-                d = asdict(rec)
-                for key in ("compute_s", "upload_s", "download_s"):
-                    d[key] = d[key] / f
-                if rec.status == "ok":
+            for d in nodes.values():
+                if d["status"] == "ok":
                     d["wait_s"] = max(0.0, wall_s - d["compute_s"] - d["upload_s"] - d["download_s"])
-                nodes.append(d)
+            nodes = list(nodes.values())
             row = {"strategy": entry.name, "round": rnd, "wall_s": wall_s, "elapsed_s": elapsed, **ev,
                    "bytes_up": sum(r.bytes_up for r in outcome.records.values()),
                    "bytes_down": sum(r.bytes_down for r in outcome.records.values()),

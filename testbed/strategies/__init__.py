@@ -1,8 +1,12 @@
 """Fine-tuning strategies, one module each: the server-side plan and the aggregation rule."""
 from .base import Context, NodeInfo, Strategy, Update
+from .caff import Caff
 from .fedlora import FedLoRA
+from .fedra import FedRA
 from .full import Full
+from .hetlora import HetLoRA
+from .legend import Legend
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Full, FedLoRA)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Full, FedLoRA, HetLoRA, FedRA, Legend, Caff)}
 
 __all__ = ["STRATEGIES", "Context", "NodeInfo", "Strategy", "Update"]

@@ -39,6 +39,7 @@ class NodeInfo:
 
 @dataclass
 class Update:
+    """One node's result; `metrics` holds its report plus what the aggregator measured (emulated seconds)."""
     node: str
     plan: dict
     tensors: State
@@ -53,6 +54,8 @@ class Context:
     max_len: int
     num_blocks: int
     seed: int
+    model_config: Any = None  # the HF config of the pretrained model (cost models read its sizes)
+    profiles: dict = field(default_factory=dict)  # every node of the scenario -> its Profile
 
 
 class Strategy(ABC):

@@ -106,7 +106,9 @@ def test_update_counts():
 # -- plans --------------------------------------------------------------------------------
 
 def test_registry():
-    assert STRATEGIES == {"full": Full, "fedlora": FedLoRA}
+    assert set(STRATEGIES) == {"full", "fedlora", "hetlora", "fedra", "legend", "caff"}
+    assert STRATEGIES["full"] is Full and STRATEGIES["fedlora"] is FedLoRA
+    assert all(name == cls.name for name, cls in STRATEGIES.items())
 
 
 def test_full_last_blocks():

@@ -1,0 +1,114 @@
+"""CAFF (Pfeiffer et al., arXiv 2411.07826): train the last n_i blocks that fit each device's budgets.
+
+Known (paper abstract and public summaries, see STRATEGIES.md):
+- each device has memory, FLOP and upload budgets; it trains a device-specific number of
+  FINAL blocks plus the head in full, the blocks below stay frozen (no backward through them);
+- the server averages layer by layer over the devices that trained each layer;
+- peak memory counts weights + optimizer state + activations; upload counts only changed params;
+- device groups strong / medium / weak with budgets 1.0 / 0.66 / 0.33 of full training.
+
+Reconstructed here (every choice is a parameter):
+- "full training" is the `full` strategy's plan on this model: every encoder block + pooler +
+  classifier, embeddings frozen; its memory M(L), FLOPs F(L) and upload U(L) come from
+  `testbed.costmodel`, as do M(n), F(n), U(n) for the last n blocks;
+- a device's budget fraction b_i is `budgets[profile]` when given, otherwise its cpu_share over
+  the largest cpu_share among the scenario's devices (caff-strong/medium/weak: 1.0/0.66/0.33);
+  memory budget = b_i x M(L) (`memory: budget`, CAFF's setting) or the profile's memory
+  (`memory: profile`); FLOP budget = b_i x F(L); upload budget = u_i x b_i x U(L), with u_i drawn
+  once per device from U(upload_factor) for devices with b_i < 1 (CAFF's public code), 1 otherwise;
+- n_i = the largest n in [0, L] with M(n), F(n), U(n) within budget (n = 0: head only);
+- aggregation: each tensor averaged over the devices that trained it, weighted by sample count;
+  a block nobody trained keeps its value. The runner records per-block update counts (fairness).
+- CAFF may choose among several pretrained architectures; only one is available here.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from .base import NodeInfo, Params, State, Strategy, Update, block_of, weighted_average
+
+
+class CaffParams(Params):
+    budgets: dict[str, float] | None = Field(None, description="profile name -> budget fraction of full training")
+    memory: Literal["budget", "profile"] = "budget"
+    upload_factor: tuple[float, float] = (0.5, 1.0)
+    train_embeddings: bool = False
+
+
+class Caff(Strategy):
+    name = "caff"
+    Params = CaffParams
+
+    def __init__(self, params: dict, ctx):
+        super().__init__(params, ctx)
+        from ..costmodel import Arch
+        lo, hi = self.p.upload_factor
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"caff: upload_factor must satisfy 0 < lo <= hi <= 1, got {self.p.upload_factor}")
+        self.arch = Arch.from_config(ctx.model_config)
+        self._costs: dict[int, object] = {}
+        self._upload: dict[str, float] = {}
+        self.max_share: float | None = None
+        self.chosen: dict[int, dict[str, int]] = {}
+
+    def plan_for(self, n: int, rnd: int = 0, index: int = 0) -> dict:
+        L = self.ctx.num_blocks
+        return {"method": "full", "blocks": list(range(L - n, L)), "train_embeddings": self.p.train_embeddings,
+                "head": True, **self.train_fields(rnd, index)}
+
+    def global_plan(self) -> dict:
+        return self.plan_for(self.ctx.num_blocks)
+
+    def cost(self, n: int):
+        if n not in self._costs:
+            from ..costmodel import estimate
+            self._costs[n] = estimate(self.arch, self.plan_for(n))
+        return self._costs[n]
+
+    def budget(self, info: NodeInfo) -> float:
+        if self.p.budgets is not None:
+            if info.profile.name not in self.p.budgets:
+                raise ValueError(f"caff: no budget for profile {info.profile.name!r}; budgets: {self.p.budgets}")
+            return float(self.p.budgets[info.profile.name])
+        return info.profile.cpu_share / (self.max_share or info.profile.cpu_share)
+
+    def upload_factor(self, info: NodeInfo, b: float) -> float:
+        if info.name not in self._upload:
+            lo, hi = self.p.upload_factor
+            seed = [self.ctx.seed, sum(info.name.encode())]
+            self._upload[info.name] = 1.0 if b >= 1 else float(np.random.default_rng(seed).uniform(lo, hi))
+        return self._upload[info.name]
+
+    def blocks_for(self, info: NodeInfo) -> int:
+        """n_i: the most final blocks whose memory, FLOPs and upload fit the device's budgets."""
+        L, full = self.ctx.num_blocks, self.cost(self.ctx.num_blocks)
+        b = self.budget(info)
+        mem = b * full.peak_memory_mb if self.p.memory == "budget" else info.profile.memory_mb
+        flops, up = b * full.flops_per_round, self.upload_factor(info, b) * b * full.upload_bytes
+        best = 0
+        for n in range(L + 1):
+            c = self.cost(n)
+            if c.peak_memory_mb <= mem * (1 + 1e-9) and c.flops_per_round <= flops * (1 + 1e-9) \
+                    and c.upload_bytes <= up * (1 + 1e-9):
+                best = n
+        return best
+
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
+        if self.max_share is None:  # budgets relative to the strongest device of the scenario
+            every = self.ctx.profiles.values() if self.ctx.profiles else [n.profile for n in nodes]
+            self.max_share = max(p.cpu_share for p in every)
+        tasks, chosen = {}, {}
+        for i, n in enumerate(nodes):
+            k = chosen[n.name] = self.blocks_for(n)
+            plan = {**self.plan_for(k, rnd, i), "caff_blocks": k}
+            blocks = set(plan["blocks"])
+            sent = {name: v for name, v in state.items() if block_of(name) is None or block_of(name) in blocks}
+            tasks[n.name] = (plan, sent)
+        self.chosen[rnd] = chosen
+        return tasks
+
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
+        return weighted_average(updates, state)

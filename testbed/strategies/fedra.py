@@ -1,0 +1,153 @@
+"""FedRA (Su et al., ECCV 2024, arXiv 2311.11227): random allocation of blocks to devices.
+
+From the paper (abstract and public summaries, STRATEGIES.md):
+- every round the server draws a random allocation matrix M (devices x blocks, 0/1) that
+  gives each device as many blocks as its resources allow;
+- a device fine-tunes adapters (LoRA) only in its allocated blocks;
+- the server averages each block's adapters over the devices that trained it in this round
+  (by the current allocation matrix) and writes them into the full model.
+
+Reconstructed / different here (every choice is a parameter):
+- In the paper a constrained device builds a *smaller* model out of its allocated blocks only.
+  The node's trainer here cannot drop blocks (a plan only says where LoRA goes), so a device
+  runs the whole model with LoRA on its allocated blocks and the others frozen: traffic and the
+  aggregation rule are FedRA's, but compute and memory savings are smaller than in the paper.
+- capacity n_i (blocks device i trains), `capacity_from`:
+  * `cpu_share` or `memory_mb`: n_i = floor(L x x_i / x_ref), clipped to [min_blocks, L], where
+    x is that profile field and x_ref is `reference`: `sampled` = the strongest device sampled
+    this round (it trains all L blocks), `all` = the strongest device of the scenario, or a
+    number (the value of the field that earns all L blocks);
+  * `fixed`: `fixed_blocks`, one number for every device or a profile name -> n mapping;
+  rounding down keeps every device within its capacity.
+- allocation: each device's n_i distinct blocks drawn uniformly without replacement, from one
+  RNG seeded by (scenario seed, round), devices taken in name order, so the matrix is
+  reproducible and differs from round to round; nothing forces every block to be covered.
+- one LoRA rank on every block and device (`rank`, alpha default 2 x rank, query and value),
+  head (pooler + classifier) trained by every device; each tensor averaged over the devices
+  that trained it, weighted by sample count; a block no device trained keeps its value.
+- each device's plan carries `fedra_blocks` (its row of M) and `fedra_capacity` (n_i); the
+  matrices are also kept in `allocations` (round -> node -> blocks).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from .base import NodeInfo, Params, State, Strategy, Update, block_of, weighted_average
+
+_SALT = 0xFED7A  # keeps this RNG stream apart from the runner's node sampling ([seed, round])
+
+
+class FedRAParams(Params):
+    rank: int = Field(8, ge=1, le=384)
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default 2 x rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    capacity_from: Literal["cpu_share", "memory_mb", "fixed"] = "cpu_share"
+    reference: float | Literal["sampled", "all"] = Field(
+        "sampled", description="value of the profile field that earns all blocks: a number, "
+                               "'sampled' (strongest sampled device) or 'all' (strongest of the scenario)")
+    fixed_blocks: int | dict[str, int] | None = Field(None, description="capacity_from fixed: n, or profile -> n")
+    min_blocks: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FedRAParams":
+        if not isinstance(self.reference, str) and self.reference <= 0:
+            raise ValueError("reference must be > 0, 'sampled' or 'all'")
+        if self.capacity_from == "fixed":
+            if self.fixed_blocks is None:
+                raise ValueError("capacity_from 'fixed' needs fixed_blocks (a number or profile -> number)")
+            values = self.fixed_blocks.values() if isinstance(self.fixed_blocks, dict) else [self.fixed_blocks]
+            if any(int(v) < 1 for v in values):
+                raise ValueError("fixed_blocks must be >= 1")
+            if isinstance(self.fixed_blocks, dict):
+                from emulation.profiles import PROFILES
+                unknown = sorted(set(self.fixed_blocks) - set(PROFILES))
+                if unknown:
+                    raise ValueError(f"fixed_blocks: unknown profiles {unknown}; known: {', '.join(PROFILES)}")
+        elif self.fixed_blocks is not None:
+            raise ValueError(f"fixed_blocks is only used with capacity_from 'fixed' (not {self.capacity_from!r})")
+        return self
+
+
+class FedRA(Strategy):
+    name = "fedra"
+    Params = FedRAParams
+
+    def __init__(self, params: dict, ctx):
+        super().__init__(params, ctx)
+        self.allocations: dict[int, dict[str, list[int]]] = {}
+
+    # -- capacity and allocation -----------------------------------------------------------
+    def capacities(self, nodes: list[NodeInfo]) -> dict[str, int]:
+        """n_i for each node: how many blocks it trains this round."""
+        p, L = self.p, self.ctx.num_blocks
+        lo = min(p.min_blocks, L)
+        out = {}
+        if p.capacity_from == "fixed":
+            for n in nodes:
+                if isinstance(p.fixed_blocks, dict):
+                    if n.profile.name not in p.fixed_blocks:
+                        raise ValueError(f"fedra: fixed_blocks has no entry for profile {n.profile.name!r} "
+                                         f"(node {n.name})")
+                    k = int(p.fixed_blocks[n.profile.name])
+                else:
+                    k = int(p.fixed_blocks)
+                out[n.name] = min(L, max(lo, k))
+            return out
+        field = p.capacity_from
+        if p.reference == "sampled":
+            ref = max((float(getattr(n.profile, field)) for n in nodes), default=0.0)
+        elif p.reference == "all":
+            pool = list((self.ctx.profiles or {}).values()) or [n.profile for n in nodes]
+            ref = max(float(getattr(prof, field)) for prof in pool)
+        else:
+            ref = float(p.reference)
+        for n in nodes:
+            frac = min(1.0, float(getattr(n.profile, field)) / ref) if ref > 0 else 1.0
+            out[n.name] = min(L, max(lo, math.floor(L * frac + 1e-9)))
+        return out
+
+    def allocate(self, rnd: int, nodes: list[NodeInfo]) -> dict[str, list[int]]:
+        """The round's allocation matrix as node -> sorted list of its blocks."""
+        L = self.ctx.num_blocks
+        caps = self.capacities(nodes)
+        rng = np.random.default_rng([int(self.ctx.seed), int(rnd), _SALT])
+        return {name: sorted(int(b) for b in rng.choice(L, size=caps[name], replace=False))
+                for name in sorted(caps)}
+
+    def allocation_matrix(self, rnd: int, nodes: list[NodeInfo]) -> np.ndarray:
+        """M[i, l] = 1 when nodes[i] trains block l in round rnd."""
+        alloc = self.allocate(rnd, nodes)
+        m = np.zeros((len(nodes), self.ctx.num_blocks), dtype=np.int8)
+        for i, n in enumerate(nodes):
+            m[i, alloc[n.name]] = 1
+        return m
+
+    # -- plans -----------------------------------------------------------------------------
+    def plan_for(self, blocks: list[int], rnd: int = 0, index: int = 0) -> dict:
+        p = self.p
+        lora = {"r": p.rank, "alpha": p.alpha or 2 * p.rank, "dropout": p.dropout,
+                "target_modules": list(p.target_modules), "rank_pattern": {}}
+        return {"method": "lora", "blocks": list(blocks), "lora": lora, "head": True, **self.train_fields(rnd, index)}
+
+    def global_plan(self) -> dict:
+        return self.plan_for(list(range(self.ctx.num_blocks)))
+
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
+        alloc = self.allocate(rnd, nodes)
+        self.allocations[rnd] = alloc
+        tasks = {}
+        for i, n in enumerate(nodes):
+            blocks = alloc[n.name]
+            keep = set(blocks)
+            tensors = {k: v for k, v in state.items() if block_of(k) is None or block_of(k) in keep}
+            plan = {**self.plan_for(blocks, rnd, i), "fedra_blocks": list(blocks), "fedra_capacity": len(blocks)}
+            tasks[n.name] = (plan, tensors)
+        return tasks
+
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
+        return weighted_average(updates, state)

@@ -1,0 +1,240 @@
+"""HetLoRA (Cho et al., EMNLP 2024, arXiv 2401.06432): a LoRA rank per device.
+
+From the paper (its abstract, its Figure 2 as summarised publicly, STRATEGIES.md):
+- every device trains LoRA with its own rank r_i <= r_max, chosen from its capability;
+- the server keeps global LoRA modules of rank r_max; a device with rank r_i receives the
+  leading slices A[:r_i, :] and B[:, :r_i] ("distribution via truncation");
+- the server zero-pads each returned A_i, B_i back to r_max and aggregates them
+  ("sparsity-weighted": each device's modules weighted by the Frobenius norm of its
+  reconstructed update B_i A_i, normalised over the devices);
+- devices may shrink their rank during local training ("rank self-pruning": a penalty on the
+  norm of the last ranks, which are dropped by a decay factor gamma when that norm is small).
+
+Reconstructed here (every choice is a parameter):
+- rank of a device: `ranks` maps a profile name to a rank; other devices get
+  rank_max x min(1, cpu_share / full_rank_share), rounded DOWN to the allowed set
+  (`round_to: pow2` = powers of two, plus rank_min and rank_max; `int` = any integer),
+  and at least rank_min. `full_rank_share: all` means the strongest device of the scenario.
+- scaling alpha = alpha_per_rank x r on every device and in the global model. peft scales a
+  LoRA update by alpha / r; with a fixed alpha a rank-2 device would multiply its slices by a
+  factor r_max / 2 larger than a rank-r_max device, so the same global slice would mean a
+  different weight change on each device and aggregation would average incompatible things.
+  With alpha proportional to r the scaling is alpha_per_rank everywhere: a device with rank
+  r_i uses exactly the leading r_i terms of the global update alpha_per_rank x B A.
+- aggregation, two switches (defaults = the testbed brief; `weighting: norm, padding: zeros`
+  = the paper's sparsity-weighted zero-padding):
+  * `weighting`: `samples` (each device weighted by its sample count, as FedAvg) or `norm`
+    (the paper: ||B_i A_i||_F, computed per LoRA module, i.e. per target of every block);
+  * `padding`: `slice` - rank slice j (row j of A, column j of B) is averaged over the devices
+    that trained it (rank > j), so a low-rank device's zero pad does not shrink the slices it
+    never saw; `zeros` - the paper's literal zero-padding: every slice is divided by the total
+    weight of all devices that sent the module, zeros included.
+  In both, a slice that no device of the round trained keeps its value (the literal formula
+  would reset it to zero whenever no high-rank device is sampled, erasing what they learnt).
+  The head (pooler + classifier; not in the paper) is averaged by sample count.
+- self-pruning (`self_prune`): the paper's penalty is part of the device's local loss, which
+  the node's trainer (a plain plan executor) cannot add, so this is a server-side variant of
+  the pruning decision only, without the penalty: after each round the server measures which
+  share of the device's LoRA update lies in its last ranks,
+  sum_m ||B_m[:, k:] A_m[k:, :]||_F / sum_m ||B_m A_m||_F over its modules m, with
+  k = the allowed rank at or below prune_decay x r_i; below `prune_threshold` the device's
+  rank becomes k from its next round on. Ranks only shrink, never below rank_min.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from .base import NodeInfo, Params, State, Strategy, Update, weighted_average
+
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def is_lora(name: str) -> bool:
+    return name.endswith(_A) or name.endswith(_B)
+
+
+def module_of(name: str) -> str:
+    """The LoRA module a lora_A/lora_B tensor belongs to (its name without the suffix)."""
+    return name[: -len(_A)] if name.endswith(_A) else name[: -len(_B)]
+
+
+def truncate(name: str, value: np.ndarray, r: int) -> np.ndarray:
+    """The leading r rank slices of a LoRA tensor (A: rows, B: columns); other tensors as they are."""
+    if name.endswith(_A):
+        return np.ascontiguousarray(value[:r, :])
+    if name.endswith(_B):
+        return np.ascontiguousarray(value[:, :r])
+    return value
+
+
+class HetLoRAParams(Params):
+    ranks: dict[str, int] = Field(default_factory=dict, description="profile name -> rank; others use the rule")
+    rank_min: int = Field(2, ge=1, le=384)
+    rank_max: int = Field(16, ge=1, le=384, description="rank of the global modules (r_max)")
+    round_to: Literal["pow2", "int"] = "pow2"
+    full_rank_share: float | Literal["all"] = Field(
+        1.0, description="cpu_share that earns rank_max; 'all' = the strongest device of the scenario")
+    alpha_per_rank: float = Field(2.0, gt=0, description="alpha = alpha_per_rank x r on every device")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    weighting: Literal["samples", "norm"] = "samples"
+    padding: Literal["slice", "zeros"] = "slice"
+    self_prune: bool = False
+    prune_decay: float = Field(0.5, gt=0, lt=1, description="gamma: a pruned rank r becomes ~gamma x r")
+    prune_threshold: float = Field(0.05, gt=0, lt=1, description="prune when the last ranks carry less "
+                                                                "than this share of the update norm")
+
+    @model_validator(mode="after")
+    def _check(self) -> "HetLoRAParams":
+        from emulation.profiles import PROFILES
+        if self.rank_min > self.rank_max:
+            raise ValueError(f"rank_min {self.rank_min} > rank_max {self.rank_max}")
+        for prof, r in self.ranks.items():
+            if prof not in PROFILES:
+                raise ValueError(f"ranks: unknown profile {prof!r}; known: {', '.join(PROFILES)}")
+            if not 1 <= r <= self.rank_max:
+                raise ValueError(f"ranks: {prof} has rank {r}, outside 1..rank_max ({self.rank_max}); "
+                                 "raise rank_max to use larger ranks")
+        if not isinstance(self.full_rank_share, str) and self.full_rank_share <= 0:
+            raise ValueError("full_rank_share must be > 0 or 'all'")
+        return self
+
+
+class HetLoRA(Strategy):
+    name = "hetlora"
+    Params = HetLoRAParams
+
+    def __init__(self, params: dict, ctx):
+        super().__init__(params, ctx)
+        self.prune_cap: dict[str, int] = {}              # node -> rank after self-pruning
+        self.rank_log: dict[int, dict[str, int]] = {}    # round -> node -> rank it trained with
+
+    # -- ranks -----------------------------------------------------------------------------
+    @property
+    def r_max(self) -> int:
+        return self.p.rank_max
+
+    def allowed_ranks(self) -> list[int]:
+        lo, hi = self.p.rank_min, self.p.rank_max
+        if self.p.round_to == "int":
+            return list(range(lo, hi + 1))
+        pows = {2 ** k for k in range(0, 10) if lo <= 2 ** k <= hi}
+        return sorted(pows | {lo, hi})
+
+    def _floor_allowed(self, x: float) -> int:
+        """The largest allowed rank <= x (rank_min when none is)."""
+        ok = [r for r in self.allowed_ranks() if r <= x + 1e-9]
+        return ok[-1] if ok else self.p.rank_min
+
+    def _full_share(self) -> float:
+        if self.p.full_rank_share == "all":
+            shares = [prof.cpu_share for prof in (self.ctx.profiles or {}).values()]
+            if not shares:
+                raise ValueError("hetlora: full_rank_share 'all' needs the scenario's profiles in the context")
+            return max(shares)
+        return float(self.p.full_rank_share)
+
+    def profile_rank(self, profile) -> int:
+        """The rank a device's profile earns (before self-pruning)."""
+        if profile.name in self.p.ranks:
+            return self.p.ranks[profile.name]
+        share = min(1.0, max(0.0, float(profile.cpu_share)) / self._full_share())
+        return self._floor_allowed(self.p.rank_max * share)
+
+    def rank_of(self, node: NodeInfo) -> int:
+        r = self.profile_rank(node.profile)
+        return min(r, self.prune_cap.get(node.name, r))
+
+    # -- plans -----------------------------------------------------------------------------
+    def plan_for(self, r: int, rnd: int = 0, index: int = 0) -> dict:
+        p = self.p
+        lora = {"r": int(r), "alpha": p.alpha_per_rank * r, "dropout": p.dropout,
+                "target_modules": list(p.target_modules), "rank_pattern": {}}
+        return {"method": "lora", "blocks": list(range(self.ctx.num_blocks)), "lora": lora, "head": True,
+                **self.train_fields(rnd, index)}
+
+    def global_plan(self) -> dict:
+        return self.plan_for(self.r_max)
+
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
+        tasks, ranks = {}, {}
+        for i, n in enumerate(nodes):
+            r = self.rank_of(n)
+            ranks[n.name] = r
+            tensors = {k: truncate(k, v, r) for k, v in state.items()}
+            tasks[n.name] = ({**self.plan_for(r, rnd, i), "hetlora_rank": r}, tensors)
+        self.rank_log[rnd] = ranks
+        return tasks
+
+    # -- aggregation -----------------------------------------------------------------------
+    def _pairs(self, u: Update, module: str) -> tuple[np.ndarray, np.ndarray]:
+        a, b = u.tensors.get(module + _A), u.tensors.get(module + _B)
+        if a is None or b is None:
+            raise ValueError(f"hetlora: {u.node} sent only one of lora_A/lora_B of {module}")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] > self.r_max:
+            raise ValueError(f"hetlora: {u.node} sent {module} with A {a.shape}, B {b.shape} "
+                             f"(expected A (r, in), B (out, r), r <= {self.r_max})")
+        return np.asarray(a, np.float64), np.asarray(b, np.float64)
+
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
+        other = {k: v for k, v in state.items() if not is_lora(k)}
+        new = dict(state)
+        new.update(weighted_average(updates, other))      # head: by sample count
+        modules = sorted({module_of(k) for k in state if is_lora(k)})
+        for m in modules:
+            holders = [u for u in updates if m + _A in u.tensors or m + _B in u.tensors]
+            if not holders:
+                continue
+            pairs = [self._pairs(u, m) for u in holders]
+            if self.p.weighting == "norm":
+                w = np.array([np.linalg.norm(b @ a) for a, b in pairs])
+            else:
+                w = np.array([u.num_samples for u in holders], dtype=np.float64)
+            if not w.sum() > 0:
+                w = np.ones(len(holders))
+            gA, gB = state[m + _A], state[m + _B]
+            num_a = np.zeros(gA.shape, np.float64)
+            num_b = np.zeros(gB.shape, np.float64)
+            den = np.zeros(self.r_max, np.float64)    # weight of the devices that trained each slice
+            for wi, (a, b) in zip(w, pairs):
+                r = a.shape[0]
+                if a.shape[1] != gA.shape[1] or b.shape[0] != gB.shape[0]:
+                    raise ValueError(f"hetlora: {m}: A {a.shape}/B {b.shape} do not fit "
+                                     f"the global {gA.shape}/{gB.shape}")
+                num_a[:r] += wi * a
+                num_b[:, :r] += wi * b
+                den[:r] += wi
+            trained = den > 0
+            norm = den if self.p.padding == "slice" else np.where(trained, w.sum(), 0.0)
+            a_new, b_new = gA.astype(np.float64), gB.astype(np.float64)
+            a_new[trained] = num_a[trained] / norm[trained, None]
+            b_new[:, trained] = num_b[:, trained] / norm[trained]
+            new[m + _A], new[m + _B] = a_new.astype(gA.dtype), b_new.astype(gB.dtype)
+        if self.p.self_prune:
+            for u in updates:
+                self._maybe_prune(u)
+        return new
+
+    def tail_share(self, u: Update, keep: int) -> float:
+        """Share of u's LoRA update norm in its rank slices keep.. (summed over its modules)."""
+        tail = total = 0.0
+        for m in sorted({module_of(k) for k in u.tensors if is_lora(k)}):
+            a, b = self._pairs(u, m)
+            total += float(np.linalg.norm(b @ a))
+            tail += float(np.linalg.norm(b[:, keep:] @ a[keep:, :]))
+        return tail / total if total > 0 else 0.0
+
+    def _maybe_prune(self, u: Update) -> None:
+        ranks = [v.shape[0] for k, v in u.tensors.items() if k.endswith(_A)]
+        if not ranks:
+            return
+        r = max(ranks)
+        keep = self._floor_allowed(math.floor(self.p.prune_decay * r))
+        if keep >= r:
+            return
+        if self.tail_share(u, keep) < self.p.prune_threshold:
+            self.prune_cap[u.node] = min(keep, self.prune_cap.get(u.node, keep))

@@ -1,0 +1,164 @@
+"""LEGEND (Liu et al., arXiv 2412.20004): LoRA depth and rank distribution per device.
+
+Known (paper abstract and public summaries, see STRATEGIES.md):
+- LoRA only on the top d_i blocks of device i ("LoRA depth", counted from the output), with
+  per-block ranks that grow toward the output ("rank distribution");
+- the server configures each device from its capabilities with a greedy algorithm so that
+  devices finish a round together, and aggregates layer by layer.
+
+Reconstructed here (the paper's text was not available; every choice is a parameter):
+- round-time model of device i at depth d: t_i(d) = FLOPs(d) / speed_i + bytes(d) x 8 / bw_i,
+  with FLOPs and bytes from `testbed.costmodel` (forward of all blocks + backward of the top d)
+  and speed_i (FLOP/s), bw_i (bit/s, up and down) estimated from what the device reported in
+  earlier rounds (exponential moving average, weight `ema`), in emulated seconds;
+- a first calibration: a device with no history trains at `calibration_depth` (default: all
+  blocks, memory permitting) so its speed is measured on the largest plan;
+- deadline T: the predicted round time of the fastest sampled device at full depth
+  (`deadline: fastest_full`), or a quantile of all sampled devices' full-depth times;
+- greedy: for each device, the largest d in [min_depth, L] whose predicted time is <= T and
+  whose predicted peak memory (cost model) fits the profile's memory; a device that cannot
+  meet T even at min_depth trains at min_depth (it is the straggler the deadline tolerates);
+- the default rank distribution doubles every two blocks toward the output (2,2,4,4,8,8 on 6
+  blocks), scaling alpha = alpha_per_rank x r so all blocks keep the same LoRA scaling;
+- aggregation: each LoRA tensor averaged over the devices that trained it, weighted by samples
+  (ranks per block are the same on every device, so no padding is needed).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from .base import NodeInfo, Params, State, Strategy, Update, block_of, weighted_average
+
+
+class LegendParams(Params):
+    rank_distribution: list[int] | None = Field(None, description="rank of each block, input to output")
+    alpha_per_rank: float = Field(2.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    deadline: Literal["fastest_full", "quantile"] = "fastest_full"
+    deadline_quantile: float = Field(0.5, ge=0, le=1)
+    min_depth: int = Field(1, ge=1)
+    calibration_depth: int | None = Field(None, ge=1, description="depth before a device has history; default all")
+    ema: float = Field(0.5, gt=0, le=1, description="weight of the newest measurement in the estimates")
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "LegendParams":
+        if self.rank_distribution is not None and any(r < 1 for r in self.rank_distribution):
+            raise ValueError("rank_distribution entries must be >= 1")
+        return self
+
+
+def default_ranks(num_blocks: int) -> list[int]:
+    """2, 2, 4, 4, 8, 8 for 6 blocks: doubling every two blocks toward the output, capped at 8."""
+    top = [8, 8, 4, 4, 2, 2]
+    return [top[min(num_blocks - 1 - b, len(top) - 1)] for b in range(num_blocks)]
+
+
+class Legend(Strategy):
+    name = "legend"
+    Params = LegendParams
+
+    def __init__(self, params: dict, ctx):
+        super().__init__(params, ctx)
+        from ..costmodel import Arch
+        L = ctx.num_blocks
+        self.ranks = list(self.p.rank_distribution or default_ranks(L))
+        if len(self.ranks) != L:
+            raise ValueError(f"legend: rank_distribution has {len(self.ranks)} entries, the model has {L} blocks")
+        if self.p.min_depth > L:
+            raise ValueError(f"legend: min_depth {self.p.min_depth} exceeds the model's {L} blocks")
+        self.arch = Arch.from_config(ctx.model_config)
+        self.speed: dict[str, float] = {}     # FLOP per emulated second
+        self.bw_up: dict[str, float] = {}     # bit per emulated second
+        self.bw_down: dict[str, float] = {}
+        self.depths: dict[int, dict[str, int]] = {}  # round -> node -> depth (for the report)
+        self._costs: dict[int, object] = {}
+
+    # -- plans -----------------------------------------------------------------------------
+    def plan_for(self, depth: int, rnd: int = 0, index: int = 0) -> dict:
+        L = self.ctx.num_blocks
+        blocks = list(range(L - depth, L))
+        lora = {"r": max(self.ranks), "alpha": self.p.alpha_per_rank * max(self.ranks), "dropout": 0.0,
+                "target_modules": list(self.p.target_modules),
+                "rank_pattern": {str(b): self.ranks[b] for b in blocks},
+                "alpha_pattern": {str(b): self.p.alpha_per_rank * self.ranks[b] for b in blocks}}
+        return {"method": "lora", "blocks": blocks, "lora": lora, "head": True, **self.train_fields(rnd, index)}
+
+    def global_plan(self) -> dict:
+        return self.plan_for(self.ctx.num_blocks)
+
+    def _cost(self, depth: int):
+        """Cost-model figures of the plan at `depth` (the same for every device and round)."""
+        if depth not in self._costs:
+            from ..costmodel import estimate
+            self._costs[depth] = estimate(self.arch, self.plan_for(depth))
+        return self._costs[depth]
+
+    def predict_s(self, node: str, depth: int) -> float:
+        c = self._cost(depth)
+        return (c.flops_per_round / self.speed[node] + c.download_bytes * 8 / self.bw_down[node]
+                + c.upload_bytes * 8 / self.bw_up[node])
+
+    def _fits(self, info: NodeInfo, depth: int) -> bool:
+        return self._cost(depth).peak_memory_mb <= info.profile.memory_mb
+
+    def choose_depths(self, nodes: list[NodeInfo]) -> dict[str, int]:
+        """The greedy: per device, the deepest LoRA that meets the round deadline and its memory."""
+        L, lo = self.ctx.num_blocks, self.p.min_depth
+        known = [n for n in nodes if n.name in self.speed]
+        depths: dict[str, int] = {}
+        if known:
+            full = [self.predict_s(n.name, L) for n in known]
+            deadline = min(full) if self.p.deadline == "fastest_full" else float(np.quantile(full, self.p.deadline_quantile))
+        for n in nodes:
+            if n.name not in self.speed:  # calibration: measure on the deepest plan that fits
+                d = self.p.calibration_depth or L
+                while d > lo and not self._fits(n, d):
+                    d -= 1
+            else:
+                d = lo
+                for cand in range(L, lo - 1, -1):
+                    if self.predict_s(n.name, cand) <= deadline * (1 + 1e-9) and self._fits(n, cand):
+                        d = cand
+                        break
+            depths[n.name] = min(L, max(lo, d))
+        return depths
+
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
+        depths = self.choose_depths(nodes)
+        self.depths[rnd] = depths
+        tasks = {}
+        for i, n in enumerate(nodes):
+            plan = {**self.plan_for(depths[n.name], rnd, i), "legend_depth": depths[n.name]}
+            blocks = set(plan["blocks"])
+            tensors = {k: v for k, v in state.items() if block_of(k) is None or block_of(k) in blocks}
+            tasks[n.name] = (plan, tensors)
+        return tasks
+
+    # -- learning from the round -----------------------------------------------------------
+    def observe(self, u: Update) -> None:
+        m, a = u.metrics, self.p.ema
+        depth = int(u.plan.get("legend_depth", len(u.plan["blocks"])))
+        c = self._cost(depth)
+        samples = {}
+        if m.get("compute_s", 0) > 0:
+            samples["speed"] = c.flops_per_round / m["compute_s"]
+        if m.get("upload_s", 0) > 0 and m.get("bytes_up", 0) > 0:
+            samples["up"] = m["bytes_up"] * 8 / m["upload_s"]
+        if m.get("download_s", 0) > 0 and m.get("bytes_down", 0) > 0:
+            samples["down"] = m["bytes_down"] * 8 / m["download_s"]
+        for key, table in (("speed", self.speed), ("up", self.bw_up), ("down", self.bw_down)):
+            if key in samples:
+                old = table.get(u.node)
+                table[u.node] = samples[key] if old is None else (1 - a) * old + a * samples[key]
+        # a device measured for compute but not for a link (instant link): treat that link as very fast
+        if u.node in self.speed:
+            self.bw_up.setdefault(u.node, 1e12)
+            self.bw_down.setdefault(u.node, 1e12)
+
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
+        for u in updates:
+            self.observe(u)
+        return weighted_average(updates, state)
