@@ -13,10 +13,14 @@ Reconstructed here (every choice is a parameter):
   `testbed.costmodel`, as do M(n), F(n), U(n) for the last n blocks;
 - a device's budget fraction b_i is `budgets[profile]` when given, otherwise its cpu_share over
   the largest cpu_share among the scenario's devices (caff-strong/medium/weak: 1.0/0.66/0.33);
-  memory budget = b_i x M(L) (`memory: budget`, CAFF's setting) or the profile's memory
+  memory budget = b_i x M(L) where M is the training memory above the process baseline
+  (`memory: budget`, CAFF's setting), or the profile's memory for the whole process
   (`memory: profile`); FLOP budget = b_i x F(L); upload budget = u_i x b_i x U(L), with u_i drawn
   once per device from U(upload_factor) for devices with b_i < 1 (CAFF's public code), 1 otherwise;
-- n_i = the largest n in [0, L] with M(n), F(n), U(n) within budget (n = 0: head only);
+- n_i = the largest n in [0, L] with M(n), F(n), U(n) within budget (n = 0: head only); where
+  not even the head fits (the forward pass of all blocks alone is about a third of full
+  training's FLOPs, so a 0.33 FLOP budget can fall below it) the device trains the head and
+  its plan says `caff_over_budget` (in rounds.jsonl);
 - aggregation: each tensor averaged over the devices that trained it, weighted by sample count;
   a block nobody trained keeps its value. The runner records per-block update counts (fairness).
 - CAFF may choose among several pretrained architectures; only one is available here.
@@ -29,6 +33,12 @@ import numpy as np
 from pydantic import Field
 
 from .base import NodeInfo, Params, State, Strategy, Update, block_of, weighted_average
+
+
+def training_mb(cost) -> float:
+    """Memory a round's training needs on top of the process baseline (interpreter, torch, the
+    frozen model): weights copy, gradients, optimizer state, activations. CAFF budgets this part."""
+    return cost.peak_memory_mb - cost.breakdown["memory_mb"]["runtime"]
 
 
 class CaffParams(Params):
@@ -83,18 +93,17 @@ class Caff(Strategy):
         return self._upload[info.name]
 
     def blocks_for(self, info: NodeInfo) -> int:
-        """n_i: the most final blocks whose memory, FLOPs and upload fit the device's budgets."""
+        """n_i: the most final blocks whose memory, FLOPs and upload fit the device's budgets (-1: none)."""
         L, full = self.ctx.num_blocks, self.cost(self.ctx.num_blocks)
         b = self.budget(info)
-        mem = b * full.peak_memory_mb if self.p.memory == "budget" else info.profile.memory_mb
+        if self.p.memory == "budget":  # CAFF's budget: a share of full training's memory
+            mem, used = b * training_mb(full), training_mb
+        else:                          # the device's own memory, whole process included
+            mem, used = info.profile.memory_mb, (lambda c: c.peak_memory_mb)
         flops, up = b * full.flops_per_round, self.upload_factor(info, b) * b * full.upload_bytes
-        best = 0
-        for n in range(L + 1):
-            c = self.cost(n)
-            if c.peak_memory_mb <= mem * (1 + 1e-9) and c.flops_per_round <= flops * (1 + 1e-9) \
-                    and c.upload_bytes <= up * (1 + 1e-9):
-                best = n
-        return best
+        fitting = [n for n in range(L + 1) if used(c := self.cost(n)) <= mem * (1 + 1e-9)
+                   and c.flops_per_round <= flops * (1 + 1e-9) and c.upload_bytes <= up * (1 + 1e-9)]
+        return max(fitting, default=-1)
 
     def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
         if self.max_share is None:  # budgets relative to the strongest device of the scenario
@@ -102,8 +111,10 @@ class Caff(Strategy):
             self.max_share = max(p.cpu_share for p in every)
         tasks, chosen = {}, {}
         for i, n in enumerate(nodes):
-            k = chosen[n.name] = self.blocks_for(n)
-            plan = {**self.plan_for(k, rnd, i), "caff_blocks": k}
+            k = self.blocks_for(n)
+            over = k < 0  # not even the head alone fits: it trains the head, recorded as over budget
+            k = chosen[n.name] = max(k, 0)
+            plan = {**self.plan_for(k, rnd, i), "caff_blocks": k, "caff_over_budget": over}
             blocks = set(plan["blocks"])
             sent = {name: v for name, v in state.items() if block_of(name) is None or block_of(name) in blocks}
             tasks[n.name] = (plan, sent)

@@ -69,11 +69,14 @@ def test_impossible_by_count_is_a_clear_error():
         dirichlet(_labels(n=100), num_nodes=10, alpha=1.0, seed=0, min_per_node=11)
 
 
-def test_impossible_by_skew_is_a_clear_error():
-    # exactly enough examples in total, but a tiny alpha never spreads them evenly
-    labels = _labels(n=200, classes=2)
-    with pytest.raises(ValueError, match=r"alpha=0\.001.*min_per_node"):
-        dirichlet(labels, num_nodes=10, alpha=0.001, seed=0, min_per_node=20)
+def test_extreme_skew_still_gives_every_node_its_share():
+    # 100 nodes, two classes, alpha 0.1 (CAFF's setting): equal sizes, most nodes nearly one class
+    labels = _labels(n=2000, classes=2)
+    shards = dirichlet(labels, num_nodes=100, alpha=0.1, seed=0, min_per_node=20)
+    assert {len(s) for s in shards} == {20}
+    assert len(np.unique(np.concatenate(shards))) == 2000
+    purity = np.mean([np.bincount(labels[s], minlength=2).max() / len(s) for s in shards])
+    assert purity > 0.85
 
 
 def test_single_node_gets_everything():
