@@ -11,11 +11,12 @@ For each plan this prints:
   weights, which transformers pages in lazily, + the code of the training kernels), i.e. not
   fitted to the measured peak;
 - err: (predicted - measured) / measured;
-- the model's parts: activations autograd saves, the glibc heap retention term, the phase
-  that sets the peak, and what is left unexplained with the retention term set to 0.
+- the model's parts: activations autograd saves, the heap retention term (buffers the
+  forward frees between kept ones, which glibc keeps resident), the phase that sets the
+  peak, and live = the prediction with allocator "returning" (no retention).
 
 `--malloc-fixed` runs the children with MALLOC_MMAP_THRESHOLD_=131072 (glibc then returns
-every large buffer at free: the peak is the live memory; compare with --alloc 0).
+every large buffer at free) and predicts with allocator "returning".
 Nothing asserts; this prints figures only. About 2-4 minutes on this 2-core machine
 (`--quick`: 3 plans, about 40 s).
 """
@@ -68,35 +69,42 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, default=2, help="children at a time (each uses 1 thread)")
     ap.add_argument("--malloc-fixed", action="store_true", help="children with MALLOC_MMAP_THRESHOLD_=131072")
-    ap.add_argument("--alloc", type=float, default=None, help="alloc_overhead for the prediction (default: the model's)")
     ap.add_argument("--plans", default=None, help="comma-separated plan names (default: all)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--reuse", default=None, help="take the measurements from a file --json wrote (no children)")
     a = ap.parse_args()
     names = QUICK if a.quick else (a.plans.split(",") if a.plans else list(PLANS))
     env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if a.malloc_fixed else None
     arch = cm.MINILM_L6
-    alloc = cm.DEFAULT_ALLOC_OVERHEAD if a.alloc is None else a.alloc
+    allocator = "returning" if a.malloc_fixed else "glibc"
     t0 = time.time()
-    with ThreadPoolExecutor(a.jobs) as ex:
-        results = dict(zip(names, ex.map(lambda n: cm.measure_round(PLANS[n], env=env), names)))
+    if a.reuse:
+        old = {row["plan"]: row for row in json.loads(Path(a.reuse).read_text())}
+        names = [n for n in names if n in old]
+        results = {n: {k: old[n][k] for k in ("idle_rss_mb", "received_rss_mb", "peak_mb", "compute_s",
+                                              "trained_params", "loss")} for n in names}
+    else:
+        with ThreadPoolExecutor(a.jobs) as ex:
+            results = dict(zip(names, ex.map(lambda n: cm.measure_round(PLANS[n], env=env), names)))
     rows = []
-    print(f"{'plan':26s} {'idle':>6s} {'measured':>9s} {'predicted':>9s} {'err':>6s}  {'act':>6s} {'retain':>6s} "
-          f"{'unexpl.':>7s}  phase")
+    print(f"{'plan':26s} {'idle':>5s} {'measured':>8s} {'predicted':>9s} {'err':>6s}  {'act':>5s} {'retain':>6s} "
+          f"{'live':>5s}  phase")
     for n in names:
         r, plan = results[n], PLANS[n]
         runtime = cm.runtime_mb_from_idle(arch, r["idle_rss_mb"])
-        c = cm.estimate(arch, plan, runtime_mb=runtime, alloc_overhead=alloc)
-        c0 = cm.estimate(arch, plan, runtime_mb=runtime, alloc_overhead=0.0)
+        c = cm.estimate(arch, plan, runtime_mb=runtime, allocator=allocator)
+        c0 = cm.estimate(arch, plan, runtime_mb=runtime, allocator="returning")
         m = c.breakdown["memory_mb"]
         err = (c.peak_memory_mb - r["peak_mb"]) / r["peak_mb"]
-        rows.append({"plan": n, **r, "predicted_mb": c.peak_memory_mb, "predicted_no_retention_mb": c0.peak_memory_mb,
+        rows.append({"plan": n, **r, "predicted_mb": c.peak_memory_mb, "predicted_live_mb": c0.peak_memory_mb,
                      "activations_mb": m["activations"], "err": err, "phase": m["peak_phase"],
                      "trained_params_model": c.trained_params})
-        print(f"{n:26s} {r['idle_rss_mb']:6.0f} {r['peak_mb']:9.0f} {c.peak_memory_mb:9.0f} {err:+6.1%}  "
-              f"{m['activations']:6.0f} {m['alloc_overhead']:6.0f} {r['peak_mb'] - c0.peak_memory_mb:7.0f}  {m['peak_phase']}"
+        print(f"{n:26s} {r['idle_rss_mb']:5.0f} {r['peak_mb']:8.0f} {c.peak_memory_mb:9.0f} {err:+6.1%}  "
+              f"{m['activations']:5.0f} {m['retained']:6.0f} {c0.peak_memory_mb:5.0f}  {m['peak_phase']}"
               + ("" if r["trained_params"] == c.trained_params else "  TRAINED PARAMS DIFFER"))
+    errs = [abs(row["err"]) for row in rows]
     print(f"({len(names)} plans, {time.time() - t0:.0f} s, malloc {'fixed threshold' if a.malloc_fixed else 'default'}, "
-          f"alloc_overhead {alloc})")
+          f"allocator {allocator!r}; |err| max {max(errs):.1%}, mean {sum(errs) / len(errs):.1%})")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

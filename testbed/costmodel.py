@@ -40,26 +40,45 @@ bench/bench_costmodel.py):
   op none of whose inputs requires grad, so this is the same as running them under no_grad
   (as CAFF assumes): no backward and no saved activations there. AdamW adds ~12 FLOPs per
   trained parameter per step (in `breakdown`, included in flops_per_step).
-  Tokens per step = batch_size x max_len: the trainer pads every sequence to max_len.
-- Memory, in MB = 2^20 bytes (the unit of the node's peak_mem_mb, which is peak RSS):
-  runtime_mb (interpreter + torch/transformers/peft + dataset + tokenizer + the frozen base
-  model, all loaded once; `runtime_mb_from_idle` and `calibrate_runtime_mb` measure it)
-  + the round's deep copy of the model (the trainer copies the base every round, so the
-  weights are counted twice; for LoRA also the adapters and peft's copy of pooler/classifier)
-  + the received tensors (the node holds the TASK message while it trains)
-  + the largest of four phases: load (two transient copies of the trained tensors in
-  `load_trainable`), backward (saved activations + gradients + AdamW's two moments + the
-  backward's transient buffers, simulated block by block from the top down), optimizer step
-  (gradients + moments + two temporaries the size of the largest tensor: torch's
-  single-tensor AdamW, which is what runs on CPU) and the end (the result copied out)
-  + allocator retention (`alloc_overhead`): glibc keeps freed activation buffers resident in
-  its heap during a round; measured here as a fraction of the round's activation memory.
-  Saved activations are counted tensor by tensor from what autograd saves in BERT's layers
-  in training mode (transformers' sdpa attention runs torch's math kernel on CPU when
-  attention dropout > 0; dropout on CPU saves a float32 mask): per block in the backward
-  path up to 10 d + 2 d_ff floats per token + 3 floats per attention score (softmax output,
-  dropout mask, dropped probabilities), fewer where weights are frozen (a frozen linear saves
-  no input). `activation_detail` lists them.
+  Tokens per step = batch_size x max_len: the trainer pads every sequence to max_len (and
+  takes min(batch_size, shard size) examples: pass a plan with the smaller batch_size for a
+  node whose shard is smaller than a batch). Other plan fields (lr, alpha, alpha_pattern,
+  seed) do not change the cost.
+- Memory, in MB = 2^20 bytes (the unit of the node's peak_mem_mb, which is the peak RSS of
+  the node process), the sum of:
+  * runtime_mb: interpreter + torch/transformers/peft + dataset + tokenizer + the frozen base
+    model, all loaded once, + the code pages of the training kernels (DEFAULT_CODE_MB, paged
+    in by the first backward). `runtime_mb_from_idle` derives it from the RSS of an idle node
+    (transformers memory-maps the safetensors file, so the frozen weights become resident
+    only when the first round's deep copy reads them); `calibrate_runtime_mb` fits it to one
+    measured peak instead. Default: DEFAULT_FRAMEWORK_MB + DEFAULT_CODE_MB + the weights.
+  * the round's deep copy of the model (the trainer copies the base every round, so the
+    weights count twice; for LoRA also the adapters and peft's trainable copies of the
+    pooler and classifier) and the received tensors (the node holds the TASK message).
+  * the largest of four phases, simulated in order: load (load_trainable's two transient
+    copies of the trained tensors), backward (saved activations + gradients + AdamW's two
+    moments from the second step on + the backward's transient buffers; walked part by part
+    from the head down, a part's gradients appearing before its activations are freed),
+    optimizer step (gradients + moments + two temporaries the size of the largest tensor:
+    torch's single-tensor AdamW, what runs on CPU) and end (moments + the result copy).
+  * heap retention (allocator="glibc", the default, which is how the node runs): glibc
+    serves buffers under its mmap threshold (raised dynamically up to 32 MiB) from the heap,
+    and the buffers the forward pass frees between the ones autograd keeps stay resident for
+    the rest of the round. Counted as the bytes the forward of each back-propagating part
+    allocates minus what it keeps (buffers of 32 MiB and more are mmapped and returned;
+    heap memory never shrinks within the round). allocator="returning" drops this term: a
+    node started with MALLOC_MMAP_THRESHOLD_=131072 returns every large buffer at free.
+  Saved activations are counted tensor by tensor from what autograd saves in transformers'
+  BertLayer in training mode (sdpa attention runs torch's math kernel on CPU when attention
+  dropout > 0; dropout on CPU saves a float32 mask): per block in the backward path up to
+  10 d + 2 d_ff floats per token (c1 = 10, c2 = 2) + 3 floats per attention score (softmax
+  output, dropout mask, dropped probabilities: B x heads x T^2 each), fewer where weights
+  are frozen (a frozen linear keeps no input: a LoRA q/v block keeps 8 d + d_ff + 2 r). The
+  pooler keeps a view of the first token, which pins the whole last hidden state (B T d).
+  The classifier's logits are B x num_labels (negligible). `activation_detail` lists it all.
+  Checked: saved activations equal autograd's byte for byte and FLOPs equal torch's
+  FlopCounterMode exactly (tests); peak RSS within 10% of the node's over 12 plans
+  (bench/bench_costmodel.py; within 3.3% with allocator="returning" and the malloc setting).
 """
 from __future__ import annotations
 
@@ -74,10 +93,9 @@ FLOAT = 4  # bytes of a float32
 BLOCK_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
                  "attention.output.dense", "intermediate.dense", "output.dense")
 
-# Decided here from measurements on this machine (bench/bench_costmodel.py prints them):
-DEFAULT_FRAMEWORK_MB = 400.0   # RSS of a node process with torch+transformers+peft, the tokenizer
-                               # and the dataset loaded, without the model weights (1 torch thread)
-DEFAULT_ALLOC_OVERHEAD = 1.0   # glibc heap retention, as a fraction of the round's activation memory
+# Measured on this machine (Debian bookworm, torch 2.13 CPU, 1 torch thread; bench_costmodel.py):
+DEFAULT_FRAMEWORK_MB = 400.0   # RSS of an idle node: torch+transformers+peft imported, model loaded
+                               # (weights not yet paged in), Rotten Tomatoes loaded and tokenized
 DEFAULT_CODE_MB = 16.0         # code pages of the training kernels, paged in at the first backward
 ADAMW_FLOPS_PER_PARAM = 12
 
@@ -226,8 +244,9 @@ def _read_plan(arch: Arch, plan: dict) -> _Plan:
         raise ValueError(f"plan names blocks {blocks} but the model has blocks 0..{n - 1}")
     method = plan["method"]
     head = bool(plan.get("head", True))
-    common = dict(batch_size=int(plan.get("batch_size", 32)), max_len=int(plan.get("max_len", 64)),
-                  local_steps=int(plan.get("local_steps", 1)), head=head, blocks=tuple(blocks))
+    # missing training fields take the scenario's defaults (testbed.scenario: batch 16, 10 steps, len 64)
+    common = dict(batch_size=int(plan.get("batch_size", 16)), max_len=int(plan.get("max_len", 64)),
+                  local_steps=int(plan.get("local_steps", 10)), head=head, blocks=tuple(blocks))
     if method == "full":
         return _Plan(method=method, train_embeddings=bool(plan.get("train_embeddings", False)), lora={},
                      lora_dropout=0.0, **common)
@@ -285,47 +304,57 @@ def header_bytes(arch: Arch, plan: dict, meta_bytes: int = 600) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# FLOPs and saved activations: one walk over the ops, tracking which tensors require grad
+# FLOPs, saved activations, forward allocations: one walk over the ops of a training forward,
+# tracking which tensors require grad
 # ----------------------------------------------------------------------------------------------
+MMAP_MAX = 32 * MB   # glibc's DEFAULT_MMAP_THRESHOLD_MAX (64-bit): buffers this big are always mmapped
+
+
 @dataclass
 class _Walk:
-    """Accumulates FLOPs and bytes autograd saves for backward, in forward order."""
+    """Accumulates FLOPs, the bytes autograd saves for backward and the bytes the forward
+    allocates, in forward order, per part ("embeddings", block index, "head")."""
     B: int
     T: int
     fwd: float = 0.0
     bwd: float = 0.0
-    saved: float = 0.0                                        # bytes
-    items: list = field(default_factory=list)                 # (where, what, bytes)
-    _seen: set = field(default_factory=set)
+    items: list = field(default_factory=list)                 # (part, tensor, bytes) saved for backward
+    allocated: dict = field(default_factory=dict)             # part -> bytes of forward outputs < MMAP_MAX
     where: Any = ""
+    _seen: set = field(default_factory=set)
     _n: int = 0
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
 
     def fresh(self, what: str) -> str:
         """A key for a tensor that is a storage of its own."""
         self._n += 1
         return f"{what}#{self._n}"
 
-    @property
-    def N(self) -> int:
-        return self.B * self.T
-
     def save(self, key: str, nbytes: float) -> None:
-        """Count a saved tensor once per storage (`key` names the storage in this block)."""
+        """Count a saved tensor once per storage (`key` names the storage within the part)."""
         k = (self.where, key)
         if k not in self._seen:
             self._seen.add(k)
-            self.saved += nbytes
             self.items.append((self.where, key, nbytes))
+
+    def alloc(self, nbytes: float, times: int = 1) -> None:
+        """An op output of `nbytes` (a new buffer) in the forward."""
+        if nbytes < MMAP_MAX:
+            self.allocated[self.where] = self.allocated.get(self.where, 0) + times * nbytes
 
     def linear(self, x: str, x_rg: bool, fin: int, fout: int, w_trains: bool, rank: int = 0,
                lora_dropout: float = 0.0, tokens: int | None = None, pinned: float | None = None) -> bool:
-        """y = x W^T (+ LoRA B A x): FLOPs, saves; returns whether y requires grad."""
+        """y = x W^T + b (+ scale * B A dropout(x)); returns whether y requires grad."""
         n = self.N if tokens is None else tokens
         self.fwd += 2 * n * fin * fout
+        self.alloc(n * fout * FLOAT)
         if x_rg:
             self.bwd += 2 * n * fin * fout          # grad of the input
         if w_trains:
-            self.bwd += 2 * n * fin * fout          # grad of the weight
+            self.bwd += 2 * n * fin * fout          # grad of the weight (autograd saves the input for it)
             self.save(x, pinned if pinned is not None else n * fin * FLOAT)
         if rank:
             self.fwd += 2 * n * rank * (fin + fout)
@@ -333,61 +362,76 @@ class _Walk:
             self.bwd += 2 * n * fin * rank          # A: weight grad
             if x_rg:
                 self.bwd += 2 * n * fin * rank      # A: input grad
-            if lora_dropout > 0:
-                self.save(self.fresh(f"lora-dropout({x})"), n * fin * FLOAT)   # dropped copy, saved by A
+            if lora_dropout > 0:                    # CPU dropout: a float mask, then x * mask
+                self.alloc(n * fin * FLOAT, 2)
+                self.save(self.fresh(f"lora-dropout({x})"), n * fin * FLOAT)   # saved by A
                 if x_rg:
                     self.save(self.fresh(f"lora-dropout-mask({x})"), n * fin * FLOAT)
             else:
                 self.save(x, n * fin * FLOAT)
+            self.alloc(n * rank * FLOAT)                                        # A x
+            self.alloc(n * fout * FLOAT, 3)                                     # B(A x), * scale, + y
             self.save(self.fresh("lora-h"), n * rank * FLOAT)                  # A's output, saved by B
         return x_rg or w_trains or bool(rank)
 
 
 def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int], lora_dropout: float) -> bool:
-    """One BERT layer in training mode; returns whether its output requires grad."""
-    d, f, H, N = arch.hidden, arch.intermediate, arch.heads, w.N
-    B, T = w.B, w.T
+    """One BERT layer (transformers' BertLayer, sdpa attention) in training mode.
+    Returns whether its output requires grad."""
+    d, f, H, N, B, T = arch.hidden, arch.intermediate, arch.heads, w.N, w.B, w.T
+    u = N * d * FLOAT                                 # one (B, T, d) float32 tensor
     r = ranks.get
     q = w.linear("x", x_rg, d, d, trains, r("attention.self.query", 0), lora_dropout)
     k = w.linear("x", x_rg, d, d, trains, r("attention.self.key", 0), lora_dropout)
     v = w.linear("x", x_rg, d, d, trains, r("attention.self.value", 0), lora_dropout)
-    # torch's math sdpa: (q*s) @ (k^T*s) -> +mask -> softmax -> dropout -> @ v
-    scores = B * H * T * T
+    # torch's math sdpa (CPU, dropout > 0): (q*s) @ (k^T*s) -> + mask -> softmax -> dropout -> @ v
+    scores = B * H * T * T * FLOAT
+    drop_attn = arch.attention_dropout > 0
     w.fwd += 2 * 2 * B * T * T * d
+    w.alloc(B * T * T * FLOAT)                        # the additive mask
+    w.alloc(u, 4)                                     # q*s, k*s and their contiguous copies
+    w.alloc(scores, 5 if drop_attn else 3)            # q k^T, + mask, softmax (, dropout mask, dropped)
+    w.alloc(u, 3)                                     # v copy, probs @ v, context made contiguous
     if q:
         w.bwd += 2 * B * T * T * d
-        w.save("k-copy", N * d * FLOAT)
+        w.save("k-copy", u)
     if k:
         w.bwd += 2 * B * T * T * d
-        w.save("q-copy", N * d * FLOAT)
+        w.save("q-copy", u)
     s_rg = q or k
     if s_rg:
-        w.save("softmax", scores * FLOAT)
-        if arch.attention_dropout > 0:
-            w.save("attn-dropout-mask", scores * FLOAT)
+        w.save("softmax", scores)
+        if drop_attn:
+            w.save("attn-dropout-mask", scores)
     if v:
-        w.bwd += 2 * B * T * T * d                  # grad of the probabilities
-        w.save("attn-probs-dropped" if arch.attention_dropout > 0 else "softmax", scores * FLOAT)
+        w.bwd += 2 * B * T * T * d                    # grad of the probabilities
+        w.save("attn-probs-dropped" if drop_attn else "softmax", scores)
     if s_rg:
-        w.bwd += 2 * B * T * T * d                  # grad of v
-        w.save("v-copy", N * d * FLOAT)
+        w.bwd += 2 * B * T * T * d                    # grad of v
+        w.save("v-copy", u)
     ctx = s_rg or v
     o = w.linear("ctx", ctx, d, d, trains, r("attention.output.dense", 0), lora_dropout)
-    if o and arch.hidden_dropout > 0:
-        w.save("dropout1-mask", N * d * FLOAT)
+    drop = arch.hidden_dropout > 0
+    w.alloc(u, 4 if drop else 2)                      # (dropout mask, dropped,) + residual, LayerNorm
+    w.alloc(2 * N * FLOAT)
+    if o and drop:
+        w.save("dropout1-mask", u)
     ln1 = o or x_rg or trains
     if ln1:
-        w.save("ln1-input", N * d * FLOAT)
+        w.save("ln1-input", u)
         w.save("ln1-stats", 2 * N * FLOAT)
     i = w.linear("ln1-out", ln1, d, f, trains, r("intermediate.dense", 0), lora_dropout)
+    w.alloc(N * f * FLOAT)                            # gelu
     if i:
         w.save("gelu-input", N * f * FLOAT)
     o2 = w.linear("gelu-out", i, f, d, trains, r("output.dense", 0), lora_dropout)
-    if o2 and arch.hidden_dropout > 0:
-        w.save("dropout2-mask", N * d * FLOAT)
+    w.alloc(u, 4 if drop else 2)
+    w.alloc(2 * N * FLOAT)
+    if o2 and drop:
+        w.save("dropout2-mask", u)
     ln2 = o2 or ln1 or trains
     if ln2:
-        w.save("ln2-input", N * d * FLOAT)
+        w.save("ln2-input", u)
         w.save("ln2-stats", 2 * N * FLOAT)
     return ln2
 
@@ -396,41 +440,43 @@ def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int]
 class _Pass:
     fwd: float
     bwd: float
-    saved_by_part: dict           # "embeddings" | block index | "head" -> bytes
-    items: list
-    lowest: int | None            # lowest block that back-propagates (None: none)
+    items: list                   # (part, tensor, bytes) saved for backward
+    allocated: dict               # part -> bytes the forward allocates (buffers < MMAP_MAX)
+    lowest: Any                   # lowest part that back-propagates: "embeddings", a block, "head", None
+
+    def saved(self, part=None, small: bool | None = None) -> float:
+        return sum(b for p, _, b in self.items if (part is None or p == part)
+                   and (small is None or (b < MMAP_MAX) == small))
 
 
 def _walk(arch: Arch, p: _Plan) -> _Pass:
     w = _Walk(p.batch_size, p.max_len)
-    by_part: dict = {}
+    d, u = arch.hidden, w.N * arch.hidden * FLOAT
     w.where = "embeddings"
     rg = p.method == "full" and p.train_embeddings
+    w.alloc(u, 4)                                     # word, token type, sum, + position
+    w.alloc(w.T * d * FLOAT)                          # position embeddings
+    w.alloc(u, 3 if arch.hidden_dropout > 0 else 1)   # LayerNorm (, dropout mask, dropped)
     if rg:  # embedding backward keeps the token ids; LayerNorm and dropout keep theirs
         w.save("input-ids", w.N * 8)
         w.save("position-ids", w.T * 8)
         w.save("token-type-ids", arch.max_positions * 8)   # the model's buffer, expanded
-        w.save("ln-input", w.N * arch.hidden * FLOAT)
+        w.save("ln-input", u)
         w.save("ln-stats", 2 * w.N * FLOAT)
         if arch.hidden_dropout > 0:
-            w.save("dropout-mask", w.N * arch.hidden * FLOAT)
-    by_part["embeddings"] = w.saved
-    lowest = 0 if rg else None
+            w.save("dropout-mask", u)
+    lowest: Any = "embeddings" if rg else None
     for b in range(arch.layers):
         w.where = b
-        before = w.saved
         trains = p.method == "full" and b in p.blocks
         ranks = p.lora.get(b, {}) if p.method == "lora" else {}
         if lowest is None and (trains or ranks):
             lowest = b
         rg = _block(w, arch, rg, trains, ranks, p.lora_dropout)
-        by_part[b] = w.saved - before
     w.where = "head"
-    before = w.saved
-    d, B = arch.hidden, w.B
-    head = p.head
+    B, head = w.B, p.head
     # pooler: dense(hidden[:, 0]) -> tanh; the saved first-token view pins the whole last hidden state
-    x = w.linear("last-hidden", rg, d, d, head, tokens=B, pinned=w.N * d * FLOAT)
+    x = w.linear("last-hidden", rg, d, d, head, tokens=B, pinned=u)
     if x:
         w.save("tanh-out", B * d * FLOAT)
         if (arch.classifier_dropout if arch.classifier_dropout is not None else arch.hidden_dropout) > 0:
@@ -440,14 +486,13 @@ def _walk(arch: Arch, p: _Plan) -> _Pass:
         w.save("log-softmax", B * arch.num_labels * FLOAT)
         w.save("labels", B * 8)
         w.save("loss-weight", FLOAT)
-    by_part["head"] = w.saved - before
     if lowest is None and head:
-        lowest = arch.layers
-    return _Pass(w.fwd, w.bwd, by_part, w.items, lowest)
+        lowest = "head"
+    return _Pass(w.fwd, w.bwd, w.items, w.allocated, lowest)
 
 
 def activation_detail(arch: Arch, plan: dict) -> list[tuple[Any, str, int]]:
-    """What autograd keeps for backward: (embeddings | block index | head, tensor, bytes)."""
+    """What autograd keeps for backward: (part: "embeddings" | block index | "head", tensor, bytes)."""
     return [(a, b, int(c)) for a, b, c in _walk(arch, _read_plan(arch, plan)).items]
 
 
@@ -467,91 +512,145 @@ class Cost:
     breakdown: dict = field(default_factory=dict)
 
 
+ALLOCATORS = ("glibc", "returning")
+
+
 def runtime_mb_from_idle(arch: Arch, idle_rss_mb: float, weights_resident: bool = False,
                          code_mb: float = DEFAULT_CODE_MB) -> float:
     """runtime_mb from the RSS of an idle node (model loaded, data tokenized, nothing trained).
 
     transformers maps the safetensors file and pages the frozen weights in lazily, so right
     after loading they are mostly not resident (False); the round's deep copy reads them all,
-    after which they stay resident (as clean file pages). The first backward also pages in
-    the code of the training kernels (`code_mb`)."""
+    after which they stay resident (as clean file pages, which the kernel may drop under
+    memory pressure). The first backward also pages in the code of the training kernels
+    (`code_mb`)."""
     return idle_rss_mb + (0.0 if weights_resident else arch.weights_mb) + code_mb
 
 
-def estimate(arch: Arch, plan: dict, runtime_mb: float | None = None, *,
-             alloc_overhead: float = DEFAULT_ALLOC_OVERHEAD, meta_bytes: int = 600) -> Cost:
+def _part_of(name: str) -> Any:
+    if ".embeddings." in name:
+        return "embeddings"
+    if ".layer." in name:
+        return int(name.split(".layer.")[1].split(".")[0])
+    return "head"
+
+
+def _memory(arch: Arch, p: _Plan, ps: _Pass, shapes: dict, allocator: str) -> dict:
+    """Peak bytes of the round above runtime_mb, phase by phase (see the module docstring)."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator {allocator!r} is not one of {ALLOCATORS}")
+    glibc = allocator == "glibc"
+    sizes = {n: math.prod(s) * FLOAT for n, s in shapes.items()}
+    payload = sum(sizes.values())
+    small = lambda b: b < MMAP_MAX if glibc else True          # noqa: E731  (heap vs mmap)
+    P_small = sum(b for b in sizes.values() if small(b))
+    P_big = payload - P_small
+    copy = arch.total_params * FLOAT + (payload if p.method == "lora" else 0)  # + adapters, peft's head copies
+    received = payload
+    largest = max(sizes.values(), default=0)
+    temps_small, temps_big = (2 * largest, 0) if small(largest) else (0, 2 * largest)
+    N, d, f = p.batch_size * p.max_len, arch.hidden, arch.intermediate
+    scores = p.batch_size * arch.heads * p.max_len ** 2
+    transient = max(2 * N * f + 2 * N * d, 3 * scores + 2 * N * d) * FLOAT
+    # heap retention: buffers the forward of a back-propagating part frees between the ones
+    # autograd keeps stay resident (glibc reuses them poorly and trims only the heap's top)
+    parts = ["embeddings"] + list(range(arch.layers)) + ["head"]
+    retained = 0.0
+    if glibc:
+        for part in parts:
+            kept = ps.saved(part, small=True)
+            if kept > 0:
+                retained += max(0.0, ps.allocated.get(part, 0) - kept)
+    steps2 = p.local_steps >= 2            # AdamW allocates its moments at the first step
+    m_small, m_big = (2 * P_small, 2 * P_big) if steps2 else (0, 0)
+    points: list[tuple[str, float, float]] = []          # (phase, heap live, mmapped live)
+    points.append(("load", 2 * P_small, 2 * P_big))       # load_trainable's two copies
+    S_small, S_big = ps.saved(small=True), ps.saved(small=False)
+    if glibc is False:
+        S_small, S_big = S_small + S_big, 0
+    g_small = g_big = 0.0
+    points.append(("backward", S_small + m_small + transient, S_big + m_big))
+    for part in ["head"] + list(range(arch.layers - 1, -1, -1)) + ["embeddings"]:
+        for n, b in sizes.items():  # this part's gradients appear while its activations still live
+            if _part_of(n) == part:
+                if small(b):
+                    g_small += b
+                else:
+                    g_big += b
+        points.append(("backward", S_small + g_small + m_small + transient, S_big + g_big + m_big))
+        s_part_small = ps.saved(part, small=True) if glibc else ps.saved(part)
+        S_small -= s_part_small
+        S_big -= ps.saved(part) - s_part_small
+    points.append(("step", P_small * 3 + temps_small, P_big * 3 + temps_big))   # grads + 2 moments + temps
+    points.append(("end", P_small * 3, P_big * 3))                              # moments + the result
+    resident = 0.0
+    phases: dict[str, float] = {}
+    live: dict[str, float] = {}
+    for phase, heap, mm in points:
+        after_forward = phase != "load"
+        if glibc:
+            resident = max(resident, heap + (retained if after_forward else 0.0))
+            rss = resident + mm
+        else:
+            rss = heap + mm
+        phases[phase] = max(phases.get(phase, 0.0), rss)
+        live[phase] = max(live.get(phase, 0.0), heap + mm)
+    phase = max(phases, key=phases.get)
+    base = copy + received
+    return {"peak": base + phases[phase], "peak_phase": phase, "model_copy": copy, "received": received,
+            "activations": ps.saved(), "gradients": payload, "optimizer": 2 * payload, "transient": transient,
+            "retained": retained, "phases": {k: base + v for k, v in phases.items()},
+            "live_phases": {k: base + v for k, v in live.items()}}
+
+
+def estimate(arch: Arch, plan: dict, runtime_mb: float | None = None, *, allocator: str = "glibc",
+             meta_bytes: int = 600) -> Cost:
     """Cost of one round of `plan` on one device.
 
     runtime_mb: the process baseline (see the module docstring); None = DEFAULT_FRAMEWORK_MB +
-    DEFAULT_CODE_MB + the base model's weights. alloc_overhead: heap retention as a fraction of
-    the activation memory (0 = a perfect allocator; see DEFAULT_ALLOC_OVERHEAD)."""
+    DEFAULT_CODE_MB + the base model's weights (measured here: one torch thread).
+    allocator: "glibc" (default malloc settings, what the node runs with: freed activation
+    buffers stay resident during the round) or "returning" (every large buffer goes back to
+    the OS when freed, e.g. MALLOC_MMAP_THRESHOLD_=131072: the peak is the live memory)."""
     p = _read_plan(arch, plan)
     shapes = trainable_tensors(arch, plan)
     P = _numel(shapes)
+    ps = _walk(arch, p)
+    if ps.lowest is None:
+        raise ValueError("the plan trains no parameter (the trainer's backward would fail)")
     payload = P * FLOAT
     hdr = header_bytes(arch, plan, meta_bytes)
-    ps = _walk(arch, p)
     opt_flops = ADAMW_FLOPS_PER_PARAM * P
     flops_step = ps.fwd + ps.bwd + opt_flops
-
-    # -- memory (bytes) ---------------------------------------------------------------------
     if runtime_mb is None:
         runtime_mb = DEFAULT_FRAMEWORK_MB + DEFAULT_CODE_MB + arch.weights_mb
-    copy = arch.total_params * FLOAT
-    if p.method == "lora":  # the adapters, and peft's trainable copies of pooler and classifier
-        copy += payload
-    received = payload
-    grads = payload
-    moments = 2 * payload
-    largest = max((math.prod(s) for s in shapes.values()), default=0) * FLOAT
-    N, d, f = p.batch_size * p.max_len, arch.hidden, arch.intermediate
-    scores = p.batch_size * arch.heads * p.max_len ** 2
-    transient = max(2 * N * f + 2 * N * d, 3 * scores + 2 * N * d) * FLOAT if ps.lowest is not None else 0
-    # gradient bytes of each part, to walk the backward from the top down
-    grad_by_part: dict = {}
-    for name, s in shapes.items():
-        part = "embeddings" if ".embeddings." in name else ("head" if ("pooler" in name or "classifier" in name)
-                                                             else int(name.split(".layer.")[1].split(".")[0]))
-        grad_by_part[part] = grad_by_part.get(part, 0) + math.prod(s) * FLOAT
-    order = ["head"] + list(range(arch.layers - 1, -1, -1)) + ["embeddings"]
-    act_total = sum(ps.saved_by_part.values())
-    moments_live = moments if p.local_steps >= 2 else 0   # AdamW allocates its moments at the first step
-    live_act, live_grad, backward_peak = act_total, 0, act_total + transient
-    for part in order:  # backward frees a part's activations after computing its gradients
-        live_grad += grad_by_part.get(part, 0)
-        backward_peak = max(backward_peak, live_act + live_grad + transient)
-        live_act -= ps.saved_by_part.get(part, 0)
-    phases = {
-        "load": 2 * payload,
-        "backward": backward_peak + moments_live,
-        "step": grads + moments + 2 * largest,
-        "end": moments + payload,
-    }
-    if ps.lowest is None:
-        phases["backward"] = phases["step"] = 0
-    phase = max(phases, key=phases.get)
-    alloc = alloc_overhead * act_total
-    peak_bytes = copy + received + phases[phase] + alloc
-    peak_mb = runtime_mb + peak_bytes / MB
+    mem = _memory(arch, p, ps, shapes, allocator)
+    mb = lambda b: b / MB  # noqa: E731
+    by_part: dict = {}
+    for part, _, b in ps.items:
+        by_part[part] = by_part.get(part, 0) + b / MB
     breakdown = {
         "flops": {"forward": ps.fwd, "backward": ps.bwd, "optimizer": opt_flops,
-                  "tokens_per_step": N, "lowest_backprop_block": ps.lowest},
-        "memory_mb": {"runtime": runtime_mb, "model_copy": copy / MB, "received": received / MB,
-                      "activations": act_total / MB, "gradients": grads / MB, "optimizer": moments / MB,
-                      "transient": transient / MB, "alloc_overhead": alloc / MB,
-                      "phases": {k: v / MB for k, v in phases.items()}, "peak_phase": phase,
-                      "activations_by_part": {k: v / MB for k, v in ps.saved_by_part.items()}},
+                  "tokens_per_step": p.batch_size * p.max_len, "lowest_backprop_part": ps.lowest},
+        "memory_mb": {"runtime": runtime_mb, "model_copy": mb(mem["model_copy"]), "received": mb(mem["received"]),
+                      "activations": mb(mem["activations"]), "gradients": mb(mem["gradients"]),
+                      "optimizer": mb(mem["optimizer"]), "transient": mb(mem["transient"]),
+                      "retained": mb(mem["retained"]), "peak_phase": mem["peak_phase"],
+                      "phases": {k: runtime_mb + mb(v) for k, v in mem["phases"].items()},
+                      "live_phases": {k: runtime_mb + mb(v) for k, v in mem["live_phases"].items()},
+                      "activations_by_part": by_part, "allocator": allocator},
         "wire": {"header_bytes": hdr, "tensors": len(shapes)},
     }
     return Cost(trained_params=P, upload_bytes=payload, download_bytes=payload,
                 upload_wire_bytes=payload + hdr, download_wire_bytes=payload + hdr,
                 flops_per_step=flops_step, flops_per_round=flops_step * p.local_steps,
-                peak_memory_mb=peak_mb, breakdown=breakdown)
+                peak_memory_mb=runtime_mb + mb(mem["peak"]), breakdown=breakdown)
 
 
 def calibrate_runtime_mb(arch: Arch, plan: dict, measured_peak_mb: float, **kw) -> float:
-    """The runtime_mb that makes estimate(arch, plan).peak_memory_mb equal a measured peak."""
-    return measured_peak_mb - (estimate(arch, plan, runtime_mb=0.0, **kw).peak_memory_mb)
+    """The runtime_mb that makes estimate(arch, plan, runtime_mb).peak_memory_mb equal a
+    measured peak (the node's peak_mem_mb for one round of `plan`)."""
+    return measured_peak_mb - estimate(arch, plan, runtime_mb=0.0, **kw).peak_memory_mb
 
 
 # ----------------------------------------------------------------------------------------------
