@@ -103,7 +103,8 @@ def main() -> int:
               f"{m['activations']:5.0f} {m['retained']:6.0f} {c0.peak_memory_mb:5.0f}  {m['peak_phase']}"
               + ("" if r["trained_params"] == c.trained_params else "  TRAINED PARAMS DIFFER"))
     errs = [abs(row["err"]) for row in rows]
-    print(f"({len(names)} plans, {time.time() - t0:.0f} s, malloc {'fixed threshold' if a.malloc_fixed else 'default'}, "
+    malloc = "fixed threshold" if a.malloc_fixed else "default"
+    print(f"({len(names)} plans, {time.time() - t0:.0f} s, malloc {malloc}, "
           f"allocator {allocator!r}; |err| max {max(errs):.1%}, mean {sum(errs) / len(errs):.1%})")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

@@ -75,7 +75,11 @@ bench/bench_costmodel.py):
   output, dropout mask, dropped probabilities: B x heads x T^2 each), fewer where weights
   are frozen (a frozen linear keeps no input: a LoRA q/v block keeps 8 d + d_ff + 2 r). The
   pooler keeps a view of the first token, which pins the whole last hidden state (B T d).
-  The classifier's logits are B x num_labels (negligible). `activation_detail` lists it all.
+  The classifier's logits are B x num_labels (negligible). Without attention dropout torch
+  picks its CPU flash kernel instead (no T^2 tensors kept; modelled too). Assumed: the batch
+  has padding, so an attention mask exists (B T^2 floats per block; the trainer pads to
+  max_len, so only a batch of texts all at least max_len tokens long has none).
+  `activation_detail` lists it all.
   Checked: saved activations equal autograd's byte for byte and FLOPs equal torch's
   FlopCounterMode exactly (tests); peak RSS within 10% of the node's over 12 plans
   (bench/bench_costmodel.py; within 3.3% with allocator="returning" and the malloc setting).
@@ -384,33 +388,47 @@ def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int]
     q = w.linear("x", x_rg, d, d, trains, r("attention.self.query", 0), lora_dropout)
     k = w.linear("x", x_rg, d, d, trains, r("attention.self.key", 0), lora_dropout)
     v = w.linear("x", x_rg, d, d, trains, r("attention.self.value", 0), lora_dropout)
-    # torch's math sdpa (CPU, dropout > 0): (q*s) @ (k^T*s) -> + mask -> softmax -> dropout -> @ v
     scores = B * H * T * T * FLOAT
-    drop_attn = arch.attention_dropout > 0
     w.fwd += 2 * 2 * B * T * T * d
     w.alloc(B * T * T * FLOAT)                        # the additive mask
-    w.alloc(u, 4)                                     # q*s, k*s and their contiguous copies
-    w.alloc(scores, 5 if drop_attn else 3)            # q k^T, + mask, softmax (, dropout mask, dropped)
-    w.alloc(u, 3)                                     # v copy, probs @ v, context made contiguous
-    if q:
-        w.bwd += 2 * B * T * T * d
-        w.save("k-copy", u)
-    if k:
-        w.bwd += 2 * B * T * T * d
-        w.save("q-copy", u)
-    s_rg = q or k
-    if s_rg:
-        w.save("softmax", scores)
-        if drop_attn:
+    if arch.attention_dropout > 0:
+        # torch's math sdpa (CPU, dropout > 0): (q*s) @ (k^T*s) -> + mask -> softmax -> dropout -> @ v
+        w.alloc(u, 4)                                 # q*s, k*s and their contiguous copies
+        w.alloc(scores, 5)                            # q k^T, + mask, softmax, dropout mask, dropped
+        w.alloc(u, 3)                                 # v copy, probs @ v, context made contiguous
+        ctx_key = "ctx"
+        if q:                                         # grad of q needs k
+            w.bwd += 2 * B * T * T * d
+            w.save("k-copy", u)
+        if k:                                         # grad of k needs q
+            w.bwd += 2 * B * T * T * d
+            w.save("q-copy", u)
+        s_rg = q or k
+        if s_rg:
+            w.save("softmax", scores)
             w.save("attn-dropout-mask", scores)
-    if v:
-        w.bwd += 2 * B * T * T * d                    # grad of the probabilities
-        w.save("attn-probs-dropped" if drop_attn else "softmax", scores)
-    if s_rg:
-        w.bwd += 2 * B * T * T * d                    # grad of v
-        w.save("v-copy", u)
-    ctx = s_rg or v
-    o = w.linear("ctx", ctx, d, d, trains, r("attention.output.dense", 0), lora_dropout)
+        if v:                                         # grad of v needs the probabilities
+            w.bwd += 2 * B * T * T * d
+            w.save("attn-probs-dropped", scores)
+        if s_rg:                                      # grad of the probabilities needs v
+            w.bwd += 2 * B * T * T * d
+            w.save("v-copy", u)
+        ctx = s_rg or v
+    else:
+        # no attention dropout: torch's CPU flash kernel; it keeps q, k, v, its output (already
+        # laid out as the context), the log-sum-exp and the mask, and its backward recomputes
+        # the scores (5 matmuls; torch's FlopCounterMode does not count this CPU kernel)
+        w.alloc(u)
+        w.alloc(B * H * T * FLOAT)
+        ctx_key = "attn-out"
+        ctx = q or k or v
+        if ctx:
+            w.bwd += 5 * 2 * B * T * T * d
+            for name in ("q", "k", "v", "attn-out"):
+                w.save(name, u)
+            w.save("logsumexp", B * H * T * FLOAT)
+            w.save("mask", B * T * T * FLOAT)
+    o = w.linear(ctx_key, ctx, d, d, trains, r("attention.output.dense", 0), lora_dropout)
     drop = arch.hidden_dropout > 0
     w.alloc(u, 4 if drop else 2)                      # (dropout mask, dropped,) + residual, LayerNorm
     w.alloc(2 * N * FLOAT)
@@ -477,11 +495,13 @@ def _walk(arch: Arch, p: _Plan) -> _Pass:
     B, head = w.B, p.head
     # pooler: dense(hidden[:, 0]) -> tanh; the saved first-token view pins the whole last hidden state
     x = w.linear("last-hidden", rg, d, d, head, tokens=B, pinned=u)
+    drop = (arch.classifier_dropout if arch.classifier_dropout is not None else arch.hidden_dropout) > 0
+    w.alloc(B * d * FLOAT, 3 if drop else 1)          # tanh (, dropout mask, dropped)
     if x:
         w.save("tanh-out", B * d * FLOAT)
-        if (arch.classifier_dropout if arch.classifier_dropout is not None else arch.hidden_dropout) > 0:
+        if drop:
             w.save("dropout-mask", B * d * FLOAT)
-    y = w.linear("pooled", x, d, arch.num_labels, head, tokens=B)
+    y = w.linear("pooled" if drop else "tanh-out", x, d, arch.num_labels, head, tokens=B)
     if y:
         w.save("log-softmax", B * arch.num_labels * FLOAT)
         w.save("labels", B * 8)
@@ -501,6 +521,9 @@ def activation_detail(arch: Arch, plan: dict) -> list[tuple[Any, str, int]]:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Cost:
+    """One round of one plan on one device. `breakdown` has the parts: flops (forward,
+    backward, optimizer), memory_mb (runtime, model_copy, received, activations, gradients,
+    optimizer, transient, retained, the RSS of each phase and which one is the peak), wire."""
     trained_params: int
     upload_bytes: int           # tensor payload node -> aggregator (float32)
     download_bytes: int         # tensor payload aggregator -> node

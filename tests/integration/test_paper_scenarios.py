@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_paper_ci_scenario_runs(scenario, extra_key, tmp_path):
     out = tmp_path / scenario
     proc = subprocess.run([sys.executable, "-m", "testbed", "run", f"scenarios/{scenario}.yaml", "--out", str(out),
-                           "--set", "training.rounds=1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "--set", "training.rounds=1", "--set", "training.local_steps=1", "--set", "data.max_len=16",
+                           "--set", "data.test_size=40"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
