@@ -31,6 +31,7 @@ from .progress import Progress
 from .report import summarize, write_report
 from .scenario import NodeSpec, Scenario, expand_nodes
 from .strategies import STRATEGIES, Context, NodeInfo, Update
+from .strategies.base import update_counts
 
 log = logging.getLogger("testbed.run")
 VERSIONED = ("torch", "transformers", "peft", "pyzmq", "msgpack", "numpy", "pydantic", "psutil", "docker",
@@ -315,14 +316,9 @@ class Run:
                    "bytes_up": sum(r.bytes_up for r in outcome.records.values()),
                    "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
                    "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
-                   "eval_s": eval_s, "update_counts": _update_counts(updates), "events": events, "nodes": nodes}
+                   "eval_s": eval_s, "update_counts": update_counts(updates), "events": events, "nodes": nodes}
             self._append_row(row)
             progress.round_done(row)
-
-
-def _update_counts(updates: list[Update]) -> dict[str, int]:
-    from .strategies.base import update_counts
-    return update_counts(updates)
 
 
 def _raise_interrupt(signum, frame):

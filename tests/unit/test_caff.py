@@ -10,15 +10,6 @@ from testbed.strategies.base import Context, NodeInfo, Update
 from testbed.strategies.caff import Caff, training_mb
 
 
-@pytest.fixture(scope="module")
-def base():
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    from node import trainer
-    model, _ = trainer.load_base(trainer.ModelSpec())
-    return model
-
-
 @pytest.fixture
 def ctx(base):
     profiles = {f"{p}-0": get_profile(p) for p in ("caff-strong", "caff-medium", "caff-weak")}

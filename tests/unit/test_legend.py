@@ -10,15 +10,6 @@ from testbed.strategies.base import Context, NodeInfo, Update
 from testbed.strategies.legend import Legend, default_ranks
 
 
-@pytest.fixture(scope="module")
-def base():
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    from node import trainer
-    model, _ = trainer.load_base(trainer.ModelSpec())
-    return model
-
-
 @pytest.fixture
 def ctx(base):
     return Context(training=TrainingConfig(local_steps=5, batch_size=16), max_len=32,
