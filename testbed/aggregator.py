@@ -76,6 +76,7 @@ class Aggregator:
         self.rejected: deque = deque(maxlen=1000)
         self.rejected_total = 0
         self.on_phase: Callable[[str, str], None] | None = None
+        self.busy: set[str] = set()  # nodes with a TASK out and no RESULT/ERROR back yet (any round)
 
     @property
     def endpoint(self) -> str:
@@ -106,7 +107,16 @@ class Aggregator:
         n = self._send_raw(peer.peer_id, P.Message(type_, run=self.run_id, round=rnd, meta=meta or {},
                                                    tensors=tensors or {}))
         self.traffic[(name, "down")] += n
+        if type_ == P.TASK and n:
+            self.busy.add(name)
         return n
+
+    def forget(self, name: str) -> None:
+        """Drop a node's registration (it is being restarted): not ready until it says HELLO again."""
+        peer = self.peers.pop(name, None)
+        if peer is not None:
+            self.by_id.pop(peer.peer_id, None)
+        self.busy.discard(name)
 
     def _reject(self, peer_id: bytes, reason: str, answer: bool = True, fatal: bool = False) -> None:
         self.rejected_total += 1
@@ -176,6 +186,7 @@ class Aggregator:
             peer.ready, peer.phase = False, "left"
             return None
         if msg.type in (P.RESULT, P.ERROR):
+            self.busy.discard(name)
             return name, msg, nbytes
         self._reject(peer_id, f"a node may not send {msg.type}")
         return None
@@ -191,6 +202,7 @@ class Aggregator:
             log.info("node %s re-registered from a new connection", name)
             self.by_id.pop(old.peer_id, None)
         peer = Peer(name, peer_id, last_seen=time.monotonic(), hello=dict(msg.meta))
+        self.busy.discard(name)
         self.peers[name], self.by_id[peer_id] = peer, name
         self.traffic[(name, "up")] += nbytes
         meta, tensors = self.welcome(name)

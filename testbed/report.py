@@ -67,8 +67,15 @@ def _strategy_summary(rows: list[dict], target: float) -> dict:
         if a is not None and a >= target:
             ttt, btt = t, cum
             break
+    peaks: dict[str, float] = {}  # profile -> the largest peak memory any of its nodes reported
+    for r in rows:
+        for nd in r.get("nodes") or []:
+            if nd.get("peak_mem_mb"):
+                p = str(nd.get("profile", "?"))
+                peaks[p] = max(peaks.get(p, 0.0), float(nd["peak_mem_mb"]))
     return {
         "rounds": sum(1 for r in rows if r.get("round", 0) >= 1),
+        "peak_memory_mb": dict(sorted(peaks.items())),
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(known) if known else None,
         "target_accuracy": target,
@@ -271,6 +278,9 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
     if manifest.get("fidelity"):
         lines += ["", "## Fidelity warnings", "", "The host could not honour everything the scenario asked:", ""]
         lines += [f"- {w}" for w in manifest["fidelity"]]
+    if manifest.get("stopped_early"):
+        lines += ["", "## Stopped early", ""]
+        lines += [f"- {name}: {why}" for name, why in manifest["stopped_early"].items()]
     lines += ["", "## Strategies", "",
               "| strategy | rounds | final acc | best acc | time to target (s) | bytes to target (MB) "
               "| total time (s) | wall (s) | MB up | MB down | speedup | acc at baseline time |",

@@ -85,6 +85,8 @@ class Run:
         self.run_id = f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.live = live
         self.rows: list[dict] = []
+        self.stopped: dict[str, str] = {}  # strategy -> why it ran fewer rounds than the scenario asks
+        self.restarts: list[dict] = []      # devices replaced between strategies, and why
 
     # -- preparation -----------------------------------------------------------------------
     def _prepare_output(self) -> None:
@@ -221,7 +223,10 @@ class Run:
                 progress.message(f"all {len(names)} nodes registered in {register_s:.1f} s")
                 self._write_json("manifest.json", self.manifest(status="running", endpoint=agg.endpoint,
                                                                 register_s=register_s))
-                for entry in sc.strategies.run:
+                self.endpoint = endpoint
+                for i, entry in enumerate(sc.strategies.run):
+                    if i:
+                        self._fresh_devices(entry.name, agg, backend, progress)
                     self._run_strategy(entry, agg, backend, progress)
                 status = "finished"
         except KeyboardInterrupt:
@@ -237,7 +242,7 @@ class Run:
 
     def _finish(self, status: str, agg: Aggregator | None) -> None:
         """Whatever happened: manifest status, summary and report of the rounds that finished."""
-        extra = {"status": status}
+        extra = {"status": status, "stopped_early": self.stopped, "restarts": self.restarts}
         if agg is not None:  # every byte each node sent and received, control messages included
             extra["rejected_messages"] = agg.rejected_total
             extra["traffic"] = {n: {"up": agg.traffic[(n, "up")], "down": agg.traffic[(n, "down")]} for n in agg.peers}
@@ -248,8 +253,35 @@ class Run:
             self.summary = summarize(self.rows, self.sc.strategies.baseline, self.sc.training.target_accuracy)
             self.summary["majority_rate"] = getattr(self, "majority_rate", None)
             self.summary["status"] = status
+            self.summary["stopped_early"] = self.stopped
             self._write_json("summary.json", self.summary)
             write_report(self.out)
+
+    def _fresh_devices(self, strategy: str, agg: Aggregator, backend, progress: Progress) -> None:
+        """Every strategy starts from the same fleet: an emulated device that died under the previous
+        strategy (out of memory, crashed) or is still busy with a task its round gave up on is
+        replaced by a fresh one. Otherwise strategy order would decide who takes part."""
+        why = {}
+        for n in self.nodes:
+            if n.remote:
+                continue
+            if not backend.alive(n.name):
+                why[n.name] = backend.exit_reason(n.name) or "not running"
+            elif n.name in agg.busy:
+                why[n.name] = "still busy with a task of the previous strategy"
+        if not why:
+            return
+        profiles = {n.name: n.profile for n in self.nodes}
+        progress.message(f"before {strategy}: restarting {len(why)} device(s): "
+                         + "; ".join(f"{k} ({v})" for k, v in list(why.items())[:8]))
+        for name in why:
+            agg.forget(name)
+            backend.restart(name, profiles[name], self.endpoint, self.dilation)
+        ready = agg.wait_ready(set(why), self.sc.aggregator.register_timeout_s, self.alive)
+        self.restarts.append({"before": strategy, "nodes": why, "not_ready": sorted(set(why) - ready)})
+        if ready != set(why):
+            progress.message(f"[yellow]before {strategy}: {len(why) - len(ready)} restarted device(s) did not "
+                             f"register and sit this strategy out: {', '.join(sorted(set(why) - ready))}")
 
     def alive(self, name: str) -> bool:
         """Emulated nodes: their sandbox runs. Remote (real) devices: judged by the round deadline."""
@@ -275,7 +307,13 @@ class Run:
         progress.round_done(row0)
         elapsed = 0.0
         profiles = {n.name: n.profile for n in self.nodes}
+        budget = sc.training.time_budget_s
         for rnd in range(1, sc.training.rounds + 1):
+            if budget is not None and elapsed >= budget:
+                self.stopped[entry.name] = (f"time budget {budget:g} s of emulated time used after round {rnd - 1} "
+                                            f"of {sc.training.rounds} ({elapsed:.1f} s)")
+                progress.message(f"{entry.name}: {self.stopped[entry.name]}")
+                break
             pool = sorted(n for n in agg.ready() if self.alive(n))
             k = min(sc.training.clients_per_round or len(self.nodes), len(pool))
             rng = np.random.default_rng([sc.seed, rnd])  # same nodes in round r for every strategy

@@ -72,6 +72,8 @@ class TrainingConfig(Strict):
     target_accuracy: float = Field(0.7, gt=0, le=1)
     round_deadline_s: float = Field(600.0, gt=0, description="emulated seconds before stragglers are dropped")
     min_results: int = Field(1, ge=1, description="fewer results than this and the round is recorded as failed")
+    time_budget_s: float | None = Field(None, gt=0, description="emulated seconds per strategy: no new round "
+                                        "starts once a strategy has used them (default: run every round)")
 
 
 class NodeGroup(Strict):

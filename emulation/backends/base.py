@@ -57,6 +57,11 @@ class Backend(ABC):
         """{limit_mb, peak_mb} if the kernel killed the node for exceeding its memory limit."""
         return None
 
+    def restart(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+        """Replace a node's sandbox with a fresh one (a dead device, or one still busy with old work)."""
+        self.stop(name)
+        self.start(name, profile, endpoint, dilation)
+
     @abstractmethod
     def stop(self, name: str) -> None:
         """Stop one node (and remove what was made for it)."""

@@ -38,6 +38,7 @@ class NetnsBackend(ProcessBackend):
         self.bridge: N.Bridge | None = None
         self.sandboxes: dict[str, tuple[N.Namespace, N.VethLink, CGroup, Profile]] = {}
         self._index = 0
+        self._slots: dict[str, tuple[int, object]] = {}  # node -> (interface index, address)
 
     # -- network of the run ----------------------------------------------------------------
     def _ensure_bridge(self) -> None:
@@ -61,11 +62,13 @@ class NetnsBackend(ProcessBackend):
     # -- nodes -----------------------------------------------------------------------------
     def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
         self._ensure_bridge()
-        i = self._index
-        self._index += 1
+        if name not in self._slots:  # a restarted node keeps its interface names and address
+            self._slots[name] = (self._index, next(self._hosts))
+            self._index += 1
+        i, host = self._slots[name]
         ns = N.Namespace(f"{N.NS_PREFIX}{self.tag}-{name}")
         link = N.VethLink(f"{N.IF_PREFIX}{self.tag}h{i}", f"{N.IF_PREFIX}{self.tag}n{i}", ns,
-                          f"{next(self._hosts)}/{self.subnet.prefixlen}")
+                          f"{host}/{self.subnet.prefixlen}")
         cg = CGroup(self.run_id, name, self.cg_version, self.v2_root)
         self.sandboxes[name] = (ns, link, cg, profile)
         ns.create()

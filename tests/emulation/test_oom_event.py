@@ -28,7 +28,8 @@ nodes:
   - {group: small, count: 1, profile: host, overrides: {memory_mb: MEM}}
 strategies:
   baseline: full
-  run: [{name: full, params: {train_embeddings: true}}]
+  # the second strategy starts with a fresh small-0: its device is restarted, not lost for good
+  run: [{name: full, params: {train_embeddings: true}}, {name: again, type: full, params: {train_embeddings: true}}]
 """
 
 
@@ -42,7 +43,7 @@ def test_oom_is_recorded_and_the_run_finishes(netns_caps, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
-    r1 = next(r for r in rows if r["round"] == 1)
+    r1 = next(r for r in rows if r["round"] == 1 and r["strategy"] == "full")
     small = next(n for n in r1["nodes"] if n["node"] == "small-0")
     big = next(n for n in r1["nodes"] if n["node"] == "big-0")
     assert big["status"] == "ok"
@@ -50,8 +51,14 @@ def test_oom_is_recorded_and_the_run_finishes(netns_caps, tmp_path):
     (event,) = [e for e in r1["events"] if e["node"] == "small-0"]
     assert event["type"] == "oom" and event["limit_mb"] == mem and event["round"] == 1
     assert event["peak_mb"] >= mem * 0.95
-    r2 = next(r for r in rows if r["round"] == 2)
+    r2 = next(r for r in rows if r["round"] == 2 and r["strategy"] == "full")
     assert r2["participants"] == 1 and not r2["failed"], "the run goes on without the killed node"
     assert (out / "summary.json").exists()
-    run_id = json.loads((out / "manifest.json").read_text())["run_id"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    (restart,) = manifest["restarts"]
+    assert restart["before"] == "again" and list(restart["nodes"]) == ["small-0"] and not restart["not_ready"]
+    assert "out of memory" in restart["nodes"]["small-0"]
+    again = next(r for r in rows if r["round"] == 1 and r["strategy"] == "again")
+    assert {n["node"] for n in again["nodes"]} == {"big-0", "small-0"}, "the restarted device is sampled again"
+    run_id = manifest["run_id"]
     assert tagged_processes(run_id) == []

@@ -12,11 +12,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("scenario,extra_key", [("legend-ci", "legend_depth"), ("caff-ci", "caff_blocks")])
-def test_paper_ci_scenario_runs(scenario, extra_key, tmp_path):
+# caff-ci also asks for 3 rounds within a tiny time budget: every strategy stops after round 1
+@pytest.mark.parametrize("scenario,extra_key,rounds", [("legend-ci", "legend_depth", ["training.rounds=1"]),
+                                                       ("caff-ci", "caff_blocks", ["training.rounds=3",
+                                                                                   "training.time_budget_s=0.001"])])
+def test_paper_ci_scenario_runs(scenario, extra_key, rounds, tmp_path):
     out = tmp_path / scenario
+    sets = [a for r in rounds for a in ("--set", r)]
     proc = subprocess.run([sys.executable, "-m", "testbed", "run", f"scenarios/{scenario}.yaml", "--out", str(out),
-                           "--set", "training.rounds=1", "--set", "training.local_steps=1", "--set", "data.max_len=16",
+                           *sets, "--set", "training.local_steps=1", "--set", "data.max_len=16",
                            "--set", "data.test_size=40"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
@@ -24,6 +28,11 @@ def test_paper_ci_scenario_runs(scenario, extra_key, tmp_path):
     import yaml
     names = [s["name"] for s in yaml.safe_load((ROOT / f"scenarios/{scenario}.yaml").read_text())["strategies"]["run"]]
     assert set(summary["strategies"]) == set(names)
+    assert max(r["round"] for r in rows) == 1
+    if scenario == "caff-ci":
+        assert set(summary["stopped_early"]) == set(names)
+        assert all("after round 1 of 3" in why for why in summary["stopped_early"].values())
+        assert "## Stopped early" in (out / "report.md").read_text()
     for r in (r for r in rows if r["round"] == 1):
         assert r["participants"] >= 1, r
         assert all(n["plan"]["method"] in ("lora", "full") for n in r["nodes"])

@@ -119,3 +119,19 @@ def test_write_report_without_baseline_in_manifest_says_so(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"scenario": {"name": "x"}}))
     with pytest.raises(ValueError, match="no baseline or target"):
         write_report(tmp_path)
+
+
+def test_summary_peak_memory_per_profile():
+    s = summarize(_run_rows(), "fedlora", TARGET)
+    # the largest peak any node of each profile reported, dropped nodes included
+    assert s["strategies"]["fedlora"]["peak_memory_mb"] == {"jetson": 500.0, "rpi4": 300.0}
+
+
+def test_report_lists_strategies_stopped_early(tmp_path):
+    manifest = {"scenario": {"name": "t", "strategies": {"baseline": "fedlora"}, "training": {"target_accuracy": TARGET}},
+                "stopped_early": {"full": "time budget 100 s of emulated time used after round 2 of 10 (110.0 s)"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "rounds.jsonl").write_text("\n".join(json.dumps(r) for r in _run_rows()) + "\n")
+    write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Stopped early" in text and "- full: time budget 100 s" in text
