@@ -81,6 +81,10 @@ class CGroup:
         for d in set(self.dirs.values()):
             _write(d / "cgroup.procs", str(pid))
 
+    def procs_files(self) -> list[str]:
+        """The files a process writes its pid to, to join this cgroup (every hierarchy)."""
+        return [str(d / "cgroup.procs") for d in set(self.dirs.values())]
+
     def pids(self) -> list[int]:
         out = set()
         for d in set(self.dirs.values()):

@@ -72,6 +72,11 @@ class Namespace:
     def exec_prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.name]
 
+    @property
+    def path(self) -> str:
+        """The namespace file `ip netns add` made: what setns() opens (a forked node enters it so)."""
+        return f"/run/netns/{self.name}"
+
 
 @dataclass
 class Bridge:

@@ -19,7 +19,7 @@ Sources of the figures:
 - CAFF groups strong / medium / weak: budgets 1.0 / 0.66 / 0.33 of full training
   (CAFF, STRATEGIES.md): cpu share scales with the budget; the memory limit is the process
   baseline (503 MB) + budget x the training memory of full fine-tuning of the 6-block MiniLM
-  (612 MB at batch 32, length 32), both from testbed.costmodel, + 10% headroom.
+  (485 MB at batch 32, length 32), both from testbed.costmodel, + 10% headroom.
 """
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("jetson-tx2", 0.25, 1, 7168, 10.0, 10.0, 10.0, "LEGEND TX2 class, speed 1 of 1:2:4 (STRATEGIES.md)"),
     Profile("xavier-nx", 0.5, 1, 7168, 10.0, 10.0, 10.0, "LEGEND Xavier NX class, speed 2 of 1:2:4"),
     Profile("agx-xavier", 1.0, 1, 31744, 10.0, 10.0, 10.0, "LEGEND AGX Xavier class, speed 4 of 1:2:4"),
-    Profile("caff-strong", 1.0, 1, 1228, 20.0, 20.0, 10.0, "CAFF strong group, budget 1.0 of full training"),
-    Profile("caff-medium", 0.66, 1, 1000, 13.2, 20.0, 10.0, "CAFF medium group, budget 0.66"),
-    Profile("caff-weak", 0.33, 1, 775, 6.6, 20.0, 10.0, "CAFF weak group, budget 0.33"),
+    Profile("caff-strong", 1.0, 1, 1086, 20.0, 20.0, 10.0, "CAFF strong group, budget 1.0 of full training"),
+    Profile("caff-medium", 0.66, 1, 905, 13.2, 20.0, 10.0, "CAFF medium group, budget 0.66"),
+    Profile("caff-weak", 0.33, 1, 729, 6.6, 20.0, 10.0, "CAFF weak group, budget 0.33"),
     Profile("host", 1.0, 1, 4096, 0.0, 0.0, 0.0, "this host, one core, unshaped link (0 = unlimited)"),
 ]}
 

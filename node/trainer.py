@@ -62,8 +62,23 @@ class ModelSpec:
                    num_layers=d.get("num_layers"), seed=int(d.get("seed", 0)))
 
 
+_PRELOADED: dict[tuple, tuple] = {}  # filled only by preload() (the node zygote)
+
+
+def _key(spec: ModelSpec) -> tuple:
+    return (spec.name, spec.num_labels, spec.num_layers, spec.seed)
+
+
+def preload(spec: ModelSpec) -> None:
+    """Load the base model once so that forked nodes share it copy-on-write (emulation/zygote.py).
+    The trainer never writes the base (each round trains a copy), so its pages stay shared."""
+    _PRELOADED[_key(spec)] = load_base(spec)
+
+
 def load_base(spec: ModelSpec):
     """The frozen pretrained model with a classification head seeded identically everywhere."""
+    if _key(spec) in _PRELOADED:
+        return _PRELOADED[_key(spec)]
     _quiet_transformers()
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -93,11 +108,20 @@ def _block_of(name: str) -> int | None:
     return None
 
 
+def _copy_sharing_frozen(base, own) -> Any:
+    """deepcopy of `base` in which every parameter for which `own(name)` is false, and every
+    buffer, IS the base's tensor: frozen weights nobody writes need no copy (most of the model
+    under LoRA, the embeddings and lower blocks under partial fine-tuning), and in forked nodes
+    they stay shared with the zygote's pages."""
+    memo = {id(p): p for name, p in base.named_parameters() if not own(name)}
+    memo.update({id(b): b for b in base.buffers()})
+    return copy.deepcopy(base, memo)
+
+
 def build_model(base, plan: dict):
-    """A fresh trainable copy of `base` configured by `plan`."""
+    """A fresh trainable copy of `base` configured by `plan`; the base is never written."""
     import torch
-    model = copy.deepcopy(base)
-    n = num_blocks(model)
+    n = num_blocks(base)
     blocks = plan.get("blocks")
     blocks = list(range(n)) if blocks is None else [int(b) for b in blocks]
     if any(b < 0 or b >= n for b in blocks):
@@ -105,15 +129,22 @@ def build_model(base, plan: dict):
     head = bool(plan.get("head", True))
     if plan["method"] == "full":
         emb = bool(plan.get("train_embeddings", False))
-        for name, p in model.named_parameters():
+
+        def trains(name: str) -> bool:
             b = _block_of(name)
-            p.requires_grad = ((b is not None and b in blocks) or (head and name.startswith(HEAD_PREFIXES))
-                               or (emb and name.startswith("bert.embeddings.")))
+            return ((b is not None and b in blocks) or (head and name.startswith(HEAD_PREFIXES))
+                    or (emb and name.startswith("bert.embeddings.")))
+        model = _copy_sharing_frozen(base, trains)
+        for name, p in model.named_parameters():
+            p.requires_grad = trains(name)
         return model
     if plan["method"] == "lora":
         if not blocks:  # peft reads an empty layers_to_transform as "every layer"
             raise ValueError("a lora plan needs at least one block; for the head alone use method full, blocks []")
         from peft import LoraConfig, get_peft_model
+        # peft freezes every base weight and adds new adapter tensors; the head it trains is a
+        # copy it makes itself (modules_to_save), but the head is kept private here too
+        model = _copy_sharing_frozen(base, lambda name: name.startswith(HEAD_PREFIXES))
         lo = plan["lora"]
         targets = list(lo.get("target_modules", ["query", "value"]))
         rank_pattern = {f"layer.{int(b)}.attention.self.{t}": int(r)

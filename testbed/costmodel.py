@@ -50,11 +50,11 @@ bench/bench_costmodel.py):
     model, all loaded once, + the code pages of the training kernels (DEFAULT_CODE_MB, paged
     in by the first backward). `runtime_mb_from_idle` derives it from the RSS of an idle node
     (transformers memory-maps the safetensors file, so the frozen weights become resident
-    only when the first round's deep copy reads them); `calibrate_runtime_mb` fits it to one
+    only when the first round reads them); `calibrate_runtime_mb` fits it to one
     measured peak instead. Default: DEFAULT_FRAMEWORK_MB + DEFAULT_CODE_MB + the weights.
-  * the round's deep copy of the model (the trainer copies the base every round, so the
-    weights count twice; for LoRA also the adapters and peft's trainable copies of the
-    pooler and classifier) and the received tensors (the node holds the TASK message).
+  * the round's model: the trainer shares every frozen weight with the base and copies only
+    what trains (full), or the head, the adapters and peft's trainable copies of the pooler
+    and classifier (LoRA); and the received tensors (the node holds the TASK message).
   * the largest of four phases, simulated in order: load (load_trainable's two transient
     copies of the trained tensors), backward (saved activations + gradients + AdamW's two
     moments from the second step on + the backward's transient buffers; walked part by part
@@ -543,7 +543,7 @@ def runtime_mb_from_idle(arch: Arch, idle_rss_mb: float, weights_resident: bool 
     """runtime_mb from the RSS of an idle node (model loaded, data tokenized, nothing trained).
 
     transformers maps the safetensors file and pages the frozen weights in lazily, so right
-    after loading they are mostly not resident (False); the round's deep copy reads them all,
+    after loading they are mostly not resident (False); the first round reads them all,
     after which they stay resident (as clean file pages, which the kernel may drop under
     memory pressure). The first backward also pages in the code of the training kernels
     (`code_mb`)."""
@@ -568,7 +568,9 @@ def _memory(arch: Arch, p: _Plan, ps: _Pass, shapes: dict, allocator: str) -> di
     small = lambda b: b < MMAP_MAX if glibc else True          # noqa: E731  (heap vs mmap)
     P_small = sum(b for b in sizes.values() if small(b))
     P_big = payload - P_small
-    copy = arch.total_params * FLOAT + (payload if p.method == "lora" else 0)  # + adapters, peft's head copies
+    # the round's model: node.trainer shares every frozen weight with the base and copies only
+    # what trains (full), or the head + adapters + peft's own head copy (lora)
+    copy = payload + (arch.head_params * FLOAT if p.method == "lora" else 0)
     received = payload
     largest = max(sizes.values(), default=0)
     temps_small, temps_big = (2 * largest, 0) if small(largest) else (0, 2 * largest)

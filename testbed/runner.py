@@ -29,7 +29,7 @@ from . import partition
 from .aggregator import Aggregator
 from .progress import Progress
 from .report import summarize, write_report
-from .scenario import NodeSpec, Scenario, expand_nodes
+from .scenario import ZYGOTE_AUTO_NODES, NodeSpec, Scenario, expand_nodes
 from .strategies import STRATEGIES, Context, NodeInfo, Update
 from .strategies.base import update_counts
 
@@ -133,7 +133,7 @@ class Run:
             "run_id": self.run_id, "scenario_file": self.source, "scenario": self.sc.model_dump(mode="json"),
             "backend": self.backend_name, "backend_reason": self.backend_reason,
             "capabilities": self.caps, "dilation": self.dilation, "dilation_mode": self.sc.dilation,
-            "fidelity": self.fidelity,
+            "fidelity": self.fidelity, "zygote": self.backend.zygote_info() if hasattr(self, "backend") else None,
             "host": {"cores": self.caps["cores"], "memory_mb": self.caps["memory_mb"], "machine": platform.machine(),
                      "python": platform.python_version(), "hostname": platform.node()},
             "versions": package_versions(), "seeds": {"scenario": self.sc.seed},
@@ -191,6 +191,7 @@ class Run:
         status = "failed"
         try:
             with progress:
+                self._prepare_zygote(local)
                 progress.message(f"run {self.run_id}: backend {self.backend_name} ({self.backend_reason}); "
                                  f"dilation {self.dilation:g}; {len(self.nodes)} nodes; output {self.out}")
                 progress.message(describe(self.caps))
@@ -239,6 +240,16 @@ class Run:
             backend.teardown()
             self._finish(status, agg)
         return self.summary
+
+    def _prepare_zygote(self, local: list[NodeSpec]) -> None:
+        sc = self.sc
+        want = sc.zygote == "on" or (sc.zygote == "auto" and len(local) >= ZYGOTE_AUTO_NODES)
+        if want and not self.backend.forks_nodes:
+            if sc.zygote == "on":
+                self.fidelity.append(f"zygote: on has no effect on the {self.backend_name} backend")
+            want = False
+        self.backend.prepare(asdict(self.spec), sc.data.dataset, want and bool(local))
+        self.fidelity += self.backend.zygote_notes([n.profile for n in local])
 
     def _finish(self, status: str, agg: Aggregator | None) -> None:
         """Whatever happened: manifest status, summary and report of the rounds that finished."""

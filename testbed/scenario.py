@@ -62,6 +62,9 @@ class DataConfig(Strict):
         return v
 
 
+ZYGOTE_AUTO_NODES = 8  # from this many emulated nodes on, they fork from a zygote (memory: DESIGN.md)
+
+
 class TrainingConfig(Strict):
     rounds: int = Field(10, ge=1)
     clients_per_round: int | None = Field(None, ge=1, description="sampled nodes per round; default all")
@@ -155,6 +158,8 @@ class Scenario(Strict):
     description: str = ""
     seed: int = 0
     backend: Literal["auto", "process", "netns", "docker"] = "auto"
+    zygote: Literal["auto", "on", "off"] = Field("auto", description="fork nodes from one preloaded interpreter "
+                                                 f"(process/netns backends; auto: from {ZYGOTE_AUTO_NODES} nodes)")
     dilation: Literal["auto", "off"] | float = Field("auto", description="slow every device and link by one factor when the host is short of cores")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -162,6 +167,11 @@ class Scenario(Strict):
     nodes: list[NodeGroup] = Field(min_length=1)
     strategies: Strategies
     aggregator: AggregatorConfig = AggregatorConfig()
+
+    @field_validator("zygote", mode="before")
+    @classmethod
+    def _zygote(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML 1.1: on/off are booleans
 
     @field_validator("dilation", mode="before")
     @classmethod

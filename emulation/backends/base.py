@@ -16,6 +16,7 @@ RUN_ENV = "TESTBED_RUN"  # every process the testbed starts carries its run id h
 
 class Backend(ABC):
     name: str
+    forks_nodes = False  # can fork nodes from a node zygote (prepare(zygote=True))
 
     def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
         if caps is None:
@@ -40,6 +41,18 @@ class Backend(ABC):
     def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
         """What this backend cannot honour for these profiles, said plainly for the manifest."""
         return []
+
+    def prepare(self, spec: dict, dataset: str, zygote: bool) -> None:
+        """Before the first start: what all nodes share (the process-based backends start the node
+        zygote here when `zygote` is set: emulation/zygote.py)."""
+
+    def zygote_notes(self, profiles: list[Profile]) -> list[str]:
+        """What forking from a zygote changes, for the manifest's fidelity notes."""
+        return []
+
+    def zygote_info(self) -> dict | None:
+        """{pid, shared_mb} of the node zygote when nodes are forked from one, else None."""
+        return None
 
     @abstractmethod
     def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:

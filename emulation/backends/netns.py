@@ -19,6 +19,9 @@ from .base import Backend
 from .process import ProcessBackend, _die_with_parent, node_command
 
 
+MIN_OWN_MB = 64  # the least memory of its own a forked node's cgroup gets
+
+
 class NetnsBackend(ProcessBackend):
     """Processes as in the process backend, each inside its namespace and cgroup."""
     name = "netns"
@@ -76,17 +79,40 @@ class NetnsBackend(ProcessBackend):
         delay = profile.latency_ms * dilation if self.netem else 0.0
         link.shape(N.Shaping(profile.uplink_mbit / dilation, delay), N.Shaping(profile.downlink_mbit / dilation, delay),
                    self.netem)
-        cg.create(profile.cpu_share / dilation, profile.memory_mb)
+        cg.create(profile.cpu_share / dilation, self._own_memory_mb(profile))
         cmd = node_command(name, profile, endpoint, dilation, shape_in_transport=False)
         cmd[cmd.index("--cpu-share") + 1] = "1"     # the kernel quota does it
         if not self.netem and profile.latency_ms > 0:  # latency only, in the transport
             cmd += ["--latency-ms", f"{profile.latency_ms * dilation:.6g}"]
+        if self.zygote is not None:  # enters its cgroup and namespace itself, right after fork
+            self.logs.mkdir(parents=True, exist_ok=True)
+            self._fork(name, cmd, profile.threads, cg.procs_files(), ns.path)
+            return
 
         def enter_sandbox():
             _die_with_parent()
             cg.add(os.getpid())  # before exec: everything the node runs is limited
 
         self._spawn(name, [*ns.exec_prefix(), *cmd], profile.threads, preexec=enter_sandbox)
+
+    def _shared_mb(self) -> float:
+        return self.zygote.shared_mb if self.zygote is not None else 0.0
+
+    def _own_memory_mb(self, profile: Profile) -> int:
+        """A forked node's shared pages (libraries, weights) stay charged to the zygote, so its
+        cgroup may hold only the rest of the device's memory."""
+        return max(MIN_OWN_MB, int(profile.memory_mb - self._shared_mb()))
+
+    def zygote_notes(self, profiles: list[Profile]) -> list[str]:
+        if self.zygote is None:
+            return []
+        notes = [f"nodes forked from one zygote: {self._shared_mb():.0f} MB shared copy-on-write and charged to "
+                 "the zygote; each node's cgroup limit is its profile memory minus that"]
+        small = sorted({p.name for p in profiles if p.memory_mb - self._shared_mb() < MIN_OWN_MB})
+        if small:
+            notes.append(f"profiles with less memory than the shared part + {MIN_OWN_MB} MB get {MIN_OWN_MB} MB of "
+                         f"their own: {', '.join(small)}")
+        return notes
 
     def exit_reason(self, name: str) -> str | None:
         reason = super().exit_reason(name)
@@ -99,7 +125,7 @@ class NetnsBackend(ProcessBackend):
         sb = self.sandboxes.get(name)
         if sb is None or sb[2].oom_kills() == 0:
             return None
-        return {"limit_mb": sb[3].memory_mb, "peak_mb": sb[2].peak_memory_bytes() / 2**20}
+        return {"limit_mb": sb[3].memory_mb, "peak_mb": sb[2].peak_memory_bytes() / 2**20 + self._shared_mb()}
 
     def limits(self, name: str) -> dict:
         ns, link, cg, _ = self.sandboxes[name]

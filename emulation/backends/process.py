@@ -55,11 +55,27 @@ def node_env(run_id: str, threads: int) -> dict[str, str]:
 
 class ProcessBackend(Backend):
     name = "process"
+    forks_nodes = True  # can fork nodes from a zygote
 
     def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
         super().__init__(run_id, workdir, caps)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = self.workdir / "logs"
+        self.zygote = None
+
+    def prepare(self, spec: dict, dataset: str, zygote: bool) -> None:
+        if zygote and self.zygote is None:
+            from ..zygote import Zygote
+            self.zygote = Zygote(spec, dataset, node_env(self.run_id, 1), self.logs / "zygote.log")
+
+    def zygote_info(self) -> dict | None:
+        return None if self.zygote is None else {"pid": self.zygote.pid, "shared_mb": self.zygote.shared_mb}
+
+    def zygote_notes(self, profiles: list[Profile]) -> list[str]:
+        if self.zygote is None:
+            return []
+        return [f"nodes forked from one zygote: {self.zygote.shared_mb:.0f} MB shared copy-on-write; "
+                "each node's peak memory still counts the shared pages it uses"]
 
     def cpu_demand(self, profile: Profile) -> float:
         """No quota here: a training node keeps all its threads busy, however slow it pretends to be."""
@@ -80,10 +96,20 @@ class ProcessBackend(Backend):
     def _spawn(self, name: str, cmd: list[str], threads: int, preexec=_die_with_parent) -> None:
         """Start a node program in its own session, output to logs/<name>.log."""
         self.logs.mkdir(parents=True, exist_ok=True)
+        if self.zygote is not None:
+            self._fork(name, cmd, threads)
+            return
         with open(self.logs / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(cmd, env=node_env(self.run_id, threads), stdin=subprocess.DEVNULL,
                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                                 preexec_fn=preexec)
+
+    def _fork(self, name: str, cmd: list[str], threads: int, cgroup_procs: list[str] = (),
+              netns: str | None = None) -> None:
+        """The same node program forked from the zygote: `cmd` is `python -m node ARGS`."""
+        assert cmd[1:3] == ["-m", "node"], cmd
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.procs[name] = self.zygote.spawn(cmd[3:], env, self.logs / f"{name}.log", cgroup_procs, netns)
 
     def alive(self, name: str) -> bool:
         p = self.procs.get(name)
@@ -122,6 +148,8 @@ class ProcessBackend(Backend):
                 _kill_group(p, signal.SIGKILL)
                 p.wait()
             self.procs.pop(name, None)
+        if self.zygote is not None:
+            self.zygote.close()
 
 
 def _kill_group(p: subprocess.Popen, sig: int) -> None:

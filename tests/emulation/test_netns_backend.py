@@ -1,6 +1,7 @@
 """Real namespaces, veths, qdiscs and cgroups: limits are in force, and nothing is left after."""
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -14,12 +15,20 @@ from emulation.profiles import get_profile
 pytestmark = pytest.mark.emulation
 
 
-@pytest.fixture
-def backend(netns_caps, tmp_path):
+SPEC = {"name": "all-minilm-l6-v2", "num_labels": 2, "num_layers": 2, "seed": 0}
+
+
+# every test runs twice: nodes as their own interpreters (`ip netns exec`), and forked from the
+# node zygote (they enter their cgroup and namespace themselves, right after fork)
+@pytest.fixture(params=[False, True], ids=["exec", "zygote"])
+def backend(request, netns_caps, tmp_path):
     run_id = f"test-{uuid.uuid4().hex[:6]}"
     b = NetnsBackend(run_id, tmp_path, netns_caps)
-    yield b
-    b.teardown()
+    try:
+        b.prepare(SPEC, "rotten_tomatoes", zygote=request.param)
+        yield b
+    finally:
+        b.teardown()
 
 
 def test_limits_are_in_force_and_removed(backend, netns_caps):
@@ -30,7 +39,8 @@ def test_limits_are_in_force_and_removed(backend, netns_caps):
     assert backend.alive("n0")
     lim = backend.limits("n0")
     assert lim["cpu_share"] == pytest.approx(0.18 / 2.0, rel=0.02)
-    assert lim["memory_bytes"] == 1500 * 2**20
+    shared = backend.zygote.shared_mb if backend.zygote else 0  # charged to the zygote, not the node
+    assert lim["memory_bytes"] == int(1500 - shared) * 2**20
     assert "htb" in lim["uplink"] and "htb" in lim["downlink"]
     ns, link, cg, _ = backend.sandboxes["n0"]
     up = netns.sh("ip", "netns", "exec", ns.name, "tc", "class", "show", "dev", link.node_if).stdout
@@ -39,6 +49,7 @@ def test_limits_are_in_force_and_removed(backend, netns_caps):
     assert "rate 10Mbit" in down, down    # 20 Mbit/s at dilation 2
     pid = backend.procs["n0"].pid
     assert pid in cg.pids(), "the node must run inside its cgroup"
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(ns.path).st_ino, "and inside its namespace"
     assert ns.name in netns.sh("ip", "netns", "list").stdout
     backend.teardown()
     assert not backend.alive("n0")
@@ -68,8 +79,10 @@ def test_node_reaches_aggregator_through_the_bridge(backend):
         router.close()
 
 
-def test_clean_removes_leftovers_of_a_crashed_run(netns_caps, tmp_path):
+@pytest.mark.parametrize("zygote", [False, True], ids=["exec", "zygote"])
+def test_clean_removes_leftovers_of_a_crashed_run(netns_caps, tmp_path, zygote):
     b = NetnsBackend(f"crash-{uuid.uuid4().hex[:6]}", tmp_path, netns_caps)
+    b.prepare(SPEC, "rotten_tomatoes", zygote=zygote)
     ip = b.bind_address("127.0.0.1")
     b.start("n0", get_profile("host"), f"tcp://{ip}:1", dilation=1.0)
     time.sleep(0.5)

@@ -89,3 +89,25 @@ def test_evaluate_reports_accuracy(base):
     plan = lora_plan()
     res = trainer.evaluate(model, plan, trainer.trainable_state(trainer.build_model(model, plan)), data)
     assert 0 <= res["accuracy"] <= 1 and res["loss"] > 0
+
+
+@pytest.mark.parametrize("plan", [
+    {"method": "full", "blocks": [1], "head": True},
+    {"method": "full", "blocks": [0, 1], "head": True, "train_embeddings": True},
+    {"method": "full", "blocks": [], "head": True},
+    lora_plan(blocks=[1]),
+], ids=["full-top", "full-all-emb", "head-only", "lora"])
+def test_frozen_weights_are_shared_and_the_base_is_never_written(base, plan):
+    model, data = base
+    plan = {"local_steps": 2, "batch_size": 8, "lr": 1e-2, "seed": 1, **plan}
+    m = trainer.build_model(model, plan)
+    base_ids = {id(p): k for k, p in model.named_parameters()}
+    for name, p in m.named_parameters():
+        key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if p.requires_grad or key.startswith(trainer.HEAD_PREFIXES) or ".original_module." in name:
+            assert id(p) not in base_ids, f"{name} trains (or is the head): it must be the model's own copy"
+        else:
+            assert base_ids.get(id(p)) == key, f"{name} is frozen: it must be the base's tensor, not a copy"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train(model, plan, trainer.trainable_state(m), data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
