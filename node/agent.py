@@ -55,6 +55,7 @@ class Agent:
         import psutil
         return {"hostname": socket.gethostname(), "machine": platform.machine(), "python": platform.python_version(),
                 "cpus": os.cpu_count(), "threads": self.threads, "mem_total_mb": psutil.virtual_memory().total // 2**20,
+                "mem_available_mb": psutil.virtual_memory().available // 2**20,
                 "pid": os.getpid()}
 
     # -- handlers --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`python -m testbed run | validate | report | clean` (the CLI contract of DESIGN.md)."""
+"""`python -m testbed run | validate | report | calibrate | clean` (the CLI contract of DESIGN.md)."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="(re)write report.md and plots of a run folder")
     p.add_argument("dir")
     p.set_defaults(fn=cmd_report)
+    from .calibrate import add_parser as add_calibrate
+    add_calibrate(sub)
     c = sub.add_parser("clean", help="remove every sandbox, process and network object the testbed left behind")
     c.add_argument("--run", help="only this run id (default: all runs)")
     c.set_defaults(fn=cmd_clean)

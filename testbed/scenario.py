@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from emulation.profiles import PROFILES, Profile
 
@@ -89,9 +90,11 @@ class NodeGroup(Strict):
 
     @field_validator("profile")
     @classmethod
-    def _profile(cls, v: str) -> str:
-        if v not in PROFILES:
-            raise ValueError(f"unknown profile {v!r}; allowed: {', '.join(PROFILES)}")
+    def _profile(cls, v: str, info: ValidationInfo) -> str:
+        custom = sorted((info.context or {}).get("profiles", ()))
+        if v not in PROFILES and v not in custom:
+            raise ValueError(f"unknown profile {v!r}; allowed: {', '.join([*PROFILES, *custom])} "
+                             "(or define it under profiles:)")
         return v
 
     @field_validator("overrides", "ranges")
@@ -109,6 +112,17 @@ class NodeGroup(Strict):
             if not 0 <= lo <= hi:
                 raise ValueError(f"range for {k} must satisfy 0 <= lo <= hi, got [{lo}, {hi}]")
         return v
+
+
+class ProfileSpec(Strict):
+    """A device profile defined in the scenario (e.g. pasted from `python -m testbed calibrate`)."""
+    cpu_share: float = Field(gt=0, description="training throughput in host cores (emulation/profiles.py)")
+    threads: int = Field(1, ge=1)
+    memory_mb: int = Field(gt=0)
+    uplink_mbit: float = Field(0.0, ge=0, description="0 = unshaped")
+    downlink_mbit: float = Field(0.0, ge=0, description="0 = unshaped")
+    latency_ms: float = Field(0.0, ge=0)
+    source: str = "defined in the scenario"
 
 
 class StrategyEntry(Strict):
@@ -164,9 +178,21 @@ class Scenario(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
+    profiles: dict[str, ProfileSpec] = Field(default_factory=dict, description="device profiles of this scenario")
     nodes: list[NodeGroup] = Field(min_length=1)
     strategies: Strategies
     aggregator: AggregatorConfig = AggregatorConfig()
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles(cls, v: dict) -> dict:
+        for name in v:
+            if name in PROFILES:
+                raise ValueError(f"@{name}: profile {name!r} is built in (emulation/profiles.py): "
+                                 "give yours another name")
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$", name):
+                raise ValueError(f"profile name {name!r}: letters, digits, '_', '.', '-' (at most 41)")
+        return v
 
     @field_validator("zygote", mode="before")
     @classmethod
@@ -219,8 +245,9 @@ def expand_nodes(sc: Scenario) -> list[NodeSpec]:
                 fields["threads"] = max(1, int(round(fields["threads"])))
             if "memory_mb" in fields:
                 fields["memory_mb"] = int(fields["memory_mb"])
-            out.append(NodeSpec(name=f"{g.group}-{i}", group=g.group,
-                                profile=PROFILES[g.profile].with_overrides(**fields), remote=g.backend == "remote"))
+            base = PROFILES.get(g.profile) or Profile(name=g.profile, **sc.profiles[g.profile].model_dump())
+            out.append(NodeSpec(name=f"{g.group}-{i}", group=g.group, profile=base.with_overrides(**fields),
+                                remote=g.backend == "remote"))
     return out
 
 
@@ -229,9 +256,9 @@ def _format_errors(path: str, err: ValidationError, doc: Any) -> str:
     for e in err.errors():
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
         msg = e["msg"].removeprefix("Value error, ")
-        sub = re.match(r"(params\.[\w.]+): ", msg)  # a validator that checked a nested field names it
+        sub = re.match(r"(params\.[\w.]+|@[\w.-]+): ", msg)  # a validator that checked a nested field names it
         if sub:
-            loc, msg = f"{loc}.{sub.group(1)}", msg[sub.end():]
+            loc, msg = f"{loc}.{sub.group(1).lstrip('@')}", msg[sub.end():]
         got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""
         lines.append(f"  {path}: {loc or '<top>'}: {msg}{got}")
     return "\n".join(lines)
@@ -241,7 +268,8 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
     if not isinstance(doc, dict):
         raise ScenarioError(f"{path}: a scenario must be a YAML mapping, got {type(doc).__name__}")
     try:
-        return Scenario.model_validate(doc)
+        custom = doc.get("profiles")
+        return Scenario.model_validate(doc, context={"profiles": set(custom) if isinstance(custom, dict) else set()})
     except ValidationError as err:
         raise ScenarioError(_format_errors(path, err, doc)) from None
 

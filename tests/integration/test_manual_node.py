@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -46,22 +47,56 @@ def procs():
             p.wait()
 
 
-@pytest.mark.parametrize("backend", ["process", "netns"])
-def test_hand_started_node_joins_and_trains(backend, tmp_path, procs):
+def _needs_netns():
+    from emulation.backends import netns_missing
+    from emulation.probe import probe
+    missing = netns_missing(probe())
+    if missing:
+        pytest.skip(f"netns unavailable: missing {', '.join(missing)}")
+
+
+@pytest.fixture
+def device_netns():
+    """A 'device' on its own network: a namespace joined to the host by one veth pair
+    (10.232.0.1 on the host, 10.232.0.2 inside), like a Pi on a LAN. Removed after the test."""
+    from emulation import netns as N
+    _needs_netns()
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, dev_if = f"{N.NS_PREFIX}t{tag}-pi", f"{N.IF_PREFIX}t{tag}h", f"{N.IF_PREFIX}t{tag}d"
+    try:
+        N.sh("ip", "netns", "add", ns)
+        N.sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", dev_if)
+        N.sh("ip", "link", "set", dev_if, "netns", ns)
+        N.sh("ip", "addr", "add", "10.232.0.1/30", "dev", host_if)
+        N.sh("ip", "link", "set", host_if, "up")
+        for cmd in (["addr", "add", "10.232.0.2/30", "dev", dev_if], ["link", "set", dev_if, "up"],
+                    ["link", "set", "lo", "up"]):
+            N.sh("ip", "-n", ns, *cmd)
+        yield ns
+    finally:
+        N.sh("ip", "link", "del", host_if, check=False)
+        N.sh("ip", "netns", "del", ns, check=False)
+
+
+# process / netns: the emulated node on that backend, the hand-started one on loopback;
+# remote-netns: the hand-started node in a namespace of its own, reaching the aggregator over a veth
+@pytest.mark.parametrize("backend", ["process", "netns", "remote-netns"])
+def test_hand_started_node_joins_and_trains(backend, tmp_path, procs, request):
+    prefix, bind = [], "127.0.0.1"
     if backend == "netns":
-        from emulation.backends import netns_missing
-        from emulation.probe import probe
-        missing = netns_missing(probe())
-        if missing:
-            pytest.skip(f"netns backend unavailable: missing {', '.join(missing)}")
+        _needs_netns()
+    if backend == "remote-netns":
+        ns = request.getfixturevalue("device_netns")
+        prefix, bind, backend = ["ip", "netns", "exec", ns], "10.232.0.1", "process"
     port = free_port()
     scenario = tmp_path / "tiny.yaml"
-    scenario.write_text(textwrap.dedent(TINY).replace("PORT", str(port)).replace("BACKEND", backend))
+    scenario.write_text(textwrap.dedent(TINY).replace("PORT", str(port)).replace("BACKEND", backend)
+                        .replace("bind: 127.0.0.1", f"bind: {bind}"))
     out = tmp_path / "run"
     run = subprocess.Popen([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out)],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     procs.append(run)
-    node = subprocess.Popen([sys.executable, "-m", "node", "--connect", f"tcp://127.0.0.1:{port}",
+    node = subprocess.Popen([*prefix, sys.executable, "-m", "node", "--connect", f"tcp://{bind}:{port}",
                              "--name", "pi-0", "--profile", "rpi4", "--threads", "1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     procs.append(node)

@@ -289,3 +289,37 @@ def test_dilation_off_auto_and_numbers():
     assert parse({**base, "dilation": 2.5}).dilation == 2.5
     with pytest.raises(ScenarioError, match="dilation"):
         parse({**base, "dilation": 0.5})
+
+
+def test_scenario_defines_its_own_profiles():
+    doc = copy.deepcopy(MINIMAL)
+    doc["profiles"] = {"my-pi": {"cpu_share": 0.21, "threads": 4, "memory_mb": 3500, "uplink_mbit": 18.5,
+                                 "downlink_mbit": 41.0, "latency_ms": 3.2, "source": "calibrated"}}
+    doc["nodes"] = [{"group": "pi", "count": 2, "profile": "my-pi", "overrides": {"memory_mb": 3000}}]
+    nodes = expand_nodes(parse(doc))
+    p = nodes[0].profile
+    assert (p.name, p.cpu_share, p.threads, p.memory_mb, p.uplink_mbit, p.source) == \
+        ("my-pi", 0.21, 4, 3000, 18.5, "calibrated")
+
+
+@pytest.mark.parametrize("profiles,needle", [
+    ({"rpi5": {"cpu_share": 1, "memory_mb": 100}}, "profiles.rpi5: profile 'rpi5' is built in"),
+    ({"x": {"cpu_share": 0, "memory_mb": 100}}, "profiles.x.cpu_share: Input should be greater than 0"),
+    ({"x": {"cpu_share": 1}}, "profiles.x.memory_mb: Field required"),
+    ({"x": {"cpu_share": 1, "memory_mb": 9, "speed": 2}}, "profiles.x.speed: Extra inputs are not permitted"),
+])
+def test_bad_scenario_profiles_are_named(profiles, needle):
+    doc = copy.deepcopy(MINIMAL)
+    doc["profiles"] = profiles
+    with pytest.raises(ScenarioError) as err:
+        parse(doc, "s.yaml")
+    assert needle in str(err.value), str(err.value)
+
+
+def test_unknown_profile_lists_the_scenario_ones_too():
+    doc = copy.deepcopy(MINIMAL)
+    doc["profiles"] = {"my-pi": {"cpu_share": 0.2, "memory_mb": 900}}
+    doc["nodes"][0]["profile"] = "my-pj"
+    with pytest.raises(ScenarioError) as err:
+        parse(doc, "s.yaml")
+    assert "nodes[0].profile: unknown profile 'my-pj'" in str(err.value) and "my-pi" in str(err.value)
