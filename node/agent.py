@@ -19,12 +19,14 @@ from . import protocol as P
 from .shaping import Link
 
 log = logging.getLogger("node")
+NODE_KEY_ENV = "FEDGE_NODE_KEY"  # this node's CURVE secret key (z85), given by the join command
 
 
 class Agent:
     def __init__(self, connect: str, name: str, profile: str | None = None, threads: int | None = None,
                  uplink: Link | None = None, downlink: Link | None = None, cpu_share: float = 1.0,
-                 heartbeat_s: float = 2.0, max_idle_s: float = 0.0):
+                 heartbeat_s: float = 2.0, max_idle_s: float = 0.0, server_key: str | None = None,
+                 secret_key: str | None = None):
         if not 0 < cpu_share <= 1:
             raise ValueError("cpu_share must be in (0, 1]")
         self.connect, self.name, self.profile = connect, name, profile
@@ -37,6 +39,12 @@ class Agent:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
+        if server_key:  # CURVE: encrypted, and the aggregator admits only the run's node keys
+            if not secret_key:
+                raise ValueError(f"--server-key needs this node's secret key in ${NODE_KEY_ENV} or --key-file")
+            self.sock.curve_serverkey = server_key.encode()
+            self.sock.curve_secretkey = secret_key.encode()
+            self.sock.curve_publickey = zmq.curve_public(secret_key.encode())
 
     # -- messaging -------------------------------------------------------------------------
     def send(self, type_: str, round_: int = 0, meta: dict | None = None, tensors: dict | None = None,
@@ -49,7 +57,13 @@ class Agent:
         return nbytes, spent
 
     def phase(self, phase: str, round_: int = 0) -> None:
-        self.send(P.HEARTBEAT, round_, {"phase": phase})
+        """A heartbeat never blocks: with no connection to the aggregator (down, or refusing this
+        node's key) it is dropped, so the loop still notices --max-idle-s."""
+        frames = P.encode(P.Message(P.HEARTBEAT, run=self.run_id, round=round_, meta={"phase": phase}))
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("%s: heartbeat dropped: no connection to the aggregator", self.name)
 
     def capabilities(self) -> dict:
         import psutil
@@ -148,11 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-ms", type=float, default=0.0, help="in-transport one-way latency")
     ap.add_argument("--cpu-share", type=float, default=1.0, help="stretch compute time to emulate a slower CPU")
     ap.add_argument("--max-idle-s", type=float, default=0.0, help="leave after this long without a message (0 = never)")
+    ap.add_argument("--server-key", default=None, help="the aggregator's CURVE public key (from the join command)")
+    ap.add_argument("--key-file", default=None, help=f"file holding this node's CURVE secret key (else ${NODE_KEY_ENV})")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
+    secret = os.environ.get(NODE_KEY_ENV)
+    if a.key_file:
+        with open(a.key_file) as fh:
+            secret = fh.read().strip()
     logging.basicConfig(level=a.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     agent = Agent(a.connect, a.name, a.profile, a.threads, Link(a.uplink_mbit, a.latency_ms),
-                  Link(a.downlink_mbit, a.latency_ms), a.cpu_share, max_idle_s=a.max_idle_s)
+                  Link(a.downlink_mbit, a.latency_ms), a.cpu_share, max_idle_s=a.max_idle_s,
+                  server_key=a.server_key, secret_key=secret)
     return agent.run()
 
 

@@ -57,13 +57,29 @@ class RoundOutcome:
 
 class Aggregator:
     def __init__(self, run_id: str, expected: dict[str, str], welcome: Callable[[str], tuple[dict, dict]],
-                 bind: str = "127.0.0.1", port: int = 0):
-        """`expected`: node name -> profile name; `welcome(name)` gives that node's WELCOME (meta, tensors)."""
+                 bind: str = "127.0.0.1", port: int = 0, keys=None):
+        """`expected`: node name -> profile name; `welcome(name)` gives that node's WELCOME (meta, tensors);
+        `keys` (testbed.auth.RunKeys): admit only CURVE clients with the run's node keys."""
         self.run_id, self.expected, self.welcome = run_id, expected, welcome
-        self.ctx = zmq.Context.instance()
+        self.keys, self.authenticator = keys, None
+        if keys is not None:  # its own context: one ZAP handler per context
+            from .auth import NodeAuthenticator
+            self.ctx = zmq.Context()
+            self.authenticator = NodeAuthenticator(self.ctx, keys)
+            self.authenticator.start()
+        else:
+            self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.monitor = None
+        self.handshake_failures = 0  # CURVE handshakes that failed before any key check (no or bad CURVE)
+        if keys is not None:
+            self.sock.curve_server = True
+            self.sock.curve_secretkey = keys.server_secret.encode()
+            self.sock.curve_publickey = keys.server_public.encode()
+            self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                                                        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         if port:
             self.sock.bind(f"tcp://{bind}:{port}")
         else:
@@ -130,6 +146,7 @@ class Aggregator:
         """Handle what arrives within `timeout_s`; returns (node, message, bytes) for RESULT and ERROR."""
         out = []
         deadline = time.monotonic() + max(0.0, timeout_s)
+        self._drain_monitor()
         while True:
             remaining = deadline - time.monotonic()
             if not self.sock.poll(max(0, int(remaining * 1000)) if not out else 0):
@@ -159,7 +176,7 @@ class Aggregator:
             return None
         name = self.by_id.get(peer_id)
         if msg.type == P.HELLO:
-            self._hello(peer_id, msg, nbytes)
+            self._hello(peer_id, msg, nbytes, body[0].get("User-Id") if self.keys is not None and body else None)
             return None
         if name is None:
             self._reject(peer_id, f"{msg.type} before HELLO: say HELLO with your node name first")
@@ -191,11 +208,14 @@ class Aggregator:
         self._reject(peer_id, f"a node may not send {msg.type}")
         return None
 
-    def _hello(self, peer_id: bytes, msg: P.Message, nbytes: int) -> None:
+    def _hello(self, peer_id: bytes, msg: P.Message, nbytes: int, user_id: str | None = None) -> None:
         name = msg.meta.get("name")
         if not isinstance(name, str) or name not in self.expected:
             self._reject(peer_id, f"unknown node name {name!r}; this run expects: {', '.join(sorted(self.expected))}",
                          fatal=True)
+            return
+        if self.keys is not None and user_id != name:  # a node's key admits it under its own name only
+            self._reject(peer_id, f"this connection's key belongs to node {user_id!r}, not {name!r}", fatal=True)
             return
         old = self.peers.get(name)
         if old is not None and old.peer_id != peer_id:
@@ -289,8 +309,31 @@ class Aggregator:
         wall = (time.monotonic() if pending else last_done) - t0
         return RoundOutcome(results, records, wall)
 
+    def _drain_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        while self.monitor is not None and self.monitor.poll(0):
+            ev = recv_monitor_message(self.monitor)
+            self.handshake_failures += 1
+            log.warning("refused a connection on %s: CURVE handshake failed (%s; a client without the run's "
+                        "keys?)", ev.get("endpoint", b"?").decode(errors="replace"), ev.get("event"))
+
+    @property
+    def refused_total(self) -> int:
+        """Connections refused: unknown CURVE key, or no valid CURVE handshake at all. They never
+        reach the socket as messages."""
+        self._drain_monitor()
+        return self.handshake_failures + (self.authenticator.refused_total if self.authenticator is not None else 0)
+
     def close(self, say_bye: bool = True) -> None:
         if say_bye:
             for name in list(self.peers):
                 self.send(name, P.BYE)
+        if self.monitor is not None:
+            self._drain_monitor()
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         self.sock.close(linger=0)
+        if self.authenticator is not None and self.authenticator.thread is not None:
+            self.authenticator.stop()
+            self.ctx.term()

@@ -86,5 +86,5 @@ class Progress:
         self._refresh()
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)  # commands stay one line (copy-paste)
         self._refresh()

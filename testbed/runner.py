@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import signal
 import time
 import uuid
@@ -133,6 +134,8 @@ class Run:
             "run_id": self.run_id, "scenario_file": self.source, "scenario": self.sc.model_dump(mode="json"),
             "backend": self.backend_name, "backend_reason": self.backend_reason,
             "capabilities": self.caps, "dilation": self.dilation, "dilation_mode": self.sc.dilation,
+            "auth": ({"mechanism": "curve", "server_public_key": self.keys.server_public}
+                     if getattr(self, "keys", None) else {"mechanism": "none"}),
             "fidelity": self.fidelity, "zygote": self.backend.zygote_info() if hasattr(self, "backend") else None,
             "host": {"cores": self.caps["cores"], "memory_mb": self.caps["memory_mb"], "machine": platform.machine(),
                      "python": platform.python_version(), "hostname": platform.node()},
@@ -192,23 +195,30 @@ class Run:
         try:
             with progress:
                 self._prepare_zygote(local)
+                self.keys = self._make_keys()
+                backend.keys = self.keys
                 progress.message(f"run {self.run_id}: backend {self.backend_name} ({self.backend_reason}); "
                                  f"dilation {self.dilation:g}; {len(self.nodes)} nodes; output {self.out}")
                 progress.message(describe(self.caps))
                 for note in self.fidelity:
                     progress.message(f"[yellow]fidelity:[/] {note}")
                 agg = Aggregator(self.run_id, {n.name: n.profile.name for n in self.nodes}, self.welcome,
-                                 bind=backend.bind_address(sc.aggregator.bind), port=sc.aggregator.port)
+                                 bind=backend.bind_address(sc.aggregator.bind), port=sc.aggregator.port,
+                                 keys=self.keys)
                 agg.on_phase = progress.node_phase
                 join = agg.endpoint  # where hand-started (remote) devices dial in
                 if any(n.remote for n in self.nodes) and agg.bind != sc.aggregator.bind:
                     join = agg.listen_also(sc.aggregator.bind, sc.aggregator.port)
                 self._write_json("manifest.json", self.manifest(status="starting", endpoint=agg.endpoint, join=join))
                 endpoint = f"tcp://{backend.connect_address(agg.bind)}:{agg.port}"
+                joins = {n.name: self._join_command(n, join) for n in self.nodes if n.remote}
+                if joins:  # the commands hold secret keys: the file is for this user only
+                    fd = os.open(self.out / "join.sh", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    with os.fdopen(fd, "w") as fh:
+                        fh.write("# run each line on its device\n" + "\n".join(joins.values()) + "\n")
                 for n in self.nodes:
                     if n.remote:
-                        progress.message(f"waiting for {n.name} ({n.profile.name}) to join: python -m node "
-                                         f"--connect {join} --name {n.name} --profile {n.profile.name}")
+                        progress.message(f"waiting for {n.name} ({n.profile.name}) to join: {joins[n.name]}")
                     else:
                         backend.start(n.name, n.profile, endpoint, self.dilation)
                 names = {n.name for n in self.nodes}
@@ -241,6 +251,26 @@ class Run:
             self._finish(status, agg)
         return self.summary
 
+    def _make_keys(self):
+        """CURVE keys of this run (aggregator.auth: curve), saved to keys.json (mode 0600)."""
+        if self.sc.aggregator.auth == "none":
+            self.fidelity.append("aggregator.auth: none: any process that reaches the aggregator can join")
+            return None
+        from .auth import RunKeys, curve_available
+        if not curve_available():
+            raise RunError("aggregator.auth: curve needs a libzmq built with CURVE (pyzmq's wheels are); "
+                           "install one or set aggregator.auth: none")
+        keys = RunKeys.generate([n.name for n in self.nodes])
+        keys.save(self.out / "keys.json")
+        return keys
+
+    def _join_command(self, n: NodeSpec, endpoint: str) -> str:
+        # z85 keys use shell metacharacters (<, >, $, &, ...): quote, so the line pastes into a shell
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in (self.keys.join_env(n.name) if self.keys else {}).items())
+        args = " ".join(map(shlex.quote, self.keys.join_args())) if self.keys else ""
+        return " ".join(x for x in (env, "python -m node --connect", endpoint, "--name", n.name, "--profile",
+                                    n.profile.name, args) if x)
+
     def _prepare_zygote(self, local: list[NodeSpec]) -> None:
         sc = self.sc
         want = sc.zygote == "on" or (sc.zygote == "auto" and len(local) >= ZYGOTE_AUTO_NODES)
@@ -256,6 +286,7 @@ class Run:
         extra = {"status": status, "stopped_early": self.stopped, "restarts": self.restarts}
         if agg is not None:  # every byte each node sent and received, control messages included
             extra["rejected_messages"] = agg.rejected_total
+            extra["refused_connections"] = agg.refused_total
             extra["traffic"] = {n: {"up": agg.traffic[(n, "up")], "down": agg.traffic[(n, "down")]} for n in agg.peers}
         if hasattr(self, "caps"):
             self._write_json("manifest.json", self.manifest(**extra))

@@ -165,6 +165,7 @@ class AggregatorConfig(Strict):
     bind: str = Field("127.0.0.1", description="address the aggregator listens on")
     port: int = Field(0, ge=0, le=65535, description="0 = any free port")
     register_timeout_s: float = Field(600.0, gt=0)
+    auth: Literal["curve", "none"] = Field("curve", description="curve: only nodes holding the run's keys get in")
 
 
 class Scenario(Strict):

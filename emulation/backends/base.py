@@ -25,6 +25,13 @@ class Backend(ABC):
         self.run_id = run_id
         self.workdir = Path(workdir)
         self.caps = caps
+        self.keys = None  # testbed.auth.RunKeys: each node gets its own CURVE key, as a real device does
+
+    def auth_args(self) -> list[str]:
+        return self.keys.join_args() if self.keys is not None else []
+
+    def auth_env(self, name: str) -> dict[str, str]:
+        return self.keys.join_env(name) if self.keys is not None else {}
 
     def bind_address(self, requested: str) -> str:
         """Where the aggregator must listen so this backend's nodes reach it (default: as the scenario says)."""

@@ -171,9 +171,9 @@ class DockerBackend(Backend):
         safe = re.sub(r"[^a-zA-Z0-9_.-]", "_", name)
         env = {RUN_ENV: self.run_id, "OMP_NUM_THREADS": str(profile.threads), "MKL_NUM_THREADS": str(profile.threads),
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", **self.auth_env(name)}
         container = self.client.containers.run(
-            self.image, self._command(name, profile, endpoint, dilation), name=f"{NAME_PREFIX}{self.hash}-{safe}",
+            self.image, [*self._command(name, profile, endpoint, dilation), *self.auth_args()], name=f"{NAME_PREFIX}{self.hash}-{safe}",
             hostname=safe[:63], detach=True, init=True, network=self.network.name, environment=env,
             labels={**self.labels, LABEL_NODE: name}, nano_cpus=int(round(cpus * 1e9)), mem_limit=mem,
             memswap_limit=mem, cap_add=["NET_ADMIN"], stdin_open=False)

@@ -100,7 +100,9 @@ class ProcessBackend(Backend):
             self._fork(name, cmd, threads)
             return
         with open(self.logs / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen(cmd, env=node_env(self.run_id, threads), stdin=subprocess.DEVNULL,
+            self.procs[name] = subprocess.Popen([*cmd, *self.auth_args()],
+                                                env={**node_env(self.run_id, threads), **self.auth_env(name)},
+                                                stdin=subprocess.DEVNULL,
                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                                 preexec_fn=preexec)
 
@@ -108,8 +110,9 @@ class ProcessBackend(Backend):
               netns: str | None = None) -> None:
         """The same node program forked from the zygote: `cmd` is `python -m node ARGS`."""
         assert cmd[1:3] == ["-m", "node"], cmd
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        self.procs[name] = self.zygote.spawn(cmd[3:], env, self.logs / f"{name}.log", cgroup_procs, netns)
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **self.auth_env(name)}
+        self.procs[name] = self.zygote.spawn([*cmd[3:], *self.auth_args()], env, self.logs / f"{name}.log",
+                                             cgroup_procs, netns)
 
     def alive(self, name: str) -> bool:
         p = self.procs.get(name)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -94,16 +96,38 @@ def test_hand_started_node_joins_and_trains(backend, tmp_path, procs, request):
                         .replace("bind: 127.0.0.1", f"bind: {bind}"))
     out = tmp_path / "run"
     run = subprocess.Popen([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out)],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "CI": "true"})
     procs.append(run)
-    node = subprocess.Popen([*prefix, sys.executable, "-m", "node", "--connect", f"tcp://{bind}:{port}",
-                             "--name", "pi-0", "--profile", "rpi4", "--threads", "1"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the operator copies the join command the run prints (it carries the node's CURVE key)
+    lines = []
+    for line in run.stdout:
+        lines.append(line)
+        if "to join: " in line:
+            break
+    else:
+        pytest.fail("the run printed no join command:\n" + "".join(lines)[-3000:])
+    words = shlex.split(line.split("to join: ", 1)[1])
+    env = dict(w.split("=", 1) for w in words[:words.index("python")])
+    assert words[words.index("python"):][:5] == ["python", "-m", "node", "--connect", f"tcp://{bind}:{port}"]
+    assert "--server-key" in words and env.get("FEDGE_NODE_KEY")
+    # a stranger with the right name and address but no key: refused, and it gives up
+    intruder = subprocess.Popen([*prefix, sys.executable, *words[words.index("python") + 1:words.index("--server-key")],
+                                 "--threads", "1", "--max-idle-s", "5"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    procs.append(intruder)
+    node = subprocess.Popen([*prefix, sys.executable, *words[words.index("python") + 1:], "--threads", "1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env})
     procs.append(node)
-    output, _ = run.communicate(timeout=600)
+    rest, _ = run.communicate(timeout=600)
+    output = "".join(lines) + rest
     assert run.returncode == 0, output[-3000:]
-    assert "pi-0" in output and "to join: python -m node --connect" in output
+    assert oct((out / "join.sh").stat().st_mode & 0o777) == "0o600" and line.split("to join: ", 1)[1].strip() in \
+        (out / "join.sh").read_text()
     assert node.wait(timeout=60) == 0, "the node must leave cleanly when the aggregator says BYE"
+    assert intruder.wait(timeout=60) == 3, "the keyless node never hears from the aggregator"
+    assert json.loads((out / "manifest.json").read_text())["refused_connections"] >= 1
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["round"] > 0]
     assert len(trained) == 2
