@@ -48,20 +48,20 @@ class Agent:
 
     # -- messaging -------------------------------------------------------------------------
     def send(self, type_: str, round_: int = 0, meta: dict | None = None, tensors: dict | None = None,
-             link: Link | None = None) -> tuple[int, float]:
-        """Send one message; through `link` when given (the shaped uplink). Returns (bytes, seconds)."""
+             link: Link | None = None, block: bool = True) -> tuple[int, float]:
+        """Send one message; through `link` when given (the shaped uplink). Returns (bytes, seconds).
+        With block=False a message that cannot be queued (no connection) raises zmq.Again."""
         frames = P.encode(P.Message(type_, run=self.run_id, round=round_, meta=meta or {}, tensors=tensors or {}))
         nbytes = P.frames_nbytes(frames)
         spent = link.transfer(nbytes) if link else 0.0
-        self.sock.send_multipart(frames, copy=False)
+        self.sock.send_multipart(frames, copy=False, flags=0 if block else zmq.NOBLOCK)
         return nbytes, spent
 
     def phase(self, phase: str, round_: int = 0) -> None:
         """A heartbeat never blocks: with no connection to the aggregator (down, or refusing this
         node's key) it is dropped, so the loop still notices --max-idle-s."""
-        frames = P.encode(P.Message(P.HEARTBEAT, run=self.run_id, round=round_, meta={"phase": phase}))
         try:
-            self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            self.send(P.HEARTBEAT, round_, {"phase": phase}, block=False)
         except zmq.Again:
             log.debug("%s: heartbeat dropped: no connection to the aggregator", self.name)
 

@@ -32,6 +32,13 @@ def curve_available() -> bool:
     return bool(zmq.has("curve"))
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds secret keys)."""
+    fd = os.open(Path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 @dataclass
 class RunKeys:
     server_public: str
@@ -48,11 +55,9 @@ class RunKeys:
         return keys
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"server_public": self.server_public, "server_secret": self.server_secret,
-                       "nodes": {n: {"public": p, "secret": s} for n, (p, s) in self.nodes.items()}}, fh, indent=1)
+        write_private(path, json.dumps({"server_public": self.server_public, "server_secret": self.server_secret,
+                                        "nodes": {n: {"public": p, "secret": s} for n, (p, s) in self.nodes.items()}},
+                                       indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "RunKeys":

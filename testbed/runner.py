@@ -213,9 +213,8 @@ class Run:
                 endpoint = f"tcp://{backend.connect_address(agg.bind)}:{agg.port}"
                 joins = {n.name: self._join_command(n, join) for n in self.nodes if n.remote}
                 if joins:  # the commands hold secret keys: the file is for this user only
-                    fd = os.open(self.out / "join.sh", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                    with os.fdopen(fd, "w") as fh:
-                        fh.write("# run each line on its device\n" + "\n".join(joins.values()) + "\n")
+                    from .auth import write_private
+                    write_private(self.out / "join.sh", "# run each line on its device\n" + "\n".join(joins.values()) + "\n")
                 for n in self.nodes:
                     if n.remote:
                         progress.message(f"waiting for {n.name} ({n.profile.name}) to join: {joins[n.name]}")
