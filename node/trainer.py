@@ -12,10 +12,17 @@ Plan fields (all plain msgpack types):
     lora: {r, alpha, dropout, target_modules, rank_pattern: {block: r}, alpha_pattern: {block: alpha}}
     head: bool (pooler + classifier train; always sent back)
     local_steps, batch_size, lr, weight_decay, max_len, seed
+    rank_penalty: {keep: k, weight: lam} (method "lora" only, optional): the local loss adds
+            lam x sum_m ||B_m[:, k:] A_m[k:, :]||_F over the LoRA modules m (a module of rank
+            <= k adds nothing), so the device itself drives its last ranks towards zero (HetLoRA's
+            rank self-pruning); the metrics then report tail_share, the share of the trained
+            update's norm in those ranks, sum_m ||B_m[:, k:] A_m[k:, :]||_F / sum_m ||B_m A_m||_F.
+            The reported loss stays the task loss.
 """
 from __future__ import annotations
 
 import copy
+import math
 import os
 import threading
 import time
@@ -195,6 +202,40 @@ def load_trainable(model, tensors: dict[str, np.ndarray]) -> None:
                 params[k].copy_(v)
 
 
+def rank_penalty(plan: dict) -> tuple[int, float] | None:
+    """The plan's (keep, weight) rank penalty, checked before any training; None without one."""
+    rp = plan.get("rank_penalty")
+    if rp is None:
+        return None
+    if plan["method"] != "lora":
+        raise ValueError(f"rank_penalty needs method lora, the plan has {plan['method']!r}")
+    if not isinstance(rp, dict) or set(rp) != {"keep", "weight"}:
+        raise ValueError(f"rank_penalty must be a map with exactly keep and weight, got {rp!r}")
+    k, lam = rp["keep"], rp["weight"]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"rank_penalty.keep must be an integer >= 1, got {k!r}")
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"rank_penalty.weight must be a finite number >= 0, got {lam!r}")
+    return k, float(lam)
+
+
+def lora_pairs(model) -> list[tuple[Any, Any]]:
+    """(A, B) weight of every LoRA module of the active adapter: A (r, in), B (out, r)."""
+    from peft.tuners.lora import LoraLayer
+    name = model.active_adapter
+    return [(m.lora_A[name].weight, m.lora_B[name].weight) for m in model.modules()
+            if isinstance(m, LoraLayer) and name in m.lora_A]
+
+
+def tail_share(pairs, keep: int) -> float:
+    """Share of the LoRA update norm in the rank slices keep.. (0 for a zero update)."""
+    import torch
+    with torch.no_grad():
+        tail = sum(float(torch.linalg.matrix_norm(b[:, keep:].double() @ a[keep:, :].double())) for a, b in pairs)
+        total = sum(float(torch.linalg.matrix_norm(b.double() @ a.double())) for a, b in pairs)
+    return tail / total if total > 0 else 0.0
+
+
 class Tokenized:
     """Token ids of a list of examples, padded to one length so batches are plain slices."""
 
@@ -238,11 +279,15 @@ class PeakRSS:
 def train(base, plan: dict, tensors: dict[str, np.ndarray], data: Tokenized) -> tuple[dict, dict[str, Any]]:
     """Run `plan` from `tensors` on `data`; return (trained tensors, measurements)."""
     import torch
+    penalty = rank_penalty(plan)
     t0 = time.perf_counter()
     with PeakRSS() as mem, torch.random.fork_rng():
         torch.manual_seed(int(plan.get("seed", 0)))  # dropout too: a plan + tensors give one result
         model = build_model(base, plan)
         load_trainable(model, tensors)
+        if penalty:
+            keep, lam = penalty
+            tails = [(a, b) for a, b in lora_pairs(model) if a.shape[0] > keep]
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=float(plan["lr"]), weight_decay=float(plan.get("weight_decay", 0.0)))
         gen = torch.Generator().manual_seed(int(plan.get("seed", 0)))
@@ -252,16 +297,21 @@ def train(base, plan: dict, tensors: dict[str, np.ndarray], data: Tokenized) -> 
         for _ in range(steps):
             idx = torch.randint(0, len(data), (min(bs, len(data)),), generator=gen)
             out = model(input_ids=data.input_ids[idx], attention_mask=data.attention_mask[idx], labels=data.labels[idx])
-            out.loss.backward()
+            loss = out.loss
+            if penalty:
+                loss = loss + lam * sum(torch.linalg.matrix_norm(b[:, keep:] @ a[keep:, :]) for a, b in tails)
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(out.loss.item())
         result = trainable_state(model)
+        measured = {"tail_share": tail_share(lora_pairs(model), keep)} if penalty else {}
         del model, opt
     compute_s = time.perf_counter() - t0
     return result, {"compute_s": compute_s, "peak_mem_mb": mem.peak / 2**20,
                     "loss": float(np.mean(losses)) if losses else None, "steps": steps,
-                    "samples": steps * min(bs, len(data)), "trained_params": int(sum(v.size for v in result.values()))}
+                    "samples": steps * min(bs, len(data)), "trained_params": int(sum(v.size for v in result.values())),
+                    **measured}
 
 
 def evaluate(base, plan: dict, tensors: dict[str, np.ndarray], data: Tokenized, batch_size: int = 64) -> dict:

@@ -32,13 +32,14 @@ Reconstructed here (every choice is a parameter):
   In both, a slice that no device of the round trained keeps its value (the literal formula
   would reset it to zero whenever no high-rank device is sampled, erasing what they learnt).
   The head (pooler + classifier; not in the paper) is averaged by sample count.
-- self-pruning (`self_prune`): the paper's penalty is part of the device's local loss, which
-  the node's trainer (a plain plan executor) cannot add, so this is a server-side variant of
-  the pruning decision only, without the penalty: after each round the server measures which
-  share of the device's LoRA update lies in its last ranks,
-  sum_m ||B_m[:, k:] A_m[k:, :]||_F / sum_m ||B_m A_m||_F over its modules m, with
-  k = the allowed rank at or below prune_decay x r_i; below `prune_threshold` the device's
-  rank becomes k from its next round on. Ranks only shrink, never below rank_min.
+- self-pruning (`self_prune`), on the device as in the paper: with k = the allowed rank at or
+  below prune_decay x r_i, the plan of a device whose rank can still shrink (k < r_i) carries
+  `rank_penalty: {keep: k, weight: prune_penalty}`, so its local loss adds
+  prune_penalty x sum_m ||B_m[:, k:] A_m[k:, :]||_F over its LoRA modules m, and the device
+  reports tail_share = sum_m ||B_m[:, k:] A_m[k:, :]||_F / sum_m ||B_m A_m||_F of what it
+  trained. Below `prune_threshold` the device's rank becomes k from its next round on. A
+  result without a (finite, >= 0) tail_share is measured the same way by the server on the
+  returned tensors. Ranks only shrink, never below rank_min.
 """
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ class HetLoRAParams(Params):
     prune_decay: float = Field(0.5, gt=0, lt=1, description="gamma: a pruned rank r becomes ~gamma x r")
     prune_threshold: float = Field(0.05, gt=0, lt=1, description="prune when the last ranks carry less "
                                                                 "than this share of the update norm")
+    prune_penalty: float = Field(0.01, ge=0, description="weight of the device's local penalty on the norm "
+                                                         "of its last ranks (self_prune only)")
 
     @model_validator(mode="after")
     def _check(self) -> "HetLoRAParams":
@@ -149,6 +152,10 @@ class HetLoRA(Strategy):
         r = self.profile_rank(node.profile)
         return min(r, self.prune_cap.get(node.name, r))
 
+    def prune_keep(self, r: int) -> int:
+        """The rank a device of rank r would be pruned to (>= r: it cannot shrink)."""
+        return self._floor_allowed(math.floor(self.p.prune_decay * r))
+
     # -- plans -----------------------------------------------------------------------------
     def plan_for(self, r: int, rnd: int = 0, index: int = 0) -> dict:
         p = self.p
@@ -166,7 +173,11 @@ class HetLoRA(Strategy):
             r = self.rank_of(n)
             ranks[n.name] = r
             tensors = {k: truncate(k, v, r) for k, v in state.items()}
-            tasks[n.name] = ({**self.plan_for(r, rnd, i), "hetlora_rank": r}, tensors)
+            plan = {**self.plan_for(r, rnd, i), "hetlora_rank": r}
+            keep = self.prune_keep(r)
+            if self.p.self_prune and keep < r:
+                plan["rank_penalty"] = {"keep": keep, "weight": self.p.prune_penalty}
+            tasks[n.name] = (plan, tensors)
         self.rank_log[rnd] = ranks
         return tasks
 
@@ -233,8 +244,12 @@ class HetLoRA(Strategy):
         if not ranks:
             return
         r = max(ranks)
-        keep = self._floor_allowed(math.floor(self.p.prune_decay * r))
+        keep = self.prune_keep(r)
         if keep >= r:
             return
-        if self.tail_share(u, keep) < self.p.prune_threshold:
+        share = u.metrics.get("tail_share")  # the device's own measure; metrics are untrusted input
+        if not (isinstance(share, (int, float)) and not isinstance(share, bool) and math.isfinite(share)
+                and share >= 0):
+            share = self.tail_share(u, keep)
+        if share < self.p.prune_threshold:
             self.prune_cap[u.node] = min(keep, self.prune_cap.get(u.node, keep))

@@ -207,7 +207,7 @@ def test_hetlora_rejects_one_sided_update():
         s.aggregate(1, [_update("a", {}, t, 1)], state)
 
 
-def test_hetlora_server_side_self_pruning():
+def test_hetlora_self_pruning_measured_by_the_server_without_a_report():
     s = HetLoRA({"ranks": {"agx-xavier": 4}, "rank_max": 4, "rank_min": 1, "self_prune": True,
                  "prune_decay": 0.5, "prune_threshold": 0.05}, _ctx(1))
     state = _state(1, 4)

@@ -111,3 +111,77 @@ def test_frozen_weights_are_shared_and_the_base_is_never_written(base, plan):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.train(model, plan, trainer.trainable_state(m), data)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _tail_share(state, keep):
+    """HetLoRA's measure on returned tensors: sum_m ||B_m[:, keep:] A_m[keep:]|| / sum_m ||B_m A_m||."""
+    tail = total = 0.0
+    for k, a in state.items():
+        if k.endswith("lora_A.weight"):
+            a, b = a.astype(np.float64), state[k.replace("lora_A", "lora_B")].astype(np.float64)
+            tail += np.linalg.norm(b[:, keep:] @ a[keep:, :])
+            total += np.linalg.norm(b @ a)
+    return tail / total
+
+
+def _nonzero_b(model, plan):
+    """Start tensors whose lora_B is not peft's zeros, so every rank slice carries update norm."""
+    rng = np.random.default_rng(0)
+    init = trainer.trainable_state(trainer.build_model(model, plan))
+    return {k: rng.normal(scale=0.05, size=v.shape).astype(np.float32) if "lora_B" in k else v
+            for k, v in init.items()}
+
+
+def test_rank_penalty_shrinks_the_tail_and_reports_it(base):
+    model, data = base
+    plan = lora_plan(local_steps=4)
+    init = _nonzero_b(model, plan)
+    plain, m_plain = trainer.train(model, plan, init, data)
+    pen, m_pen = trainer.train(model, {**plan, "rank_penalty": {"keep": 2, "weight": 0.1}}, init, data)
+    assert "tail_share" not in m_plain
+    assert m_pen["tail_share"] == pytest.approx(_tail_share(pen, 2), rel=1e-6)     # measured on the device
+    assert m_pen["tail_share"] < 0.5 * _tail_share(plain, 2)
+    # weight 0 adds exactly nothing: the result is the plain plan's, and it still reports the share
+    zero, m_zero = trainer.train(model, {**plan, "rank_penalty": {"keep": 2, "weight": 0.0}}, init, data)
+    assert all(np.array_equal(zero[k], plain[k]) for k in plain)
+    assert m_zero["tail_share"] == pytest.approx(_tail_share(plain, 2), rel=1e-6)
+
+
+def test_rank_penalty_ignores_modules_at_or_below_keep(base):
+    model, data = base
+    plan = lora_plan(lora={"r": 2, "alpha": 4, "rank_pattern": {"1": 4}})
+    init = _nonzero_b(model, plan)
+    out, m = trainer.train(model, {**plan, "rank_penalty": {"keep": 2, "weight": 0.1}}, init, data)
+    assert m["tail_share"] == pytest.approx(_tail_share(out, 2), rel=1e-6) and m["tail_share"] > 0
+    # every module has rank <= keep: no penalty, no tail
+    plan = lora_plan(lora={"r": 2, "alpha": 4})
+    init = _nonzero_b(model, plan)
+    plain, _ = trainer.train(model, plan, init, data)
+    same, m = trainer.train(model, {**plan, "rank_penalty": {"keep": 2, "weight": 1.0}}, init, data)
+    assert all(np.array_equal(same[k], plain[k]) for k in plain) and m["tail_share"] == 0.0
+
+
+@pytest.mark.parametrize("rp, match", [
+    ({"keep": 0, "weight": 0.1}, "keep must be an integer >= 1"),
+    ({"keep": 2.0, "weight": 0.1}, "keep must be an integer >= 1"),
+    ({"keep": True, "weight": 0.1}, "keep must be an integer >= 1"),
+    ({"keep": 2, "weight": -0.1}, "weight must be a finite number >= 0"),
+    ({"keep": 2, "weight": float("nan")}, "weight must be a finite number >= 0"),
+    ({"keep": 2, "weight": "0.1"}, "weight must be a finite number >= 0"),
+    ({"keep": 2}, "exactly keep and weight"),
+    ({"keep": 2, "weight": 0.1, "gamma": 0.5}, "exactly keep and weight"),
+    ([2, 0.1], "exactly keep and weight"),
+])
+def test_bad_rank_penalty_is_refused(base, rp, match):
+    model, data = base
+    plan = lora_plan(rank_penalty=rp)
+    with pytest.raises(ValueError, match=f"rank_penalty.*{match}"):
+        trainer.train(model, plan, trainer.trainable_state(trainer.build_model(model, plan)), data)
+
+
+def test_rank_penalty_needs_lora(base):
+    model, data = base
+    plan = {"method": "full", "blocks": [1], "head": True, "local_steps": 1, "batch_size": 8, "lr": 1e-2,
+            "rank_penalty": {"keep": 2, "weight": 0.1}}
+    with pytest.raises(ValueError, match="rank_penalty needs method lora"):
+        trainer.train(model, plan, trainer.trainable_state(trainer.build_model(model, plan)), data)
