@@ -728,15 +728,19 @@ out["received_rss_mb"] = rss()
 _, metrics = trainer.train(base, plan, tensors, data)
 out.update(peak_mb=metrics["peak_mem_mb"], compute_s=metrics["compute_s"],
            trained_params=metrics["trained_params"], loss=metrics["loss"])
+for _ in range(int(args["repeats"]) - 1):  # warm runs: the first pays one-time costs (allocator, kernels)
+    out["compute_s"] = min(out["compute_s"], trainer.train(base, plan, tensors, data)[1]["compute_s"])
 print("RESULT " + json.dumps(out))
 '''
 
 
 def measure_round(plan: dict, *, num_layers: int | None = None, threads: int = 1, examples: int = 256,
-                  dataset: str = "rotten_tomatoes", env: dict | None = None, timeout: float = 300) -> dict:
+                  dataset: str = "rotten_tomatoes", env: dict | None = None, timeout: float = 300,
+                  repeats: int = 1) -> dict:
     """Run one round of `plan` with node.trainer.train in a fresh interpreter and return
     {idle_rss_mb (model loaded, data tokenized, nothing else), received_rss_mb (+ the plan's
-    tensors), peak_mb (the node's peak_mem_mb), compute_s, trained_params, loss}.
+    tensors), peak_mb (the node's peak_mem_mb, first round), compute_s (fastest of `repeats`
+    rounds), trained_params, loss (first round)}.
 
     A fresh process, so that nothing this process allocated before pollutes the peak. Needs
     torch and the model package (it runs the node's own code)."""
@@ -746,7 +750,8 @@ def measure_round(plan: dict, *, num_layers: int | None = None, threads: int = 1
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    args = {"plan": plan, "num_layers": num_layers, "threads": threads, "examples": examples, "dataset": dataset}
+    args = {"plan": plan, "num_layers": num_layers, "threads": threads, "examples": examples, "dataset": dataset,
+            "repeats": repeats}
     child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
                  **(env or {})}
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], cwd=root, env=child_env,
