@@ -12,16 +12,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Made quick without changing what is checked: one round, forked nodes, no dilation, and links
+# fast enough that full FedAvg's model (tens of MB) is not what the test waits for.
+FAST = ["training.local_steps=1", "data.max_len=16", "data.test_size=40", "zygote=on", "dilation=1"]
+FAST_LINKS = {"legend-ci": [f"nodes.{i}.ranges={{uplink_mbit: [20, 30], downlink_mbit: [20, 30]}}" for i in range(3)],
+              "caff-ci": [f"nodes.{i}.overrides={{uplink_mbit: 200, downlink_mbit: 200}}" for i in range(3)]}
+
+
 # caff-ci also asks for 3 rounds within a tiny time budget: every strategy stops after round 1
 @pytest.mark.parametrize("scenario,extra_key,rounds", [("legend-ci", "legend_depth", ["training.rounds=1"]),
                                                        ("caff-ci", "caff_blocks", ["training.rounds=3",
                                                                                    "training.time_budget_s=0.001"])])
 def test_paper_ci_scenario_runs(scenario, extra_key, rounds, tmp_path):
     out = tmp_path / scenario
-    sets = [a for r in rounds for a in ("--set", r)]
+    sets = [a for r in [*rounds, *FAST, *FAST_LINKS[scenario]] for a in ("--set", r)]
     proc = subprocess.run([sys.executable, "-m", "testbed", "run", f"scenarios/{scenario}.yaml", "--out", str(out),
-                           *sets, "--set", "training.local_steps=1", "--set", "data.max_len=16",
-                           "--set", "data.test_size=40"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           *sets], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
