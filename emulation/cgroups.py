@@ -49,15 +49,21 @@ class CGroup:
             self._enable_v2_controllers()
         for d in set(self.dirs.values()):
             d.mkdir(parents=True, exist_ok=True)
+        self.set_limits(cpu_share, memory_mb)
+
+    def set_limits(self, cpu_share: float, memory_mb: int) -> None:
+        """Quota and memory limit; also on a running group (a device switching power mode)."""
         quota = max(1000, int(cpu_share * PERIOD_US))
         limit = int(memory_mb) * 2**20
         if self.version == 1:
             _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(PERIOD_US))
             _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
-            _write(self.dirs["memory"] / "memory.limit_in_bytes", str(limit))
-            swap = self.dirs["memory"] / "memory.memsw.limit_in_bytes"
-            if swap.exists():
-                _write(swap, str(limit))
+            mem, swap = self.dirs["memory"] / "memory.limit_in_bytes", self.dirs["memory"] / "memory.memsw.limit_in_bytes"
+            # v1 wants memory <= memory+swap at every moment: raise the outer limit first, lower it last
+            raising = swap.exists() and limit > int(_read(mem) or 0)
+            for f in ([swap, mem] if raising else [mem, swap]):
+                if f is mem or f.exists():
+                    _write(f, str(limit))
         else:
             _write(self.dirs["cpu"] / "cpu.max", f"{quota} {PERIOD_US}")
             _write(self.dirs["memory"] / "memory.max", str(limit))
@@ -84,6 +90,15 @@ class CGroup:
     def procs_files(self) -> list[str]:
         """The files a process writes its pid to, to join this cgroup (every hierarchy)."""
         return [str(d / "cgroup.procs") for d in set(self.dirs.values())]
+
+    def freeze(self, frozen: bool) -> bool:
+        """cgroup v2's freezer: every task of the group stops (or runs again) at once. False where
+        there is none (v1 without the freezer hierarchy): the caller signals instead."""
+        f = self.dirs["cpu"] / "cgroup.freeze"
+        if self.version != 2 or not f.exists():
+            return False
+        _write(f, "1" if frozen else "0")
+        return True
 
     def pids(self) -> list[int]:
         out = set()

@@ -126,6 +126,10 @@ class VethLink:
         _shape(["ip", "netns", "exec", self.ns.name], self.node_if, uplink, netem)
         _shape([], self.host_if, downlink, netem)
 
+    def set_up(self, up: bool) -> None:
+        """Carrier on or off: with the host end down nothing crosses the link (a cut cable)."""
+        sh("ip", "link", "set", self.host_if, "up" if up else "down")
+
     def qdiscs(self) -> dict[str, str]:
         """`tc qdisc show` of both ends, for tests and the manifest."""
         up = sh("ip", "netns", "exec", self.ns.name, "tc", "qdisc", "show", "dev", self.node_if).stdout

@@ -31,6 +31,7 @@ _ITEMSIZE = {d: np.dtype(d).itemsize for d in DTYPES}
 MAX_TENSORS = 4096
 MAX_HEADER_BYTES = 16 << 20
 MAX_MESSAGE_BYTES = 2 << 30
+MAX_FRAME_BYTES = 512 << 20  # the aggregator's socket drops a peer that sends a larger frame (zmq MAXMSGSIZE)
 MAX_NAME_LEN = 512
 
 

@@ -57,9 +57,11 @@ class RoundOutcome:
 
 class Aggregator:
     def __init__(self, run_id: str, expected: dict[str, str], welcome: Callable[[str], tuple[dict, dict]],
-                 bind: str = "127.0.0.1", port: int = 0, keys=None):
+                 bind: str = "127.0.0.1", port: int = 0, keys=None, max_frame_bytes: int = P.MAX_FRAME_BYTES):
         """`expected`: node name -> profile name; `welcome(name)` gives that node's WELCOME (meta, tensors);
-        `keys` (testbed.auth.RunKeys): admit only CURVE clients with the run's node keys."""
+        `keys` (testbed.auth.RunKeys): admit only CURVE clients with the run's node keys;
+        a peer that sends a frame larger than `max_frame_bytes` is disconnected by ZeroMQ before
+        the frame is buffered."""
         self.run_id, self.expected, self.welcome = run_id, expected, welcome
         self.keys, self.authenticator = keys, None
         if keys is not None:  # its own context: one ZAP handler per context
@@ -72,6 +74,7 @@ class Aggregator:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, int(max_frame_bytes))
         self.monitor = None
         self.handshake_failures = 0  # CURVE handshakes that failed before any key check (no or bad CURVE)
         if keys is not None:
@@ -93,6 +96,7 @@ class Aggregator:
         self.rejected_total = 0
         self.on_phase: Callable[[str, str], None] | None = None
         self.busy: set[str] = set()  # nodes with a TASK out and no RESULT/ERROR back yet (any round)
+        self.gone: set[bytes] = set()  # connections of forgotten (restarted) nodes
 
     @property
     def endpoint(self) -> str:
@@ -132,6 +136,7 @@ class Aggregator:
         peer = self.peers.pop(name, None)
         if peer is not None:
             self.by_id.pop(peer.peer_id, None)
+            self.gone.add(peer.peer_id)  # what the old process still had in flight is dropped quietly
         self.busy.discard(name)
 
     def _reject(self, peer_id: bytes, reason: str, answer: bool = True, fatal: bool = False) -> None:
@@ -178,6 +183,8 @@ class Aggregator:
         if msg.type == P.HELLO:
             self._hello(peer_id, msg, nbytes, body[0].get("User-Id") if self.keys is not None and body else None)
             return None
+        if name is None and peer_id in self.gone:
+            return None
         if name is None:
             self._reject(peer_id, f"{msg.type} before HELLO: say HELLO with your node name first")
             return None
@@ -217,11 +224,16 @@ class Aggregator:
         if self.keys is not None and user_id != name:  # a node's key admits it under its own name only
             self._reject(peer_id, f"this connection's key belongs to node {user_id!r}, not {name!r}", fatal=True)
             return
+        current = self.by_id.get(peer_id)
+        if current is not None and current != name:  # one connection speaks for one node
+            self._reject(peer_id, f"this connection is registered as node {current!r}, not {name!r}", fatal=True)
+            return
         old = self.peers.get(name)
         if old is not None and old.peer_id != peer_id:
             log.info("node %s re-registered from a new connection", name)
             self.by_id.pop(old.peer_id, None)
         peer = Peer(name, peer_id, last_seen=time.monotonic(), hello=dict(msg.meta))
+        self.gone.discard(peer_id)
         self.busy.discard(name)
         self.peers[name], self.by_id[peer_id] = peer, name
         self.traffic[(name, "up")] += nbytes
@@ -248,10 +260,12 @@ class Aggregator:
         return self.ready() & names
 
     def run_round(self, rnd: int, tag: str, tasks: dict[str, tuple[dict, dict]], deadline_real_s: float,
-                  alive: Callable[[str], bool], check: Callable[[str, dict, P.Message], str | None]) -> RoundOutcome:
+                  alive: Callable[[str], bool], check: Callable[[str, dict, P.Message], str | None],
+                  tick: Callable[[], None] | None = None) -> RoundOutcome:
         """Send each node its TASK, collect RESULTs until all are in or the deadline passes.
 
         `check(node, sent_tensors, result)` returns a reason to reject a result, or None.
+        `tick()` runs between polls (at least every 0.25 s): the runner injects faults there.
         """
         t0 = time.monotonic()
         records = {n: NodeRecord(n, self.expected[n]) for n in tasks}
@@ -271,6 +285,8 @@ class Aggregator:
         results: dict[str, P.Message] = {}
         last_done = t0
         while pending and time.monotonic() - t0 < deadline_real_s:
+            if tick is not None:
+                tick()
             for n, msg, nbytes in self.poll(min(0.25, deadline_real_s - (time.monotonic() - t0))):
                 if n not in pending or msg.meta.get("task_id") != task_ids[n] or msg.round != rnd:
                     log.info("discarding stale %s from %s (round %d)", msg.type, n, msg.round)

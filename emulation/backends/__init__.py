@@ -1,6 +1,6 @@
 """Backends: how nodes become sandboxes. `process` needs nothing; `netns` needs root + cgroups;
 `docker` needs a docker engine and the node image (`make image`)."""
-from .base import RUN_ENV, Backend
+from .base import RUN_ENV, Backend, FaultUnsupported
 from .docker import DockerBackend, docker_missing
 from .netns import NetnsBackend
 from .process import ProcessBackend
@@ -49,5 +49,5 @@ def choose(requested: str, caps: dict) -> tuple[str, str]:
     return requested, "requested"
 
 
-__all__ = ["BACKENDS", "RUN_ENV", "Backend", "DockerBackend", "NetnsBackend", "ProcessBackend", "choose",
+__all__ = ["BACKENDS", "RUN_ENV", "Backend", "FaultUnsupported", "DockerBackend", "NetnsBackend", "ProcessBackend", "choose",
            "docker_missing", "netns_missing"]

@@ -14,6 +14,10 @@ from ..profiles import Profile
 RUN_ENV = "TESTBED_RUN"  # every process the testbed starts carries its run id here (for `clean`)
 
 
+class FaultUnsupported(RuntimeError):
+    """This backend cannot inject that fault; the message says why (recorded, not fatal)."""
+
+
 class Backend(ABC):
     name: str
     forks_nodes = False  # can fork nodes from a node zygote (prepare(zygote=True))
@@ -81,6 +85,36 @@ class Backend(ABC):
         """Replace a node's sandbox with a fresh one (a dead device, or one still busy with old work)."""
         self.stop(name)
         self.start(name, profile, endpoint, dilation)
+
+    # -- faults (scenario events); a backend that cannot do one raises FaultUnsupported -----
+    def kill(self, name: str) -> None:
+        """Kill the node at once (SIGKILL): a device that crashes or loses power."""
+        raise FaultUnsupported(f"the {self.name} backend cannot kill a node")
+
+    def pause(self, name: str) -> None:
+        """Freeze the node (it keeps its connection and memory, runs nothing): a hung device."""
+        raise FaultUnsupported(f"the {self.name} backend cannot pause a node")
+
+    def resume(self, name: str) -> None:
+        raise FaultUnsupported(f"the {self.name} backend cannot resume a node")
+
+    def cut_link(self, name: str) -> None:
+        """Take the node's link down: nothing passes either way until restore_link."""
+        raise FaultUnsupported(f"the {self.name} backend emulates links inside the node's transport: "
+                               "link faults need the netns or docker backend (as root)")
+
+    def restore_link(self, name: str) -> None:
+        raise FaultUnsupported(f"the {self.name} backend cannot restore a link")
+
+    def reshape(self, name: str, profile: Profile, dilation: float) -> None:
+        """Apply the link fields of `profile` (rates, latency) to the running node."""
+        raise FaultUnsupported(f"the {self.name} backend emulates links inside the node's transport: "
+                               "link faults need the netns or docker backend (as root)")
+
+    def set_profile(self, name: str, profile: Profile, endpoint: str, dilation: float) -> str:
+        """Switch a running node to another device profile; returns how ("live" or "restarted")."""
+        self.restart(name, profile, endpoint, dilation)
+        return f"restarted: the {self.name} backend cannot change a running node's limits"
 
     @abstractmethod
     def stop(self, name: str) -> None:

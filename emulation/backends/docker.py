@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .. import netns as N
 from ..profiles import Profile
-from .base import RUN_ENV, Backend
+from .base import RUN_ENV, Backend, FaultUnsupported
 from .process import node_command
 
 LABEL_RUN = "fedge.run"      # on every container and network the backend makes: `clean` finds them by it
@@ -182,11 +182,11 @@ class DockerBackend(Backend):
         self._states_at = 0.0
         self._shape(name, container, profile, dilation)
 
-    def _shape(self, name: str, container, profile: Profile, dilation: float) -> None:
+    def _shape(self, name: str, container, profile: Profile, dilation: float, force: bool = False) -> None:
         delay = profile.latency_ms * dilation if self.netem else 0.0
         up = N.Shaping(profile.uplink_mbit / dilation, delay)
         down = N.Shaping(profile.downlink_mbit / dilation, delay)
-        if not (up.rate_mbit or down.rate_mbit or delay):
+        if not (up.rate_mbit or down.rate_mbit or delay or force):
             return
         container.reload()
         pid = container.attrs["State"].get("Pid") or 0
@@ -240,10 +240,10 @@ class DockerBackend(Backend):
     def alive(self, name: str) -> bool:
         if name not in self.containers:
             return False
-        try:
-            return self._refresh().get(name) == "running"
+        try:  # a paused (frozen) container is alive, only not running
+            return self._refresh().get(name) in ("running", "paused")
         except Exception:  # engine busy or restarting: the last known state
-            return self._states.get(name) == "running"
+            return self._states.get(name) in ("running", "paused")
 
     def _state(self, name: str) -> dict | None:
         c = self.containers.get(name)
@@ -257,7 +257,7 @@ class DockerBackend(Backend):
 
     def exit_reason(self, name: str) -> str | None:
         st = self._state(name)
-        if st is None or st.get("Status") in ("running", "created", "restarting"):
+        if st is None or st.get("Status") in ("running", "created", "restarting", "paused"):
             return None
         if st.get("Status") == "removed":
             return "node container was removed"
@@ -279,6 +279,39 @@ class DockerBackend(Backend):
 
     def nodes(self) -> list[str]:
         return list(self.containers)
+
+    # -- faults ----------------------------------------------------------------------------
+    def kill(self, name: str) -> None:
+        self.containers[name].kill()
+        self._states_at = 0.0
+
+    def pause(self, name: str) -> None:  # the engine's freezer: the container keeps its memory and sockets
+        self.containers[name].pause()
+        self._states_at = 0.0
+
+    def resume(self, name: str) -> None:
+        self.containers[name].unpause()
+        self._states_at = 0.0
+
+    def _host_if(self, name: str) -> str:
+        if not self.root or name not in self.host_ifs:
+            raise FaultUnsupported("the docker backend cuts a link at the container's host-side veth, "
+                                   "which needs root (nsenter) and a shaped node")
+        return self.host_ifs[name]
+
+    def cut_link(self, name: str) -> None:
+        N.sh("ip", "link", "set", self._host_if(name), "down")
+
+    def restore_link(self, name: str) -> None:
+        N.sh("ip", "link", "set", self._host_if(name), "up")
+
+    def reshape(self, name: str, profile: Profile, dilation: float) -> None:
+        if not (self.root or self.exec_tc) or (not self.root and profile.downlink_mbit > 0):
+            raise FaultUnsupported("without root the downlink is emulated in the node's transport and "
+                                   "cannot change while it runs")
+        if not self.netem and profile.latency_ms != self.profiles[name].latency_ms:
+            raise FaultUnsupported("no netem in this kernel: a running node's latency is fixed in its transport")
+        self._shape(name, self.containers[name], profile, dilation, force=True)
 
     def _save_log(self, name: str, container) -> None:
         try:

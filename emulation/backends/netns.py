@@ -15,7 +15,7 @@ from .. import netns as N
 from ..cgroups import CGroup
 from ..cgroups import leftovers as cgroup_leftovers
 from ..profiles import Profile
-from .base import Backend
+from .base import Backend, FaultUnsupported
 from .process import ProcessBackend, _die_with_parent, node_command
 
 
@@ -76,9 +76,7 @@ class NetnsBackend(ProcessBackend):
         self.sandboxes[name] = (ns, link, cg, profile)
         ns.create()
         link.create(self.bridge)
-        delay = profile.latency_ms * dilation if self.netem else 0.0
-        link.shape(N.Shaping(profile.uplink_mbit / dilation, delay), N.Shaping(profile.downlink_mbit / dilation, delay),
-                   self.netem)
+        self._shape_link(link, profile, dilation)
         cg.create(profile.cpu_share / dilation, self._own_memory_mb(profile))
         cmd = node_command(name, profile, endpoint, dilation, shape_in_transport=False)
         cmd[cmd.index("--cpu-share") + 1] = "1"     # the kernel quota does it
@@ -94,6 +92,44 @@ class NetnsBackend(ProcessBackend):
             cg.add(os.getpid())  # before exec: everything the node runs is limited
 
         self._spawn(name, [*ns.exec_prefix(), *cmd], profile.threads, preexec=enter_sandbox)
+
+    def _shape_link(self, link: N.VethLink, profile: Profile, dilation: float) -> None:
+        delay = profile.latency_ms * dilation if self.netem else 0.0
+        link.shape(N.Shaping(profile.uplink_mbit / dilation, delay), N.Shaping(profile.downlink_mbit / dilation, delay),
+                   self.netem)
+
+    # -- faults ----------------------------------------------------------------------------
+    def pause(self, name: str) -> None:
+        if not self.sandboxes[name][2].freeze(True):
+            super().pause(name)
+
+    def resume(self, name: str) -> None:
+        if not self.sandboxes[name][2].freeze(False):
+            super().resume(name)
+
+    def cut_link(self, name: str) -> None:
+        self.sandboxes[name][1].set_up(False)
+
+    def restore_link(self, name: str) -> None:
+        self.sandboxes[name][1].set_up(True)
+
+    def reshape(self, name: str, profile: Profile, dilation: float) -> None:
+        if not self.netem and profile.latency_ms != self.sandboxes[name][3].latency_ms:
+            raise FaultUnsupported("no netem in this kernel: the latency of a running node is fixed in its "
+                                   "transport; only rates can change")
+        self._shape_link(self.sandboxes[name][1], profile, dilation)
+
+    def set_profile(self, name: str, profile: Profile, endpoint: str, dilation: float) -> str:
+        """Live, as a device switching power mode: new quota, memory limit and link, same process.
+        (Threads are fixed at start: a profile with another thread count restarts the node.)"""
+        ns, link, cg, old = self.sandboxes[name]
+        if profile.threads != old.threads or (not self.netem and profile.latency_ms != old.latency_ms):
+            self.restart(name, profile, endpoint, dilation)
+            return "restarted: thread count or transport latency changed"
+        cg.set_limits(profile.cpu_share / dilation, self._own_memory_mb(profile))
+        self._shape_link(link, profile, dilation)
+        self.sandboxes[name] = (ns, link, cg, profile)
+        return "live"
 
     def _shared_mb(self) -> float:
         return self.zygote.shared_mb if self.zygote is not None else 0.0
@@ -142,11 +178,19 @@ class NetnsBackend(ProcessBackend):
             link.delete()
             ns.delete()
 
+    def _thaw(self, names) -> None:
+        """A frozen node must run to see its SIGTERM."""
+        for name in names:
+            if name in self.sandboxes:
+                self.sandboxes[name][2].freeze(False)
+
     def stop(self, name: str) -> None:
+        self._thaw([name])
         super().stop(name)
         self._remove_sandbox(name)
 
     def teardown(self) -> None:
+        self._thaw(list(self.sandboxes))
         super().teardown()
         for name in list(self.sandboxes):
             self._remove_sandbox(name)

@@ -127,11 +127,23 @@ class ProcessBackend(Backend):
     def nodes(self) -> list[str]:
         return list(self.procs)
 
+    def kill(self, name: str) -> None:
+        p = self.procs[name]
+        _kill_group(p, signal.SIGKILL)
+        p.wait()
+
+    def pause(self, name: str) -> None:
+        _kill_group(self.procs[name], signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        _kill_group(self.procs[name], signal.SIGCONT)
+
     def stop(self, name: str, grace_s: float = 3.0) -> None:
         p = self.procs.pop(name, None)
         if p is None:
             return
         _kill_group(p, signal.SIGTERM)
+        _kill_group(p, signal.SIGCONT)  # a paused node must run to see its SIGTERM
         try:
             p.wait(grace_s)
         except subprocess.TimeoutExpired:
@@ -143,6 +155,7 @@ class ProcessBackend(Backend):
         procs = list(self.procs.items())
         for _, p in procs:
             _kill_group(p, signal.SIGTERM)
+            _kill_group(p, signal.SIGCONT)  # a paused node must run to see its SIGTERM
         deadline = time.monotonic() + 3.0
         for name, p in procs:
             try:

@@ -119,7 +119,7 @@ def test_unknown_top_level_field():
 
 def test_clients_per_round_exceeds_nodes():
     text = _load_error("too_many_clients.yaml")
-    assert "training.clients_per_round = 9" in text
+    assert "training.clients_per_round: 9 exceeds" in text
     assert "3 nodes" in text  # 2 + 1 declared
 
 
@@ -155,9 +155,9 @@ def test_every_problem_is_listed(tmp_path):
      "greater than 0"),
     (lambda d: d.update(data={"dataset": "imagenet"}), "data.dataset", "rotten_tomatoes"),
     (lambda d: d.update(model={"name": "gpt9"}), "model.name", "all-minilm-l6-v2"),
-    (lambda d: d["nodes"].append({"group": "pi5", "profile": "rpi4"}), "<top>", "repeated: ['pi5']"),
+    (lambda d: d["nodes"].append({"group": "pi5", "profile": "rpi4"}), "nodes", "repeated: ['pi5']"),
     (lambda d: d["strategies"]["run"].append({"name": "fedlora"}), "strategies", "repeated: ['fedlora']"),
-    (lambda d: d.update(training={"min_results": 5}), "<top>", "min_results = 5"),
+    (lambda d: d.update(training={"min_results": 5}), "training.min_results", "5 exceeds clients per round"),
 ])
 def test_other_field_errors(mutate, where, allowed):
     doc = copy.deepcopy(MINIMAL)

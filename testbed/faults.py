@@ -1,0 +1,318 @@
+"""Scenario faults: scheduled events and node availability, injected into a running strategy.
+
+Events run on a strategy's own clock (its rounds, or emulated seconds since it started), so every
+strategy meets the same faults at the same point; before the next strategy the fleet is put back
+(paused nodes resumed, links and profiles restored; the runner restarts dead nodes).
+The runner calls `tick()` from the aggregator's receive loop: every fault is injected on the
+runner's own thread between two polls (at most about 0.25 s late), never beside the aggregator.
+A fault the backend cannot inject (a link cut on the process backend) is recorded as not
+applied, with the reason, and the run goes on.
+"""
+from __future__ import annotations
+
+import csv
+import heapq
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from emulation.backends import FaultUnsupported
+from emulation.profiles import PROFILES, Profile
+
+log = logging.getLogger("testbed.faults")
+TRACE_COLUMNS = ("node", "online_from_s", "online_to_s")
+
+
+class TraceError(ValueError):
+    """An availability trace that cannot be used; the message names the file and line."""
+
+
+def load_trace(path: str | Path, names: set[str]) -> dict[str, list[tuple[float, float]]]:
+    """node -> its online intervals [from, to) in emulated seconds since the strategy started."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or tuple(c.strip() for c in rows[0]) != TRACE_COLUMNS:
+        raise TraceError(f"{path} line 1: the header must be {','.join(TRACE_COLUMNS)}")
+    out: dict[str, list[tuple[float, float]]] = {}
+    for i, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) != 3:
+            raise TraceError(f"{path} line {i}: expected 3 fields ({','.join(TRACE_COLUMNS)}), got {len(row)}")
+        node = row[0].strip()
+        if node not in names:
+            raise TraceError(f"{path} line {i}: unknown node {node!r}; the scenario's nodes are "
+                             f"{', '.join(sorted(names)[:8])}{' ...' if len(names) > 8 else ''}")
+        try:
+            lo, hi = float(row[1]), float(row[2])
+        except ValueError:
+            raise TraceError(f"{path} line {i}: online_from_s and online_to_s must be numbers, got {row[1:]}") from None
+        if not (math.isfinite(lo) and 0 <= lo < hi):
+            raise TraceError(f"{path} line {i}: need 0 <= online_from_s < online_to_s, got {lo:g}, {hi:g}")
+        out.setdefault(node, []).append((lo, hi))
+    return out
+
+
+@dataclass(order=True)
+class Due:
+    """A fault (or the undoing of one) due at `at_s` emulated seconds into the strategy."""
+    at_s: float
+    seq: int
+    index: int = field(compare=False)      # which scenario event
+    node: str = field(compare=False)
+    undo: bool = field(compare=False, default=False)
+    round_event: bool = field(compare=False, default=False)
+    prev: Profile | None = field(compare=False, default=None)  # link/profile: what to go back to
+
+
+class Injector:
+    """The faults of one run: which nodes are online, and the events, applied through the backend."""
+
+    def __init__(self, sc, nodes, backend, dilation: float, say=lambda _: None):
+        self.sc, self.backend, self.dilation, self.say = sc, backend, dilation, say
+        self.events = sc.faults.events
+        self.probability = sc.faults.availability.probability
+        self.trace = (load_trace(sc.faults.availability.trace, {n.name for n in nodes})
+                      if sc.faults.availability.trace else {})
+        self.names = sorted(n.name for n in nodes)
+        self.members = {g.group: [f"{g.group}-{i}" for i in range(g.count)] for g in sc.nodes}
+        self.base = {n.name: n.profile for n in nodes}
+        self.current = dict(self.base)            # the profile each node runs with now
+        self.paused: set[str] = set()
+        self.cut: set[str] = set()
+        self.killed: set[str] = set()
+        self.lost: dict[str, str] = {}            # node -> why its task of this round is gone
+        self.queue: list[Due] = []
+        self.records: list[dict] = []             # what happened in the current round
+        self.injected = 0
+        self.not_applied = 0
+        self._seq = 0
+        self.strategy = None
+        self.agg = None
+        self.endpoint = ""
+        self.round, self.round_elapsed, self._t0 = 0, 0.0, time.monotonic()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.events) or self.probability < 1 or bool(self.trace)
+
+    # -- who takes part ----------------------------------------------------------------------
+    def targets(self, index: int) -> list[str]:
+        ev = self.events[index]
+        pool = sorted({n for x in ev.nodes for n in self.members.get(x, [x])})
+        if ev.count is not None:  # the same pick under every strategy
+            pool = sorted(random.Random(f"{self.sc.seed}/fault/{index}").sample(pool, ev.count))
+        return pool
+
+    def online(self, rnd: int, elapsed: float) -> set[str]:
+        """Nodes available in this round: each with probability p (seeded by round, the same for
+        every strategy), and inside one of its trace intervals if the trace lists it."""
+        ok = set(self.names)
+        if self.probability < 1:
+            draws = np.random.default_rng([self.sc.seed, rnd, 7]).random(len(self.names))
+            ok = {n for n, u in zip(self.names, draws) if u < self.probability}
+        return {n for n in ok if n not in self.trace or any(lo <= elapsed < hi for lo, hi in self.trace[n])}
+
+    # -- the clock ---------------------------------------------------------------------------
+    def begin_strategy(self, strategy: str, agg, endpoint: str) -> None:
+        self.strategy, self.agg, self.endpoint = strategy, agg, endpoint
+        self.queue = []
+        for i, ev in enumerate(self.events):
+            if ev.at_s is not None and self._applies(ev):
+                for n in self.targets(i):
+                    self._push(Due(ev.at_s, 0, i, n))
+
+    def _applies(self, ev) -> bool:
+        return ev.strategies is None or self.strategy in ev.strategies
+
+    def _push(self, due: Due) -> None:
+        self._seq += 1
+        due.seq = self._seq
+        heapq.heappush(self.queue, due)
+
+    def now_s(self) -> float:
+        """Emulated seconds since the strategy started (rounds only: evaluation is not device time)."""
+        return self.round_elapsed + (time.monotonic() - self._t0) / self.dilation
+
+    def begin_round(self, rnd: int, elapsed: float) -> None:
+        """Queue this round's events and apply what is due before its tasks go out."""
+        self.round, self.round_elapsed, self._t0 = rnd, elapsed, time.monotonic()
+        self.lost = {}
+        for i, ev in enumerate(self.events):
+            if ev.round == rnd and self._applies(ev):
+                for n in self.targets(i):
+                    self._push(Due(elapsed + ev.after_s, 0, i, n, round_event=True))
+        self.tick()
+
+    def tick(self) -> None:
+        now = self.now_s()
+        while self.queue and self.queue[0].at_s <= now + 1e-9:
+            self._fire(heapq.heappop(self.queue), now)
+
+    def end_round(self) -> list[dict]:
+        """Round events whose time fell after the round's end happen now, late (and say so)."""
+        self.tick()
+        late = [d for d in self.queue if d.round_event and not d.undo]
+        self.queue = [d for d in self.queue if not (d.round_event and not d.undo)]
+        heapq.heapify(self.queue)
+        now = self.now_s()
+        for d in sorted(late):
+            self._fire(d, now, note=f"the round ended {d.at_s - now:.1f} s before its time: applied at the end")
+        out, self.records = self.records, []
+        return out
+
+    def end_strategy(self) -> list[dict]:
+        """Put the fleet back for the next strategy: resume, reconnect, restore profiles. Dead nodes
+        are left to the runner, which restarts them."""
+        self.queue = []
+        for n in sorted(self.paused):
+            self._do("resume", n, None, None)
+        for n in sorted(self.cut):
+            self._do("restore_link", n, None, None)
+        for n in self.names:
+            if self.current[n] != self.base[n] and n not in self.killed:
+                self._do("profile", n, None, self.base[n])
+        self.killed.clear()
+        self.current = dict(self.base)
+        out, self.records = self.records, []
+        return out
+
+    # -- applying ----------------------------------------------------------------------------
+    def _fire(self, d: Due, now: float, note: str | None = None) -> None:
+        ev = self.events[d.index]
+        action = ev.action
+        prev = None
+        if d.undo:
+            action = {"pause": "resume", "cut_link": "restore_link"}.get(action, action)
+        elif action in ("link", "profile"):
+            prev = self.current[d.node]
+        rec = self._do(action, d.node, ev, d.prev if d.undo else None, note=note, undo=d.undo, at_s=now)
+        if rec["applied"] and ev.duration_s is not None and not d.undo:
+            self._push(Due(now + ev.duration_s, 0, d.index, d.node, undo=True, prev=prev))
+
+    def _do(self, action: str, node: str, ev, back: Profile | None, note: str | None = None,
+            undo: bool = False, at_s: float | None = None) -> dict:
+        rec = {"type": "fault", "action": action, "node": node, "round": self.round,
+               "at_s": round(self.now_s() if at_s is None else at_s, 3), "applied": True}
+        if ev is None:
+            rec["why"] = "restored before the next strategy"
+        elif undo:
+            rec["why"] = f"end of duration_s {ev.duration_s:g}"
+        try:
+            rec["how"] = self._apply(action, node, ev, back)
+        except FaultUnsupported as exc:
+            rec["applied"], rec["how"] = False, str(exc)
+        except Exception as exc:  # a fault that fails must not end the run; it is recorded
+            log.exception("fault %s on %s failed", action, node)
+            rec["applied"], rec["how"] = False, f"{type(exc).__name__}: {exc}"
+        if note:
+            rec["note"] = note
+        if ev is not None:
+            self.injected += rec["applied"]
+            self.not_applied += not rec["applied"]
+        self.records.append(rec)
+        if not rec["applied"]:
+            self.say(f"[yellow]fault not applied:[/] {action} {node}: {rec['how']}")
+        return rec
+
+    def _apply(self, action: str, node: str, ev, back: Profile | None) -> str | None:
+        b = self.backend
+        if node in self.killed and action not in ("restart",):
+            raise FaultUnsupported("the node is dead (killed earlier); restart it first")
+        if action == "kill":
+            b.kill(node)
+            self.killed.add(node)
+            self.paused.discard(node)
+            self.lost[node] = "killed by a fault event"
+        elif action == "restart":
+            self.agg.forget(node)
+            b.restart(node, self.current[node], self.endpoint, self.dilation)
+            self.killed.discard(node)
+            self.paused.discard(node)
+            self.cut.discard(node)   # a fresh sandbox: its link is up and shaped by its profile
+            self.lost[node] = "restarted by a fault event"
+        elif action == "pause":
+            b.pause(node)
+            self.paused.add(node)
+        elif action == "resume":
+            if node in self.paused:
+                b.resume(node)
+                self.paused.discard(node)
+        elif action == "cut_link":
+            b.cut_link(node)
+            self.cut.add(node)
+        elif action == "restore_link":
+            if node in self.cut:
+                b.restore_link(node)
+                self.cut.discard(node)
+        elif action == "link":
+            new = back or self.current[node].with_overrides(
+                **{k: getattr(ev, k) for k in ("uplink_mbit", "downlink_mbit", "latency_ms") if getattr(ev, k) is not None})
+            b.reshape(node, new, self.dilation)
+            self.current[node] = new
+            return f"up {new.uplink_mbit:g} Mbit/s, down {new.downlink_mbit:g} Mbit/s, latency {new.latency_ms:g} ms"
+        elif action == "profile":
+            return self._set(node, back or self._profile(ev.profile))
+        return None
+
+    def _set(self, node: str, profile: Profile) -> str:
+        how = self.backend.set_profile(node, profile, self.endpoint, self.dilation)
+        if how.startswith("restarted"):
+            self.agg.forget(node)
+            self.paused.discard(node)
+            self.cut.discard(node)
+            self.lost[node] = "restarted by a profile change"
+        self.current[node] = profile
+        return f"{profile.name}: {how}"
+
+    def _profile(self, name: str) -> Profile:
+        if name in PROFILES:
+            return PROFILES[name]
+        return Profile(name=name, **self.sc.profiles[name].model_dump())
+
+    # -- what the round records say ------------------------------------------------------------
+    def why_failed(self, node: str) -> str | None:
+        """A fault that explains a node's missing result in the current round."""
+        if node in self.lost:
+            return self.lost[node]
+        if node in self.paused:
+            return "paused by a fault event"
+        if node in self.cut:
+            return "link cut by a fault event"
+        return None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return {"queue": list(self.queue), "seq": self._seq, "current": dict(self.current),
+                "paused": sorted(self.paused), "cut": sorted(self.cut), "killed": sorted(self.killed),
+                "injected": self.injected, "not_applied": self.not_applied}
+
+    def restore(self, snap: dict, strategy: str, agg, endpoint: str) -> list[dict]:
+        """Resume a strategy: the fleet is fresh, so the faults in force at the checkpoint are
+        applied again (the same nodes dead, paused, cut off or switched), and the queue goes on."""
+        self.strategy, self.agg, self.endpoint = strategy, agg, endpoint
+        self.queue, self._seq = list(snap["queue"]), snap["seq"]
+        heapq.heapify(self.queue)
+        self.injected, self.not_applied = snap["injected"], snap["not_applied"]
+        for n, p in snap["current"].items():
+            if p != self.base[n]:
+                self._do("profile", n, None, p)
+        for n in snap["killed"]:
+            self._do("kill", n, None, None)
+        for n in snap["paused"]:
+            self._do("pause", n, None, None)
+        for n in snap["cut"]:
+            self._do("cut_link", n, None, None)
+        for r in self.records:
+            r["why"] = "in force when the run was interrupted: applied again on resume"
+        out, self.records = self.records, []
+        return out
