@@ -265,6 +265,30 @@ def _profile_table(groups: dict) -> list[str]:
     return out if len(out) > 2 else ["_No per-node data recorded._"]
 
 
+def _faults_table(manifest: dict, groups: dict) -> list[str]:
+    """Per strategy: faults injected, node-rounds lost (and to what), failed rounds, offline nodes."""
+    def lost(rows, pred):
+        return sum(1 for r in rows for n in r.get("nodes", []) if n.get("status") != "ok" and pred(n.get("reason") or ""))
+    rows_with = [r for rows in groups.values() for r in rows]
+    if not (manifest.get("faults") or any(r.get("events") or r.get("failed") or r.get("offline") for r in rows_with)):
+        return []
+    out = ["", "## Faults and failures", "",
+           "| strategy | faults applied | not applied | node-rounds lost to faults | to OOM | to deadline or errors "
+           "| failed rounds | offline node-rounds |", "|---|---|---|---|---|---|---|---|"]
+    for name, rows in groups.items():
+        ev = [e for r in rows for e in r.get("events") or [] if e.get("type") == "fault"]
+        oom = sum(1 for r in rows for e in r.get("events") or [] if e.get("type") == "oom")
+        by_fault = lost(rows, lambda why: "fault event" in why or "profile change" in why)
+        other = lost(rows, lambda why: "fault event" not in why and "profile change" not in why) - oom
+        out.append(f"| {name} | {sum(1 for e in ev if e.get('applied'))} | {sum(1 for e in ev if not e.get('applied'))} "
+                   f"| {by_fault} | {oom} | {max(0, other)} | {sum(1 for r in rows if r.get('failed'))} "
+                   f"| {sum(len(r.get('offline') or []) for r in rows)} |")
+    if manifest.get("resumed"):
+        out += ["", "Resumed: " + "; ".join(f"{r['strategy']} after round {r['round']} (from {r['from_run_id']})"
+                                            for r in manifest["resumed"])]
+    return out
+
+
 def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
     scen = manifest.get("scenario") or {}
     host = manifest.get("host") or {}
@@ -304,6 +328,7 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
         lines.append("Speedup is n/a where the baseline or the strategy never reached the target; "
                      "compare the \"acc at baseline time\" column instead: each strategy's best "
                      "accuracy within the baseline's total emulated time.")
+    lines += _faults_table(manifest, groups)
     lines += ["", "## Per-profile cost", "", *_profile_table(groups), "", "## Plots", "",
               f"![accuracy vs time]({ACC_PNG})", "", f"![bytes vs time]({BYTES_PNG})", "",
               f"![per-node timeline]({TIMELINE_PNG})", ""]

@@ -135,3 +135,26 @@ def test_report_lists_strategies_stopped_early(tmp_path):
     write_report(tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "## Stopped early" in text and "- full: time budget 100 s" in text
+
+
+def test_report_counts_faults_and_what_they_cost(tmp_path):
+    rows = _run_rows()
+    r = next(x for x in rows if x["strategy"] == "full" and x["round"] == 1)
+    r["events"] = [{"type": "fault", "action": "kill", "node": "a", "applied": True},
+                   {"type": "fault", "action": "cut_link", "node": "b", "applied": False},
+                   {"type": "oom", "node": "c"}]
+    r["nodes"] = [_node("a", "rpi4", "failed"), _node("c", "rpi4", "failed"), _node("d", "rpi4", "dropped")]
+    r["nodes"][0]["reason"] = "killed by a fault event (node process exited)"
+    r["nodes"][1]["reason"] = "out of memory: killed by its 729 MB limit"
+    r["nodes"][2]["reason"] = "missed the round deadline"
+    r["failed"], r["offline"] = True, ["e", "f"]
+    manifest = {"scenario": {"name": "t", "strategies": {"baseline": "fedlora"}, "training": {"target_accuracy": TARGET}},
+                "resumed": [{"strategy": "full", "round": 1, "from_run_id": "t-1"}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "rounds.jsonl").write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Faults and failures" in text
+    assert "| full | 1 | 1 | 1 | 1 | 3 | 1 | 2 |" in text  # (rounds 2 and 3 each drop n2 as well)
+    assert "| fedlora | 0 | 0 | 0 | 0 | 4 | 0 | 0 |" in text
+    assert "Resumed: full after round 1 (from t-1)" in text
