@@ -75,6 +75,8 @@ def check_result(sent: dict, msg: P.Message) -> str | None:
     for k, v in got.items():
         if v.shape != np.shape(sent[k]):
             return f"tensor {k}: shape {v.shape} != {np.shape(sent[k])}"
+        if v.dtype != np.asarray(sent[k]).dtype:
+            return f"tensor {k}: dtype {v.dtype} != {np.asarray(sent[k]).dtype} (as sent)"
         if v.dtype.kind != "f" or not np.isfinite(v).all():
             return f"tensor {k}: not finite floats"
     ns = msg.meta.get("samples")

@@ -330,7 +330,8 @@ def test_check_rejects_wrong_names_shapes_and_samples(agg, dealer, fake_node):
     cases = [
         ({"v": np.ones(3, np.float32)}, 10, "names differ"),
         ({"w": np.ones(4, np.float32)}, 10, "shape"),
-        ({"w": np.ones(3, np.int32)}, 10, "not finite floats"),
+        ({"w": np.ones(3, np.int32)}, 10, "dtype int32 != float32"),
+        ({"w": np.ones(3, np.float64)}, 10, "dtype float64 != float32 (as sent)"),
         ({"w": np.array([1, np.inf, 0], np.float32)}, 10, "not finite floats"),
         ({"w": np.ones(3, np.float32)}, -1, "samples"),
     ]
