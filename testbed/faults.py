@@ -221,7 +221,7 @@ class Injector:
             self.not_applied += not rec["applied"]
         self.records.append(rec)
         if not rec["applied"]:
-            self.say(f"[yellow]fault not applied:[/] {action} {node}: {rec['how']}")
+            self.say(f"fault not applied: {action} {node}: {rec['how']}")
         return rec
 
     def _apply(self, action: str, node: str, ev, back: Profile | None) -> str | None:

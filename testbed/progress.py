@@ -82,9 +82,11 @@ class Progress:
         if not self._live:
             self.console.print(f"{row['strategy']} round {row['round']}: accuracy {row['accuracy']:.3f} "
                                f"wall {row['wall_s']:.1f} s elapsed {row['elapsed_s']:.1f} s "
-                               f"participants {row['participants']} dropped {row['dropped']}", highlight=False)
+                               f"participants {row['participants']} dropped {row['dropped']}", highlight=False,
+                               soft_wrap=True)
         self._refresh()
 
-    def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)  # commands stay one line (copy-paste)
+    def message(self, text: str, style: str | None = None) -> None:
+        """Plain text, never markup: join commands carry keys with [ and ] in them."""
+        self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)  # one line: copy-paste
         self._refresh()

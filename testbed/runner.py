@@ -281,6 +281,9 @@ class Run:
                                  "faults are recorded as not applied (use the netns or docker backend)")
         agg = None
         old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Ctrl-C ends the run cleanly even when started from a shell that ignores SIGINT for
+        # background jobs (Python keeps an inherited SIG_IGN)
+        old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         status = "failed"
         try:
             with progress:
@@ -291,7 +294,7 @@ class Run:
                                  f"dilation {self.dilation:g}; {len(self.nodes)} nodes; output {self.out}")
                 progress.message(describe(self.caps))
                 for note in self.fidelity:
-                    progress.message(f"[yellow]fidelity:[/] {note}")
+                    progress.message(f"fidelity: {note}", style="yellow")
                 agg = Aggregator(self.run_id, {n.name: n.profile.name for n in self.nodes}, self.welcome,
                                  bind=backend.bind_address(sc.aggregator.bind), port=sc.aggregator.port,
                                  keys=self.keys)
@@ -342,6 +345,7 @@ class Run:
             raise
         finally:
             signal.signal(signal.SIGTERM, old_term)
+            signal.signal(signal.SIGINT, old_int)
             if agg is not None:
                 agg.close(say_bye=True)
             backend.teardown()
@@ -425,8 +429,9 @@ class Run:
         ready = agg.wait_ready(set(why), self.sc.aggregator.register_timeout_s, self.alive)
         self.restarts.append({"before": strategy, "nodes": why, "not_ready": sorted(set(why) - ready)})
         if ready != set(why):
-            progress.message(f"[yellow]before {strategy}: {len(why) - len(ready)} restarted device(s) did not "
-                             f"register and sit this strategy out: {', '.join(sorted(set(why) - ready))}")
+            progress.message(f"before {strategy}: {len(why) - len(ready)} restarted device(s) did not "
+                             f"register and sit this strategy out: {', '.join(sorted(set(why) - ready))}",
+                             style="yellow")
 
     def alive(self, name: str) -> bool:
         """Emulated nodes: their sandbox runs. Remote (real) devices: judged by the round deadline."""
