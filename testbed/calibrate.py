@@ -73,10 +73,6 @@ def calibrate(name: str, bind: str = "127.0.0.1", port: int = 0, *, model: str =
     agg = Aggregator(run_id, {name: "calibrate"}, welcome, bind=bind, port=port)
     try:
         say(f"start the device: python -m node --connect {agg.endpoint} --name {name}")
-        # the reference meanwhile (the device's HELLO waits in the socket until it is done)
-        say(f"reference: one LoRA round ({steps} steps, batch 16, length 32) on this host, one thread ...")
-        host_runs = [float(costmodel.measure_round(ps["compute"], num_layers=num_layers, threads=1,
-                                                   examples=256, repeats=2)["compute_s"])]
         if agg.wait_ready({name}, timeout_s, lambda _: True) != {name}:
             raise CalibrationError(f"no device joined as {name!r} within {timeout_s:g} s at {agg.endpoint}")
         caps = dict(agg.peers[name].hello.get("capabilities") or {})
@@ -93,14 +89,13 @@ def calibrate(name: str, bind: str = "127.0.0.1", port: int = 0, *, model: str =
             rec[kind].append(r)
             say(f"  {kind}: down {r.bytes_down / 1e6:.2f} MB in {r.download_s:.3f} s, up {r.bytes_up / 1e6:.2f} MB "
                 f"in {r.upload_s:.3f} s, compute {r.compute_s:.2f} s")
-        # again now that the device is idle: the first reference ran while the device was starting
-        # (importing torch, loading the model) and, on a small host, shared its cores
-        say("reference again, with the device idle ...")
-        host_runs.append(float(costmodel.measure_round(ps["compute"], num_layers=num_layers, threads=1,
-                                                       examples=256, repeats=2)["compute_s"]))
+        # the reference once the device is idle: while it starts (imports torch, loads the model)
+        # it would share a small host's cores with the reference
+        say(f"reference: the same LoRA round ({steps} steps, batch 16, length 32) on this host, one thread ...")
+        host_s = float(costmodel.measure_round(ps["compute"], num_layers=num_layers, threads=1, examples=256,
+                                               repeats=3)["compute_s"])  # fastest of 3: the first pays one-time costs
     finally:
         agg.close(say_bye=True)
-    host_s = min(host_runs)  # warm runs, the least disturbed: contention and first-run costs only add time
     c = min(rec["compute"], key=lambda r: r.compute_s)
     small = min(rec["small"], key=lambda r: r.download_s)
     large = min(rec["large"], key=lambda r: r.download_s)
@@ -121,7 +116,7 @@ def calibrate(name: str, bind: str = "127.0.0.1", port: int = 0, *, model: str =
         "source": (f"calibrated {when}: {caps.get('hostname', '?')} ({caps.get('machine', '?')}, {caps.get('cpus', '?')} "
                    f"cpus) against {platform.node()} ({platform.machine()}) one core"),
     }
-    raw = {"host_compute_s": host_s, "host_compute_runs_s": host_runs,
+    raw = {"host_compute_s": host_s,
            "device_compute_s": c.compute_s, "device_compute_runs_s": [r.compute_s for r in rec["compute"]], "device_peak_mem_mb": c.peak_mem_mb,
            "small": {"bytes_down": small.bytes_down, "download_s": small.download_s},
            "large": {"bytes_down": large.bytes_down, "download_s": large.download_s, "bytes_up": large.bytes_up,

@@ -21,7 +21,7 @@ data: {dataset: rotten_tomatoes, test_size: 60, train_size: 400, max_len: 16}
 training: {rounds: 1, local_steps: 3, batch_size: 8, lr: 0.002, target_accuracy: 0.5}
 nodes:
   - {group: a, count: 1, profile: rpi5}
-  - {group: b, count: 1, profile: xavier-nx, overrides: {uplink_mbit: 5}}
+  - {group: b, count: 1, profile: xavier-nx, overrides: {uplink_mbit: 50, downlink_mbit: 50}}
 strategies:
   baseline: fedlora
   run: [{name: fedlora, params: {rank: 4}}, {name: full, params: {last_blocks: 1, lr: 0.0005}}]

@@ -30,8 +30,8 @@ SCENARIO = {
 
 
 def _run(scenario: Path, *args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "testbed", "run", str(scenario), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **kw}
+    return subprocess.Popen([sys.executable, "-m", "testbed", "run", str(scenario), *args], cwd=ROOT, **kw)
 
 
 def _rows(out: Path) -> list[dict]:
@@ -52,10 +52,9 @@ def runs(tmp_path_factory):
     sc = d / "resume.yaml"
     sc.write_text(yaml.safe_dump(SCENARIO))
     ref, cut = d / "reference", d / "interrupted"
-    p = _run(sc, "--out", str(ref))
-    text, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, text[-3000:]
-    # the same run, its aggregator killed outright once hetlora's first round is on disk
+    # side by side: an uninterrupted reference, and the same run whose aggregator is killed
+    # outright once hetlora's first round is on disk (no deadline is near: timing cannot matter)
+    r = _run(sc, "--out", str(ref), stdout=subprocess.DEVNULL)
     p = _run(sc, "--out", str(cut), start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -64,6 +63,7 @@ def runs(tmp_path_factory):
             time.sleep(0.05)
         os.kill(p.pid, signal.SIGKILL)
         p.wait(30)
+        assert r.wait(600) == 0, "the reference run failed"
         killed_id = json.loads((cut / "manifest.json").read_text())["run_id"]
         wrong = subprocess.run([sys.executable, "-m", "testbed", "run", str(sc), "--resume", str(cut),
                                 "--set", "training.lr=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -71,6 +71,9 @@ def runs(tmp_path_factory):
         p2 = _run(sc, "--resume", str(cut))
         text2, _ = p2.communicate(timeout=600)
     finally:
+        for proc in (p, r):
+            if proc.poll() is None:
+                proc.kill()
         for proc in tagged_processes():
             proc.kill()
     yield {"ref": ref, "cut": cut, "text": text2, "rc": p2.returncode, "killed_id": killed_id, "wrong": wrong,
