@@ -189,6 +189,8 @@ class Aggregator:
             self._reject(peer_id, f"{msg.type} before HELLO: say HELLO with your node name first")
             return None
         if msg.run != self.run_id:
+            if msg.type == P.HEARTBEAT and msg.run == "":  # sent before our WELCOME reached the node
+                return None
             self._reject(peer_id, f"message for run {msg.run!r}, this is run {self.run_id!r}")
             return None
         peer = self.peers[name]

@@ -143,6 +143,8 @@ def test_registered_node_wrong_run_and_forbidden_types(agg, dealer):
     s = dealer()
     _hello(s, agg)
     assert "this is run" in _reply(agg, s, _msg(P.HEARTBEAT, run="other-run", meta={"phase": "ready"})).meta["error"]
+    # a heartbeat the node sent before our WELCOME reached it (run still unknown): dropped quietly
+    assert _no_reply(agg, s, _msg(P.HEARTBEAT, run="", meta={"phase": "hello"}))
     assert "may not send TASK" in _reply(agg, s, _msg(P.TASK)).meta["error"]
     assert "meta.phase" in _reply(agg, s, _msg(P.HEARTBEAT, meta={"phase": 3})).meta["error"]
     assert agg.rejected_total == 3
