@@ -316,7 +316,7 @@ class Run:
                 names = {n.name for n in self.nodes}
                 t_reg = time.monotonic()
                 ready = agg.wait_ready(names, sc.aggregator.register_timeout_s, self.alive)
-                register_s = time.monotonic() - t_reg
+                register_s = self.register_s = time.monotonic() - t_reg
                 if ready != names:
                     missing = sorted(names - ready)
                     why = "; ".join(f"{n}: {self.backend.exit_reason(n) or 'still starting'}" for n in missing[:10]
@@ -384,7 +384,8 @@ class Run:
 
     def _finish(self, status: str, agg: Aggregator | None) -> None:
         """Whatever happened: manifest status, summary and report of the rounds that finished."""
-        extra = {"status": status, "stopped_early": self.stopped, "restarts": self.restarts}
+        extra = {"status": status, "stopped_early": self.stopped, "restarts": self.restarts,
+                 "register_s": getattr(self, "register_s", None)}
         inj = getattr(self, "injector", None)
         if inj is not None and inj.active:
             extra["faults"] = {"injected": inj.injected, "not_applied": inj.not_applied,
