@@ -41,7 +41,9 @@ def clean(run_id: str | None = None) -> list[str]:
             pass
     psutil.wait_procs(procs, timeout=5)
     from .backends.docker import clean as clean_docker  # containers, then networks, labelled fedge.run
+    from .backends.docker import clean_engines
     removed += clean_docker(run_id)
+    removed += clean_engines(run_id)  # and on every other engine a run used (scenario engines:)
     removed += _clean_kernel_objects(run_id)
     return removed
 

@@ -118,6 +118,25 @@ def require_image(c) -> str:
     raise ImageError(f"docker image {tag} for this code is not built{stale}; {BUILD_HINT}")
 
 
+def copy_image(target, source=None, say=print) -> float | None:
+    """Make sure engine `target` has the node image of the current code: streamed from `source`
+    (default: this host's engine) with `docker save | docker load` if missing. Seconds taken, or None."""
+    tag = image_tag()
+    if find_image(target, tag) is not None:
+        return None
+    source = source or client(timeout=600)
+    img = find_image(source, tag)
+    if img is None:
+        raise ImageError(f"docker image {tag} for this code is not built on this host, so it cannot be copied "
+                         f"to another engine; {BUILD_HINT}")
+    say(f"copying the node image {tag} ({img.attrs.get('Size', 0) / 1e6:.0f} MB) to the engine")
+    t0 = time.monotonic()
+    target.images.load(img.save(named=tag))  # streamed: the tarball is never held whole in memory
+    if find_image(target, tag) is None:
+        raise ImageError(f"the engine did not keep {tag} after loading it")
+    return time.monotonic() - t0
+
+
 # -- step 1: base image from debootstrap -----------------------------------------------------
 def apt_mirror() -> str:
     """The `URIs:` of the system's apt sources (deb822 files, else sources.list), security archive excluded."""

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from emulation.backends import BACKENDS, choose
+from emulation.backends.docker import DockerBackend, Engine
+from emulation.backends.fleet import Fleet
 from emulation.probe import describe, probe
 from node import protocol as P
 from node import trainer
@@ -224,7 +226,9 @@ class Run:
             "host": {"cores": self.caps["cores"], "memory_mb": self.caps["memory_mb"], "machine": platform.machine(),
                      "python": platform.python_version(), "hostname": platform.node()},
             "versions": package_versions(), "seeds": {"scenario": self.sc.seed},
+            "engines": self.backend.engine_info() if isinstance(getattr(self, "backend", None), Fleet) else {},
             "nodes": [{"name": n.name, "group": n.group, "profile": n.profile.as_dict(),
+                       **({"engine": n.engine} if n.engine else {}), **({"remote": True} if n.remote else {}),
                        "samples": len(self.shards[n.name]), "labels": self.shard_labels[n.name]} for n in self.nodes],
             "data": {"dataset": self.sc.data.dataset, "train": int(sum(len(s) for s in self.shards.values())),
                      "test": len(self.test_idx), "majority_rate": self.majority_rate},
@@ -252,17 +256,22 @@ class Run:
         self.caps = probe()
         self.backend_name, self.backend_reason = choose(self.requested_backend, self.caps)
         per_round = sc.training.clients_per_round or len(self.nodes)
-        backend = BACKENDS[self.backend_name](self.run_id, self.out, self.caps)
+        backend = self._make_backend()
         self.backend = backend
         local = [n for n in self.nodes if not n.remote]
-        demands = [backend.cpu_demand(n.profile) for n in local]
+        here = [n for n in local if n.engine is None or sc.engines[n.engine].same_host]
+        demands = [backend.cpu_demand(n.profile) for n in here]
         if sc.dilation == "off":
             self.dilation = 1.0
-        elif sc.dilation == "auto":
+        elif sc.dilation == "auto":  # the host that is shortest of cores sets the one factor for all
             self.dilation = auto_dilation(demands, per_round, self.caps["cores"])
+            for name, b in getattr(backend, "engines", {}).items():
+                if not sc.engines[name].same_host:
+                    away = [b.cpu_demand(n.profile) for n in local if n.engine == name]
+                    self.dilation = max(self.dilation, auto_dilation(away, per_round, b.cores))
         else:
             self.dilation = float(sc.dilation)
-        self.fidelity = backend.fidelity([n.profile for n in local], self.dilation)
+        self.fidelity = backend.fidelity([n.profile for n in here], self.dilation)
         demand = sum(sorted(demands, reverse=True)[:per_round])
         if demand > self.caps["cores"] * self.dilation * 1.001:
             self.fidelity.append(f"{per_round} concurrent nodes need {demand:g} cores on {self.caps['cores']} "
@@ -287,6 +296,7 @@ class Run:
         status = "failed"
         try:
             with progress:
+                backend.say = progress.message
                 self._prepare_zygote(local)
                 self.keys = self._make_keys()
                 backend.keys = self.keys
@@ -299,6 +309,9 @@ class Run:
                                  bind=backend.bind_address(sc.aggregator.bind), port=sc.aggregator.port,
                                  keys=self.keys)
                 agg.on_phase = progress.node_phase
+                if isinstance(backend, Fleet):  # each engine's containers dial where they reach this host
+                    for engine, ep in backend.attach(agg, sc.aggregator.bind).items():
+                        progress.message(f"engine {engine}: its nodes dial {ep}")
                 join = agg.endpoint  # where hand-started (remote) devices dial in
                 if any(n.remote for n in self.nodes) and agg.bind != sc.aggregator.bind:
                     join = agg.listen_also(sc.aggregator.bind, sc.aggregator.port)
@@ -351,6 +364,26 @@ class Run:
             backend.teardown()
             self._finish(status, agg)
         return self.summary
+
+    def _make_backend(self):
+        """The scenario's backend on this host; with `engines:`, a Fleet of it and one docker backend
+        per engine the nodes use. An unreachable engine stops the run before any node starts."""
+        main = BACKENDS[self.backend_name](self.run_id, self.out, self.caps)
+        used = sorted({n.engine for n in self.nodes if n.engine})
+        if not used:
+            return main
+        engines = {}
+        try:
+            for name in used:
+                spec = self.sc.engines[name]
+                engines[name] = DockerBackend(self.run_id, self.out, self.caps,
+                                              Engine(name, spec.url, bool(spec.same_host), spec.connect, spec.tls))
+        except Exception as exc:
+            for b in [*engines.values(), main]:
+                b.teardown()
+            raise RunError(str(exc)) from exc
+        return Fleet(main, engines, {n.name: n.engine for n in self.nodes if not n.remote},
+                     {n.name: n.profile for n in self.nodes})
 
     def _make_keys(self):
         """CURVE keys of this run (aggregator.auth: curve), saved to keys.json (mode 0600)."""

@@ -87,6 +87,8 @@ class NodeGroup(Strict):
     overrides: dict[str, float] = Field(default_factory=dict, description="fixed profile fields for the group")
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict, description="per-node uniform draw [lo, hi]")
     backend: Literal["inherit", "remote"] = "inherit"
+    engine: str | None = Field(None, description="name under engines: these nodes run as containers on that "
+                               "docker engine (another host, or another engine of this one)")
 
     @field_validator("profile")
     @classmethod
@@ -168,6 +170,59 @@ class AggregatorConfig(Strict):
     auth: Literal["curve", "none"] = Field("curve", description="curve: only nodes holding the run's keys get in")
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+class EngineSpec(Strict):
+    """A docker engine that runs some of the nodes: one more host when this one is not enough.
+
+    Its containers dial back to the one aggregator: on the run network's gateway when the engine
+    runs on this machine, else on `connect`, an address of this host the engine's host can reach
+    (the aggregator listens there too)."""
+    url: str = Field(description="the engine: unix:///PATH, tcp://HOST:PORT "
+                     "or ssh://USER@HOST (the docker SDK; ssh uses the system's ssh client and its config)")
+    connect: str | None = Field(None, description="IP address of this host that the engine's containers dial "
+                                "(required for an engine on another host)")
+    same_host: bool | None = Field(None, description="the engine runs on this machine (then its links are shaped "
+                                   "from here like the docker backend's; default: true for unix:// and "
+                                   "tcp://localhost, else false)")
+    tls: bool = Field(False, description="tcp:// with TLS, certificates from DOCKER_CERT_PATH (as the docker CLI)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^(unix|tcp|ssh)://.+", v):
+            raise ValueError("a docker engine address; allowed: unix:///PATH, tcp://HOST:PORT, ssh://USER@HOST")
+        return v
+
+    @field_validator("connect")
+    @classmethod
+    def _ip(cls, v: str | None) -> str | None:
+        import ipaddress
+        if v is not None:
+            try:
+                ip = ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"connect must be an IP address of this host (the aggregator binds it), "
+                                 f"got {v!r}") from None
+            if ip.is_unspecified or ip.is_loopback:
+                raise ValueError(f"{v} cannot be reached from another host's containers; give an "
+                                 "address of this host on a network the engine's host shares")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineSpec":
+        if self.same_host is None:
+            host = self.url.split("://", 1)[1].split("@")[-1].rsplit(":", 1)[0]
+            self.same_host = self.url.startswith("unix://") or (self.url.startswith("tcp://") and host in LOCAL_HOSTS)
+        if not self.same_host and self.connect is None:
+            raise ValueError(f"@connect: an engine on another host ({self.url}) needs connect: an IP address of "
+                             "this host its containers can reach (the aggregator listens there)")
+        if self.tls and not self.url.startswith("tcp://"):
+            raise ValueError("@tls: goes with a tcp:// url")
+        return self
+
+
 FAULT_ACTIONS = ("kill", "restart", "pause", "resume", "cut_link", "restore_link", "link", "profile")
 UNDOABLE = ("pause", "cut_link", "link", "profile")
 
@@ -237,6 +292,8 @@ class Scenario(Strict):
     strategies: Strategies
     aggregator: AggregatorConfig = AggregatorConfig()
     faults: Faults = Faults()
+    engines: dict[str, EngineSpec] = Field(default_factory=dict, description="more docker engines; node groups "
+                                           "name one with engine: (README: More hosts)")
 
     @field_validator("profiles")
     @classmethod
@@ -277,8 +334,23 @@ class Scenario(Strict):
             raise ValueError(f"@training.clients_per_round: {k} exceeds the {n} nodes declared")
         if self.training.min_results > (k or n):
             raise ValueError(f"@training.min_results: {self.training.min_results} exceeds clients per round ({k or n})")
+        self._check_engines()
         self._check_faults()
         return self
+
+    def _check_engines(self) -> None:
+        for name in self.engines:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$", name):
+                raise ValueError(f"@engines: engine name {name!r}: letters, digits, '_', '.', '-' (at most 41)")
+        for i, g in enumerate(self.nodes):
+            if g.engine is None:
+                continue
+            if g.engine not in self.engines:
+                allowed = ", ".join(sorted(self.engines)) or "none defined (add them under engines:)"
+                raise ValueError(f"@nodes[{i}].engine: unknown engine {g.engine!r}; allowed: {allowed}")
+            if g.backend == "remote":
+                raise ValueError(f"@nodes[{i}].engine: a remote (hand-started) group runs on no engine; "
+                                 "give engine: or backend: remote, not both")
 
     def _check_faults(self) -> None:
         names = {f"{g.group}-{i}" for g in self.nodes for i in range(g.count)}
@@ -316,6 +388,7 @@ class NodeSpec(BaseModel):
     group: str
     profile: Profile
     remote: bool = False
+    engine: str | None = None  # name under engines: (None: the scenario's backend on this host)
 
 
 def expand_nodes(sc: Scenario) -> list[NodeSpec]:
@@ -332,7 +405,7 @@ def expand_nodes(sc: Scenario) -> list[NodeSpec]:
                 fields["memory_mb"] = int(fields["memory_mb"])
             base = PROFILES.get(g.profile) or Profile(name=g.profile, **sc.profiles[g.profile].model_dump())
             out.append(NodeSpec(name=f"{g.group}-{i}", group=g.group, profile=base.with_overrides(**fields),
-                                remote=g.backend == "remote"))
+                                remote=g.backend == "remote", engine=g.engine))
     return out
 
 

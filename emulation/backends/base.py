@@ -6,12 +6,17 @@ which must be safe to call twice and after a crash.
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 from ..profiles import Profile
 
 RUN_ENV = "TESTBED_RUN"  # every process the testbed starts carries its run id here (for `clean`)
+
+
+def log_message(msg: str) -> None:
+    logging.getLogger("emulation").info("%s", msg)
 
 
 class FaultUnsupported(RuntimeError):
@@ -30,6 +35,7 @@ class Backend(ABC):
         self.workdir = Path(workdir)
         self.caps = caps
         self.keys = None  # testbed.auth.RunKeys: each node gets its own CURVE key, as a real device does
+        self.say = log_message  # the runner points this at its progress display
 
     def auth_args(self) -> list[str]:
         return self.keys.join_args() if self.keys is not None else []

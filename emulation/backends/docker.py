@@ -16,6 +16,14 @@ The node starts importing torch (seconds) before its first message, so its link 
 before any traffic. Without root (a docker-group user) the host side cannot be shaped: the
 uplink is shaped inside the container (`docker exec tc`, NET_ADMIN), the downlink in the
 transport, and fidelity() says so.
+
+More engines (scenario `engines:`): a DockerBackend per engine, through the SDK at the engine's
+address. An engine on this machine (unix://, tcp://localhost) works as above on its own network.
+An engine on another host gets a routed (not internal) network, its nodes dial `connect` (an
+address of this host), the uplink is shaped by `tc` inside each container (`docker -H URL exec`),
+the downlink and latency in the node's transport; a missing node image is copied over
+(`docker save | docker load`, streamed). Every engine used is remembered (engines.json in the
+state folder) so that `testbed clean` sweeps it too.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import netns as N
@@ -35,11 +44,94 @@ from .process import node_command
 
 LABEL_RUN = "fedge.run"      # on every container and network the backend makes: `clean` finds them by it
 LABEL_NODE = "fedge.node"
+LABEL_ENGINE = "fedge.engine"  # the scenario's name of the engine (engines:), on what an engine backend makes
 NAME_PREFIX = "fedge-"
 MIN_CPUS = 0.01              # docker refuses smaller NanoCpus
 STOP_GRACE_S = 3.0
 IDLE_NODE_MB = 300           # one interpreter with torch+transformers+peft imported (DESIGN.md: 279 MB)
 log = logging.getLogger("emulation.docker")
+
+
+STATE_DIR_ENV = "FEDGE_STATE"  # where engines.json is kept (default ~/.local/state/fedge-testbed)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One more docker engine of a run (scenario `engines:`)."""
+    name: str
+    url: str
+    same_host: bool = True
+    connect: str | None = None  # the address of this host its containers dial (another host only)
+    tls: bool = False
+
+    def client(self, timeout: float = 60):
+        import docker
+        tls = None
+        if self.tls:
+            from docker.tls import TLSConfig
+            certs = Path(os.environ.get("DOCKER_CERT_PATH", "~/.docker")).expanduser()
+            tls = TLSConfig(client_cert=(str(certs / "cert.pem"), str(certs / "key.pem")),
+                            ca_cert=str(certs / "ca.pem"), verify=True)
+        try:
+            c = docker.DockerClient(base_url=self.url, timeout=timeout, tls=tls,
+                                    use_ssh_client=self.url.startswith("ssh://"))
+            c.ping()
+            return c
+        except Exception as exc:
+            raise RuntimeError(f"engine {self.name} ({self.url}) is not reachable: {type(exc).__name__}: "
+                               f"{str(exc)[:200]}") from exc
+
+    def cli(self) -> list[str]:
+        """The docker CLI aimed at this engine (for `exec tc`)."""
+        return ["docker", "-H", self.url, *(["--tlsverify"] if self.tls else [])]
+
+
+def engines_file() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV) or "~/.local/state/fedge-testbed").expanduser() / "engines.json"
+
+
+def remember_engine(engine: Engine) -> None:
+    """Note an engine the testbed put containers on, before it puts any there (for `clean`)."""
+    f = engines_file()
+    known = known_engines()
+    known[engine.url] = {"tls": engine.tls, "name": engine.name, "last_used": time.time()}
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    tmp.replace(f)
+
+
+def known_engines() -> dict[str, dict]:
+    try:
+        known = json.loads(engines_file().read_text())
+        return known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def forget_engine(url: str) -> None:
+    known = known_engines()
+    if known.pop(url, None) is not None:
+        tmp = engines_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(engines_file())
+
+
+def clean_engines(run_id: str | None = None) -> list[str]:
+    """`clean` on every engine a run of this testbed used (engines.json); an engine on a unix
+    socket that no longer exists is forgotten, an unreachable one is reported and kept."""
+    removed = []
+    for url, meta in known_engines().items():
+        if url.startswith("unix://") and not Path(url[len("unix://"):]).exists():
+            forget_engine(url)
+            continue
+        try:
+            client = Engine(str(meta.get("name", "?")), url, tls=bool(meta.get("tls"))).client(timeout=10)
+        except RuntimeError as exc:
+            log.warning("%s; its containers of %s may remain", exc, f"run {run_id}" if run_id else "any run")
+            continue
+        removed += [f"{r} on engine {url}" for r in clean(run_id, client)]
+    return removed
 
 
 def run_hash(run_id: str) -> str:
@@ -65,22 +157,41 @@ def docker_missing(caps: dict) -> list[str]:
 class DockerBackend(Backend):
     name = "docker"
 
-    def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
+    def __init__(self, run_id: str, workdir: Path, caps: dict | None = None, engine: Engine | None = None):
         super().__init__(run_id, workdir, caps)
         from .. import image
-        try:
-            self.client = image.client(timeout=60)
-            self.image = image.require_image(self.client)
-        except image.ImageError as exc:
-            raise RuntimeError(f"the docker backend cannot run: {exc}") from exc
+        self.engine = engine
+        self.label = f"engine {engine.name}" if engine else "docker backend"
+        here = engine is None or engine.same_host
+        if engine is None:
+            try:
+                self.client = image.client(timeout=60)
+                self.image = image.require_image(self.client)
+            except image.ImageError as exc:
+                raise RuntimeError(f"the docker backend cannot run: {exc}") from exc
+        else:
+            self.client = engine.client(timeout=600)
+            self.image = image.image_tag()  # copied there by prepare() if missing
+            remember_engine(engine)
         import docker
         self._errors = docker.errors
-        self.netem = bool(self.caps.get("netem"))
-        self.root = os.geteuid() == 0 and bool(shutil.which("nsenter")) and bool(shutil.which("tc"))
+        self.netem = bool(self.caps.get("netem")) and here  # another host's kernel is not probed
+        self.root = here and os.geteuid() == 0 and bool(shutil.which("nsenter")) and bool(shutil.which("tc"))
         self.exec_tc = not self.root and bool(shutil.which("docker"))  # uplink via `docker exec tc`
         self.cores = int(self.caps.get("cores") or os.cpu_count() or 1)
+        self.memory_mb = int(self.caps.get("memory_mb") or 0)
+        self.engine_info: dict = {}
+        if engine is not None:
+            info = self.client.info()
+            self.engine_info = {"name": engine.name, "url": engine.url, "same_host": engine.same_host,
+                                "id": info.get("ID"), "host": info.get("Name"), "version": info.get("ServerVersion"),
+                                "cores": info.get("NCPU"), "memory_mb": int((info.get("MemTotal") or 0) / 2**20),
+                                "arch": info.get("Architecture")}
+            if not engine.same_host:
+                self.cores = int(info.get("NCPU") or 1)
+                self.memory_mb = self.engine_info["memory_mb"]
         self.hash = run_hash(run_id)
-        self.labels = {LABEL_RUN: run_id}
+        self.labels = {LABEL_RUN: run_id, **({LABEL_ENGINE: engine.name} if engine else {})}
         self.network = None
         self.gateway: str | None = None
         self.containers: dict = {}
@@ -95,20 +206,24 @@ class DockerBackend(Backend):
         if self.network is not None:
             return
         from docker.types import IPAMConfig, IPAMPool
-        name = f"{NAME_PREFIX}{self.hash}"
-        tag = N.run_tag(self.run_id)
+        name = bridge = f"{NAME_PREFIX}{self.hash}"
+        if self.engine is not None:  # a distinct bridge even when the engine shares this kernel
+            name = f"{NAME_PREFIX}{self.hash}-{self.engine.name}"
+            bridge = f"fdg-{self.hash}-{hashlib.sha1(self.engine.name.encode()).hexdigest()[:2]}"
+        here = self.engine is None or self.engine.same_host
+        tag = N.run_tag(self.run_id + (self.engine.name if self.engine else ""))
         last = None
         for _ in range(8):  # another run (or engine) may take the same /24 between pick and create
             subnet = N.pick_subnet(tag)
             gateway = str(next(subnet.hosts()))
-            try:
+            try:  # on another host: routed, so its containers reach this host's `connect` address
                 self.network = self.client.networks.create(
-                    name, driver="bridge", internal=True, labels=dict(self.labels), check_duplicate=True,
+                    name, driver="bridge", internal=here, labels=dict(self.labels), check_duplicate=True,
                     ipam=IPAMConfig(pool_configs=[IPAMPool(subnet=str(subnet), gateway=gateway)]),
-                    options={"com.docker.network.bridge.name": name})
+                    options={"com.docker.network.bridge.name": bridge})
                 self.gateway = gateway
                 if self.root:
-                    N.cap_gso([], name)  # as for the netns bridge: no 64 KB bursts through htb
+                    N.cap_gso([], bridge)  # as for the netns bridge: no 64 KB bursts through htb
                 return
             except self._errors.APIError as exc:
                 last = exc
@@ -119,26 +234,42 @@ class DockerBackend(Backend):
 
     def bind_address(self, requested: str) -> str:
         self._ensure_network()
+        if self.engine is not None and not self.engine.same_host:
+            return self.engine.connect
         return self.gateway
 
+    def prepare(self, spec: dict, dataset: str, zygote: bool) -> None:
+        if self.engine is not None:  # the node image of this code, copied from this host's engine if missing
+            from .. import image
+            try:
+                took = image.copy_image(self.client, say=lambda m: self.say(f"{self.label}: {m}"))
+            except image.ImageError as exc:
+                raise RuntimeError(f"{self.label} ({self.engine.url}): {exc}") from exc
+            self.engine_info["image_copied_s"] = None if took is None else round(took, 1)
+
     def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
-        notes = []
+        notes, me = [], self.label
+        away = self.engine is not None and not self.engine.same_host
         if not self.netem and any(p.latency_ms > 0 for p in profiles):
-            notes.append("docker backend: no netem in this kernel: latency is emulated in the transport, rates by htb")
-        if not self.root:
+            why = "another host's kernel is not probed" if away else "no netem in this kernel"
+            notes.append(f"{me}: {why}: latency is emulated in the transport, rates by htb")
+        if away:
+            notes.append(f"{me}: on another host ({self.engine.url}): the uplink is shaped by tc inside each "
+                         "container, the downlink in the node's transport; link cuts are not possible there")
+        elif not self.root:
             where = "the uplink by tc inside the container, " if self.exec_tc else ""
-            notes.append(f"docker backend: not root: {where}the "
+            notes.append(f"{me}: not root: {where}the "
                          f"{'downlink' if self.exec_tc else 'uplink and downlink'} emulated in the transport")
         fast = sorted({p.name for p in profiles if p.cpu_share / dilation > self.cores})
         if fast:
-            notes.append(f"docker backend: CPU quota capped at the host's {self.cores} cores for {', '.join(fast)}")
+            notes.append(f"{me}: CPU quota capped at the host's {self.cores} cores for {', '.join(fast)}")
         slow = sorted({p.name for p in profiles if 0 < p.cpu_share / dilation < MIN_CPUS})
         if slow:
-            notes.append(f"docker backend: CPU quota raised to docker's minimum {MIN_CPUS} for {', '.join(slow)}")
+            notes.append(f"{me}: CPU quota raised to docker's minimum {MIN_CPUS} for {', '.join(slow)}")
         need = len(profiles) * IDLE_NODE_MB
-        host = int(self.caps.get("memory_mb") or 0)
+        host = self.memory_mb
         if host and need > 0.8 * host:
-            notes.append(f"docker backend: {len(profiles)} containers each run their own interpreter (about "
+            notes.append(f"{me}: {len(profiles)} containers each run their own interpreter (about "
                          f"{IDLE_NODE_MB} MB before training, nothing shared): about {need // 1024} GB of this "
                          f"host's {host // 1024} GB; fewer nodes or the netns backend may be needed")
         return notes
@@ -199,7 +330,8 @@ class DockerBackend(Backend):
             N._shape(inside, "eth0", up, self.netem)
             N._shape([], host_if, down, self.netem)
         elif self.exec_tc:
-            N._shape(["docker", "exec", container.id], "eth0", up, self.netem)
+            cli = self.engine.cli() if self.engine is not None else ["docker"]
+            N._shape([*cli, "exec", container.id], "eth0", up, self.netem)
 
     @staticmethod
     def _host_veth(inside: list[str]) -> str:
@@ -295,8 +427,8 @@ class DockerBackend(Backend):
 
     def _host_if(self, name: str) -> str:
         if not self.root or name not in self.host_ifs:
-            raise FaultUnsupported("the docker backend cuts a link at the container's host-side veth, "
-                                   "which needs root (nsenter) and a shaped node")
+            raise FaultUnsupported(f"{self.label} cuts a link at the container's host-side veth, which needs "
+                                   "root (nsenter), an engine on this host and a shaped node")
         return self.host_ifs[name]
 
     def cut_link(self, name: str) -> None:
@@ -372,7 +504,7 @@ class DockerBackend(Backend):
             except self._errors.APIError as exc:  # still has endpoints: the sweep below retries
                 log.warning("removing network %s: %s", self.network.name, exc)
             self.network = None
-        clean(self.run_id, self.client)
+        clean(self.run_id, self.client, self.engine.name if self.engine else None)
 
 
 def _tc_show(prefix: list[str], dev: str) -> str:
@@ -381,8 +513,9 @@ def _tc_show(prefix: list[str], dev: str) -> str:
                      for what in ("qdisc", "class")).strip()
 
 
-def clean(run_id: str | None = None, client=None) -> list[str]:
-    """Remove containers, then networks, labelled fedge.run (of one run, or of all); [] without docker."""
+def clean(run_id: str | None = None, client=None, engine: str | None = None) -> list[str]:
+    """Remove containers, then networks, labelled fedge.run (of one run, or of all; only those of
+    one scenario engine if `engine`); [] without docker."""
     if client is None:
         try:
             import docker
@@ -390,7 +523,8 @@ def clean(run_id: str | None = None, client=None) -> list[str]:
             client.ping()
         except Exception:  # no SDK, no engine: nothing of ours can exist there
             return []
-    selector = {"label": LABEL_RUN if run_id is None else f"{LABEL_RUN}={run_id}"}
+    selector = {"label": [LABEL_RUN if run_id is None else f"{LABEL_RUN}={run_id}",
+                          *([f"{LABEL_ENGINE}={engine}"] if engine else [])]}
     removed = []
     for kind, listing in (("container", client.containers), ("docker network", client.networks)):
         try:
@@ -411,4 +545,4 @@ def clean(run_id: str | None = None, client=None) -> list[str]:
     return removed
 
 
-__all__ = ["DockerBackend", "LABEL_RUN", "clean", "docker_missing"]
+__all__ = ["DockerBackend", "Engine", "LABEL_RUN", "clean", "clean_engines", "docker_missing", "known_engines"]

@@ -1,0 +1,158 @@
+"""Several backends in one run: the scenario's own backend on this host, plus one docker backend
+per extra engine (scenario `engines:`) for the node groups placed there.
+
+The runner sees one Backend. Each call goes to the backend that owns the node; an engine's nodes
+dial the aggregator where that engine can reach it (`attach` makes the aggregator listen there).
+"""
+from __future__ import annotations
+
+from ..profiles import Profile
+from .base import Backend
+
+
+class Fleet(Backend):
+    def __init__(self, main: Backend, engines: dict[str, Backend], placement: dict[str, str | None],
+                 profiles: dict[str, Profile]):
+        """placement: node -> engine name (None: the main backend); profiles: node -> its profile."""
+        self.main, self.engines, self.placement, self.profiles = main, engines, placement, profiles
+        self.endpoints: dict[str, str] = {}  # engine -> the endpoint its nodes dial
+        super().__init__(main.run_id, main.workdir, main.caps)
+        self.name = main.name
+        self.forks_nodes = main.forks_nodes
+
+    @property
+    def members(self) -> list[Backend]:
+        return [self.main, *self.engines.values()]
+
+    # keys and the message hook reach every member backend
+    @property
+    def keys(self):
+        return self.main.keys
+
+    @keys.setter
+    def keys(self, value) -> None:
+        for b in self.members:
+            b.keys = value
+
+    @property
+    def say(self):
+        return self.main.say
+
+    @say.setter
+    def say(self, fn) -> None:
+        for b in self.members:
+            b.say = fn
+
+    def _of(self, name: str) -> Backend:
+        engine = self.placement.get(name)
+        return self.engines[engine] if engine else self.main
+
+    def _endpoint(self, name: str, endpoint: str) -> str:
+        engine = self.placement.get(name)
+        return self.endpoints[engine] if engine else endpoint
+
+    def _names(self, engine: str | None) -> list[str]:
+        return [n for n, e in self.placement.items() if e == engine]
+
+    # -- the aggregator's addresses ----------------------------------------------------------
+    def bind_address(self, requested: str) -> str:
+        return self.main.bind_address(requested)
+
+    def connect_address(self, bind: str) -> str:
+        return self.main.connect_address(bind)
+
+    def attach(self, agg, requested: str) -> dict[str, str]:
+        """Make the aggregator listen where each engine's containers can reach it; {engine: endpoint}."""
+        import zmq
+        bound = {agg.bind: agg.port}
+        for name, b in self.engines.items():
+            addr = b.bind_address(requested)
+            if addr not in bound:
+                try:  # the same port everywhere when it is free: one firewall rule on a real network
+                    ep = agg.listen_also(addr, agg.port)
+                except zmq.ZMQError:
+                    ep = agg.listen_also(addr)
+                bound[addr] = int(ep.rsplit(":", 1)[1])
+            self.endpoints[name] = f"tcp://{b.connect_address(addr)}:{bound[addr]}"
+        return dict(self.endpoints)
+
+    def engine_info(self) -> dict[str, dict]:
+        return {name: {**getattr(b, "engine_info", {}), "nodes": self._names(name),
+                       "endpoint": self.endpoints.get(name)} for name, b in self.engines.items()}
+
+    # -- what the runner asks of a backend ---------------------------------------------------
+    def cpu_demand(self, profile: Profile) -> float:
+        return self.main.cpu_demand(profile)
+
+    def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
+        """Each member's notes for the nodes it runs (the fleet knows its nodes' profiles)."""
+        notes = []
+        for engine, b in [(None, self.main), *self.engines.items()]:
+            mine = [self.profiles[n] for n in self._names(engine)]
+            if mine or engine is None:
+                notes += b.fidelity(mine, dilation)
+        return notes
+
+    def prepare(self, spec: dict, dataset: str, zygote: bool) -> None:
+        self.main.prepare(spec, dataset, zygote and bool(self._names(None)))
+        for b in self.engines.values():
+            b.prepare(spec, dataset, False)
+
+    def zygote_notes(self, profiles: list[Profile]) -> list[str]:
+        return self.main.zygote_notes([self.profiles[n] for n in self._names(None)])
+
+    def zygote_info(self) -> dict | None:
+        return self.main.zygote_info()
+
+    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+        self._of(name).start(name, profile, self._endpoint(name, endpoint), dilation)
+
+    def restart(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+        self._of(name).restart(name, profile, self._endpoint(name, endpoint), dilation)
+
+    def set_profile(self, name: str, profile: Profile, endpoint: str, dilation: float) -> str:
+        return self._of(name).set_profile(name, profile, self._endpoint(name, endpoint), dilation)
+
+    def alive(self, name: str) -> bool:
+        return self._of(name).alive(name)
+
+    def exit_reason(self, name: str) -> str | None:
+        return self._of(name).exit_reason(name)
+
+    def oom(self, name: str) -> dict | None:
+        return self._of(name).oom(name)
+
+    def kill(self, name: str) -> None:
+        self._of(name).kill(name)
+
+    def pause(self, name: str) -> None:
+        self._of(name).pause(name)
+
+    def resume(self, name: str) -> None:
+        self._of(name).resume(name)
+
+    def cut_link(self, name: str) -> None:
+        self._of(name).cut_link(name)
+
+    def restore_link(self, name: str) -> None:
+        self._of(name).restore_link(name)
+
+    def reshape(self, name: str, profile: Profile, dilation: float) -> None:
+        self._of(name).reshape(name, profile, dilation)
+
+    def stop(self, name: str) -> None:
+        self._of(name).stop(name)
+
+    def nodes(self) -> list[str]:
+        return [n for b in self.members for n in b.nodes()]
+
+    def teardown(self) -> None:
+        """Every member, even when one fails (an unreachable engine must not keep this host's sandboxes)."""
+        first = None
+        for b in [*self.engines.values(), self.main]:
+            try:
+                b.teardown()
+            except Exception as exc:  # noqa: BLE001 - re-raised after the others are down
+                first = first or exc
+        if first is not None:
+            raise first

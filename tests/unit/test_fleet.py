@@ -1,0 +1,136 @@
+"""The Fleet: one run's nodes spread over the scenario's backend and extra docker engines."""
+from __future__ import annotations
+
+import pytest
+import yaml
+import zmq
+
+from emulation.backends.base import Backend
+from emulation.backends.fleet import Fleet
+from emulation.profiles import Profile
+from testbed import scenario as S
+
+P = Profile("t", 1.0, 1, 512, 0.0, 0.0, 0.0, "test")
+
+
+class Fake(Backend):
+    """Records calls; a stand-in for a backend owning some nodes."""
+    name = "fake"
+
+    def __init__(self, label: str, bind: str, fail_teardown: bool = False):
+        super().__init__(f"run-{label}", "/tmp", {"cores": 2})
+        self.label, self.bind, self.fail = label, bind, fail_teardown
+        self.calls: list[tuple] = []
+        self.running: set[str] = set()
+        self.torn = False
+
+    def bind_address(self, requested):
+        return self.bind
+
+    def start(self, name, profile, endpoint, dilation):
+        self.calls.append(("start", name, endpoint))
+        self.running.add(name)
+
+    def alive(self, name):
+        return name in self.running
+
+    def kill(self, name):
+        self.calls.append(("kill", name))
+        self.running.discard(name)
+
+    def stop(self, name):
+        self.running.discard(name)
+
+    def nodes(self):
+        return sorted(self.running)
+
+    def fidelity(self, profiles, dilation):
+        return [f"{self.label}: {len(profiles)} node(s)"]
+
+    def teardown(self):
+        self.torn = True
+        if self.fail:
+            raise RuntimeError(f"{self.label} unreachable")
+
+
+class FakeAgg:
+    bind, port = "10.0.0.1", 5000
+
+    def __init__(self, taken: set[str] = frozenset()):
+        self.taken, self.extra = taken, []
+
+    def listen_also(self, bind, port=0):
+        if port and bind in self.taken:
+            raise zmq.ZMQError(zmq.EADDRINUSE)
+        ep = f"tcp://{bind}:{port or 6001}"
+        self.extra.append(ep)
+        return ep
+
+
+def fleet(fail=False):
+    main, e2, far = Fake("main", "10.0.0.1"), Fake("e2", "10.0.9.1"), Fake("far", "192.168.1.4", fail)
+    placement = {"a-0": None, "b-0": "e2", "c-0": "far", "c-1": "far"}
+    return Fleet(main, {"e2": e2, "far": far}, placement, {n: P for n in placement}), main, e2, far
+
+
+def test_each_node_goes_to_its_backend_and_dials_where_that_engine_reaches_the_aggregator():
+    f, main, e2, far = fleet()
+    agg = FakeAgg(taken={"192.168.1.4"})
+    eps = f.attach(agg, "127.0.0.1")
+    assert eps == {"e2": "tcp://10.0.9.1:5000", "far": "tcp://192.168.1.4:6001"}, "port taken there: another one"
+    assert agg.extra == ["tcp://10.0.9.1:5000", "tcp://192.168.1.4:6001"]
+    for n in ("a-0", "b-0", "c-0", "c-1"):
+        f.start(n, P, "tcp://10.0.0.1:5000", 1.0)
+    assert main.calls == [("start", "a-0", "tcp://10.0.0.1:5000")]
+    assert e2.calls == [("start", "b-0", "tcp://10.0.9.1:5000")]
+    assert [c[1:] for c in far.calls] == [("c-0", "tcp://192.168.1.4:6001"), ("c-1", "tcp://192.168.1.4:6001")]
+    f.kill("c-1")
+    assert far.calls[-1] == ("kill", "c-1") and not f.alive("c-1") and f.alive("c-0")
+    assert sorted(f.nodes()) == ["a-0", "b-0", "c-0"]
+    assert f.fidelity([], 1.0) == ["main: 1 node(s)", "e2: 1 node(s)", "far: 2 node(s)"]
+
+
+def test_keys_and_messages_reach_every_member():
+    f, *members = fleet()
+    f.keys, f.say = "KEYS", print
+    assert all(m.keys == "KEYS" and m.say is print for m in members)
+
+
+def test_teardown_reaches_every_member_even_when_one_fails():
+    f, main, e2, far = fleet(fail=True)
+    with pytest.raises(RuntimeError, match="far unreachable"):
+        f.teardown()
+    assert main.torn and e2.torn and far.torn
+
+
+SMOKE = __import__("pathlib").Path(__file__).resolve().parents[2] / "scenarios" / "smoke.yaml"
+
+
+@pytest.mark.parametrize("url,connect,same", [
+    ("unix:///run/docker2.sock", None, True),
+    ("tcp://localhost:2375", None, True),
+    ("tcp://127.0.0.1:2375", None, True),
+    ("tcp://10.1.2.3:2376", "10.1.2.1", False),
+    ("ssh://me@lab2", "192.168.1.4", False),
+])
+def test_engine_same_host_default(url, connect, same):
+    doc = yaml.safe_load(open(SMOKE))
+    doc["engines"] = {"e": {"url": url, **({"connect": connect} if connect else {})}}
+    doc["nodes"][0]["engine"] = "e"
+    sc = S.parse(doc)
+    assert sc.engines["e"].same_host is same
+    nodes = S.expand_nodes(sc)
+    assert {n.engine for n in nodes if n.group == doc["nodes"][0]["group"]} == {"e"}
+    assert {n.engine for n in nodes if n.group != doc["nodes"][0]["group"]} == {None}
+
+
+def test_readme_engines_example_is_a_valid_scenario():
+    import re
+    readme = (SMOKE.parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(engines:.*?)```", readme, re.S).group(1)
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc.update(yaml.safe_load(block))
+    sc = S.parse(doc, "README.md")
+    assert {k: (e.same_host, e.connect) for k, e in sc.engines.items()} == {
+        "lab2": (False, "192.168.1.10"), "lab3": (False, "192.168.1.10")}
+    assert sum(1 for n in S.expand_nodes(sc) if n.engine) == 40
