@@ -297,12 +297,12 @@ class Run:
         try:
             with progress:
                 backend.say = progress.message
-                self._prepare_zygote(local)
-                self.keys = self._make_keys()
-                backend.keys = self.keys
                 progress.message(f"run {self.run_id}: backend {self.backend_name} ({self.backend_reason}); "
                                  f"dilation {self.dilation:g}; {len(self.nodes)} nodes; output {self.out}")
                 progress.message(describe(self.caps))
+                self._prepare_zygote(local)
+                self.keys = self._make_keys()
+                backend.keys = self.keys
                 for note in self.fidelity:
                     progress.message(f"fidelity: {note}", style="yellow")
                 agg = Aggregator(self.run_id, {n.name: n.profile.name for n in self.nodes}, self.welcome,
