@@ -134,3 +134,22 @@ def test_readme_engines_example_is_a_valid_scenario():
     assert {k: (e.same_host, e.connect) for k, e in sc.engines.items()} == {
         "lab2": (False, "192.168.1.10"), "lab3": (False, "192.168.1.10")}
     assert sum(1 for n in S.expand_nodes(sc) if n.engine) == 40
+
+
+def test_an_unreachable_engine_stops_the_run_before_any_node_starts(tmp_path):
+    import subprocess
+    import sys
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc["backend"] = "process"
+    doc["engines"] = {"gone": {"url": f"unix://{tmp_path}/no-such-docker.sock"}}
+    doc["nodes"][0]["engine"] = "gone"
+    scenario = tmp_path / "gone.yaml"
+    scenario.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out)],
+                       cwd=SMOKE.parents[1], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "FEDGE_STATE": str(tmp_path / "state")})
+    assert r.returncode != 0
+    assert f"engine gone (unix://{tmp_path}/no-such-docker.sock) is not reachable" in r.stderr, r.stderr[-2000:]
+    assert not (out / "rounds.jsonl").exists() and not (out / "logs").exists()
+    assert not (tmp_path / "state" / "engines.json").exists(), "an engine never used is not remembered"
