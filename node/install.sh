@@ -3,7 +3,7 @@
 #
 #     git clone <this repository> fedge && sh fedge/node/install.sh
 #
-# It makes fedge/.venv-node with only what the node needs (torch CPU, transformers, peft, pyzmq,
+# It makes fedge/.venv-node with only what the node needs (CPU torch, transformers, peft, pyzmq,
 # msgpack, psutil, numpy, and the model and text packages), pinned as in the node image
 # (docker/requirements*.txt). Nothing of testbed/ or emulation/ is used on the device.
 # Then join a run with the line the testbed printed for this device (also in the run's join.sh):
@@ -18,8 +18,19 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=${VENV:-.venv-node}
 test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# torch pinned in the same command as the rest: on x86_64 an unpinned torch would pull a CUDA build;
-# PyPI's aarch64 torch wheels are CPU builds
+# torch: PyPI's Linux wheels of torch 2.13.0 are CUDA builds on aarch64 as on x86_64 (measured on
+# arm64 under qemu-user: 4.8 GB with the nvidia libraries, which it cannot import without). The CPU
+# build comes from PyTorch's own CPU index; TORCH_INDEX=pypi takes PyPI's (e.g. behind a mirror of
+# PyPI only), TORCH_INDEX=URL another index.
+TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+TORCH=$(grep '^torch==' docker/requirements.txt)
+if [ "$TORCH_INDEX" = pypi ]; then
+  echo "node/install.sh: $TORCH from PyPI: a CUDA build (several GB of nvidia libraries, unused on a Pi)" >&2
+else
+  "$VENV/bin/python" -m pip install -q --index-url "$TORCH_INDEX" "$TORCH" \
+    || { echo "node/install.sh: cannot install $TORCH from $TORCH_INDEX; set TORCH_INDEX=pypi for PyPI's CUDA build" >&2; exit 1; }
+fi
+# the rest, with torch pinned in the same command (already there: nothing more of it is fetched)
 "$VENV/bin/python" -m pip install -q -r docker/requirements.txt
 "$VENV/bin/python" -m pip install -q --no-deps -r docker/requirements-nodeps.txt
 "$VENV/bin/python" -m node --help >/dev/null

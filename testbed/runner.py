@@ -101,6 +101,7 @@ class Run:
         self.restarts: list[dict] = []      # devices replaced between strategies, and why
         self.checkpoint: dict | None = None  # what --resume continues from
         self.resumed: list[dict] = []
+        self.devices: dict[str, dict] = {}  # what each remote (real) device said of itself when it joined
         self.fault_restores: list[dict] = []
 
     # -- preparation -----------------------------------------------------------------------
@@ -228,7 +229,8 @@ class Run:
             "versions": package_versions(), "seeds": {"scenario": self.sc.seed},
             "engines": self.backend.engine_info() if isinstance(getattr(self, "backend", None), Fleet) else {},
             "nodes": [{"name": n.name, "group": n.group, "profile": n.profile.as_dict(),
-                       **({"engine": n.engine} if n.engine else {}), **({"remote": True} if n.remote else {}),
+                       **({"engine": n.engine} if n.engine else {}),
+                       **({"remote": True, "device": self.devices.get(n.name)} if n.remote else {}),
                        "samples": len(self.shards[n.name]), "labels": self.shard_labels[n.name]} for n in self.nodes],
             "data": {"dataset": self.sc.data.dataset, "train": int(sum(len(s) for s in self.shards.values())),
                      "test": len(self.test_idx), "majority_rate": self.majority_rate},
@@ -337,6 +339,13 @@ class Run:
                     raise RunError(f"{len(missing)} node(s) did not register: {', '.join(missing[:10])} ({why}); "
                                    f"see {self.out / 'logs'} for their output")
                 progress.message(f"all {len(names)} nodes registered in {register_s:.1f} s")
+                for n in self.nodes:
+                    if n.remote and n.name in agg.peers:
+                        caps = agg.peers[n.name].hello.get("capabilities")
+                        caps = caps if isinstance(caps, dict) else {}  # a device's word, not checked further
+                        self.devices[n.name] = caps
+                        progress.message(f"{n.name} is a {caps.get('machine', '?')} device, {caps.get('cpus', '?')} "
+                                         f"cpus, {caps.get('mem_total_mb', '?')} MB, Python {caps.get('python', '?')}")
                 self._write_json("manifest.json", self.manifest(status="running", endpoint=agg.endpoint,
                                                                 register_s=register_s))
                 self.endpoint = endpoint

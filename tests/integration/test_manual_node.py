@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
 import socket
 import subprocess
@@ -134,3 +135,6 @@ def test_hand_started_node_joins_and_trains(backend, tmp_path, procs, request):
     for r in trained:
         status = {n["node"]: n["status"] for n in r["nodes"]}
         assert status == {"emu-0": "ok", "pi-0": "ok"}
+    device = {n["name"]: n for n in json.loads((out / "manifest.json").read_text())["nodes"]}["pi-0"]
+    assert device["remote"] is True and device["device"]["machine"] == platform.machine()
+    assert device["device"]["python"] == platform.python_version() and device["device"]["cpus"] >= 1

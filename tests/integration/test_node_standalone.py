@@ -47,3 +47,8 @@ def test_install_script_is_valid_sh_and_uses_the_image_pins():
     text = script.read_text()
     for req in ("docker/requirements.txt", "docker/requirements-nodeps.txt"):
         assert req in text and (ROOT / req).is_file()
+    # torch of the CPU index by default (PyPI's Linux wheels are CUDA builds, on arm64 too), the image's pin
+    assert "TORCH_INDEX:-https://download.pytorch.org/whl/cpu" in text
+    assert "grep '^torch==' docker/requirements.txt" in text
+    pin = [r for r in (ROOT / "docker/requirements.txt").read_text().split() if r.startswith("torch==")]
+    assert pin == ["torch==2.13.0"]
