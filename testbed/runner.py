@@ -344,8 +344,9 @@ class Run:
                         caps = agg.peers[n.name].hello.get("capabilities")
                         caps = caps if isinstance(caps, dict) else {}  # a device's word, not checked further
                         self.devices[n.name] = caps
-                        progress.message(f"{n.name} joined from a {caps.get('machine', '?')} machine: {caps.get('cpus', '?')} "
-                                         f"cpus, {caps.get('mem_total_mb', '?')} MB, Python {caps.get('python', '?')}")
+                        progress.message(f"{n.name} joined from a {caps.get('machine', '?')} machine: "
+                                         f"{caps.get('cpus', '?')} cpus, {caps.get('mem_total_mb', '?')} MB, "
+                                         f"Python {caps.get('python', '?')}")
                 self._write_json("manifest.json", self.manifest(status="running", endpoint=agg.endpoint,
                                                                 register_s=register_s))
                 self.endpoint = endpoint

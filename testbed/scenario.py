@@ -215,6 +215,9 @@ class EngineSpec(Strict):
         if self.same_host is None:
             host = self.url.split("://", 1)[1].split("@")[-1].rsplit(":", 1)[0]
             self.same_host = self.url.startswith("unix://") or (self.url.startswith("tcp://") and host in LOCAL_HOSTS)
+        if self.same_host and self.connect is not None:
+            raise ValueError("@connect: goes with an engine on another host (same_host: false); an engine on "
+                             "this machine is dialled on its run network's gateway")
         if not self.same_host and self.connect is None:
             raise ValueError(f"@connect: an engine on another host ({self.url}) needs connect: an IP address of "
                              "this host its containers can reach (the aggregator listens there)")

@@ -90,15 +90,19 @@ def engines_file() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV) or "~/.local/state/fedge-testbed").expanduser() / "engines.json"
 
 
-def remember_engine(engine: Engine) -> None:
-    """Note an engine the testbed put containers on, before it puts any there (for `clean`)."""
+def _save_engines(known: dict[str, dict]) -> None:
     f = engines_file()
-    known = known_engines()
-    known[engine.url] = {"tls": engine.tls, "name": engine.name, "last_used": time.time()}
     f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
+    tmp = f.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(known, indent=1))
     tmp.replace(f)
+
+
+def remember_engine(engine: Engine) -> None:
+    """Note an engine the testbed put containers on, before it puts any there (for `clean`)."""
+    known = known_engines()
+    known[engine.url] = {"tls": engine.tls, "name": engine.name, "last_used": time.time()}
+    _save_engines(known)
 
 
 def known_engines() -> dict[str, dict]:
@@ -112,9 +116,7 @@ def known_engines() -> dict[str, dict]:
 def forget_engine(url: str) -> None:
     known = known_engines()
     if known.pop(url, None) is not None:
-        tmp = engines_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(engines_file())
+        _save_engines(known)
 
 
 def clean_engines(run_id: str | None = None) -> list[str]:
