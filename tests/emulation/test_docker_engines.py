@@ -33,6 +33,7 @@ from emulation.profiles import Profile
 
 ROOT = Path(__file__).resolve().parents[2]
 CONNECT = "10.231.254.1"  # the test's stand-in for "this host's address on the LAN" (outside pick_subnet's 1..250)
+BRIDGE = "e2br0"  # the second engine's default bridge (10.231.253.1/24)
 
 
 def _default_engine():
@@ -63,6 +64,10 @@ def _why_not() -> str | None:
 pytestmark = [pytest.mark.emulation, pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")]
 
 
+def _link_exists(name: str) -> bool:
+    return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
+
+
 def labelled(client, run_id: str) -> list[str]:
     sel = {"label": f"fedge.run={run_id}"}
     return ([f"container {c.name}" for c in client.containers.list(all=True, filters=sel)]
@@ -76,9 +81,16 @@ def second_engine():
     base = Path(tempfile.mkdtemp(prefix="fedge-e2-", dir="/tmp"))  # short: socket paths have 108 bytes
     sock = base / "docker.sock"
     state = base / "state"
+    # its default network on a bridge of its own: `--bridge none` would make it delete docker0, the
+    # default engine's bridge (dockerd removes "docker0" when its default bridge is disabled)
+    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+    subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", "10.231.253.1/24", "dev", BRIDGE], check=True)
+    subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
     cmd = ["dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"), "-H", f"unix://{sock}",
-           "--pidfile", str(base / "docker.pid"), "--bridge", "none", "--iptables=false", "--ip6tables=false"]
+           "--pidfile", str(base / "docker.pid"), "--bridge", BRIDGE, "--iptables=false", "--ip6tables=false"]
     log = open(base / "dockerd.log", "wb")
+    docker0 = _link_exists("docker0")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     veth = ["ip", "link", "add", "e2c0a", "type", "veth", "peer", "name", "e2c0b"]
     old_state = os.environ.get("FEDGE_STATE")
@@ -120,6 +132,8 @@ def second_engine():
         for m in sorted(mounts, reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+        assert _link_exists("docker0") == docker0, "the second engine must leave the default engine's docker0 alone"
 
 
 @pytest.fixture(scope="module")
