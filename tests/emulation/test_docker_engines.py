@@ -38,11 +38,8 @@ BRIDGE = "e2br0"  # the second engine's default bridge (10.231.253.1/24)
 
 def _default_engine():
     try:
-        import docker
-        c = docker.from_env(timeout=5)
-        c.ping()
-        return c
-    except Exception:
+        return image.client(timeout=5)
+    except image.ImageError:
         return None
 
 
