@@ -262,7 +262,8 @@ class Run:
         self.backend = backend
         local = [n for n in self.nodes if not n.remote]
         here = [n for n in local if n.engine is None or sc.engines[n.engine].same_host]
-        demands = [backend.cpu_demand(n.profile) for n in here]
+        owner = backend.owner if isinstance(backend, Fleet) else (lambda name: backend)
+        demands = [owner(n.name).cpu_demand(n.profile) for n in here]
         if sc.dilation == "off":
             self.dilation = 1.0
         elif sc.dilation == "auto":  # the host that is shortest of cores sets the one factor for all

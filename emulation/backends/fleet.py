@@ -43,7 +43,8 @@ class Fleet(Backend):
         for b in self.members:
             b.say = fn
 
-    def _of(self, name: str) -> Backend:
+    def owner(self, name: str) -> Backend:
+        """The backend that runs node `name`."""
         engine = self.placement.get(name)
         return self.engines[engine] if engine else self.main
 
@@ -105,43 +106,43 @@ class Fleet(Backend):
         return self.main.zygote_info()
 
     def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
-        self._of(name).start(name, profile, self._endpoint(name, endpoint), dilation)
+        self.owner(name).start(name, profile, self._endpoint(name, endpoint), dilation)
 
     def restart(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
-        self._of(name).restart(name, profile, self._endpoint(name, endpoint), dilation)
+        self.owner(name).restart(name, profile, self._endpoint(name, endpoint), dilation)
 
     def set_profile(self, name: str, profile: Profile, endpoint: str, dilation: float) -> str:
-        return self._of(name).set_profile(name, profile, self._endpoint(name, endpoint), dilation)
+        return self.owner(name).set_profile(name, profile, self._endpoint(name, endpoint), dilation)
 
     def alive(self, name: str) -> bool:
-        return self._of(name).alive(name)
+        return self.owner(name).alive(name)
 
     def exit_reason(self, name: str) -> str | None:
-        return self._of(name).exit_reason(name)
+        return self.owner(name).exit_reason(name)
 
     def oom(self, name: str) -> dict | None:
-        return self._of(name).oom(name)
+        return self.owner(name).oom(name)
 
     def kill(self, name: str) -> None:
-        self._of(name).kill(name)
+        self.owner(name).kill(name)
 
     def pause(self, name: str) -> None:
-        self._of(name).pause(name)
+        self.owner(name).pause(name)
 
     def resume(self, name: str) -> None:
-        self._of(name).resume(name)
+        self.owner(name).resume(name)
 
     def cut_link(self, name: str) -> None:
-        self._of(name).cut_link(name)
+        self.owner(name).cut_link(name)
 
     def restore_link(self, name: str) -> None:
-        self._of(name).restore_link(name)
+        self.owner(name).restore_link(name)
 
     def reshape(self, name: str, profile: Profile, dilation: float) -> None:
-        self._of(name).reshape(name, profile, dilation)
+        self.owner(name).reshape(name, profile, dilation)
 
     def stop(self, name: str) -> None:
-        self._of(name).stop(name)
+        self.owner(name).stop(name)
 
     def nodes(self) -> list[str]:
         return [n for b in self.members for n in b.nodes()]
