@@ -295,6 +295,7 @@ def main(argv=None) -> int:
                 d.rmdir()
             except OSError as exc:
                 print(f"cleanup: {d}: {exc}", file=sys.stderr)
+        C.remove_empty_parents(v2)
         signal.signal(signal.SIGTERM, old_term)
 
     mean = statistics.mean

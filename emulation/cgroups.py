@@ -155,13 +155,19 @@ class CGroup:
         return 0
 
 
-def leftovers(version: int | None, v2_root: Path | None = None, root: Path = ROOT, run_id: str | None = None) -> list[Path]:
-    """Directories of our cgroups (deepest first) that crashed runs left behind."""
+def parents(v2_root: Path | None = None, root: Path = ROOT) -> list[Path]:
+    """The `fedge` directories every run's groups live under (one per hierarchy)."""
     bases = [root / "cpu" / PARENT, root / "memory" / PARENT]
     if v2_root:
         bases.append(Path(v2_root) / PARENT)
+    return bases
+
+
+def leftovers(version: int | None, v2_root: Path | None = None, root: Path = ROOT, run_id: str | None = None) -> list[Path]:
+    """Directories of our cgroups (deepest first) that crashed runs left behind; without a
+    run id also the `fedge` parents themselves, last."""
     found = []
-    for b in bases:
+    for b in parents(v2_root, root):
         if not b.is_dir():
             continue
         runs = [b / run_id] if run_id else [p for p in b.iterdir() if p.is_dir()]
@@ -169,4 +175,15 @@ def leftovers(version: int | None, v2_root: Path | None = None, root: Path = ROO
             if r.is_dir():
                 found.extend(sorted((p for p in r.iterdir() if p.is_dir()), reverse=True))
                 found.append(r)
+        if run_id is None:
+            found.append(b)
     return found
+
+
+def remove_empty_parents(v2_root: Path | None = None, root: Path = ROOT) -> None:
+    """After a run: the `fedge` parents go too unless another run still has groups there."""
+    for b in parents(v2_root, root):
+        try:
+            b.rmdir()
+        except OSError:  # missing, or another run's groups are inside
+            pass

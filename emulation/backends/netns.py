@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import netns as N
 from ..cgroups import CGroup
-from ..cgroups import leftovers as cgroup_leftovers
+from ..cgroups import leftovers as cgroup_leftovers, remove_empty_parents
 from ..profiles import Profile
 from .base import Backend, FaultUnsupported
 from .process import ProcessBackend, _die_with_parent, node_command
@@ -202,6 +202,7 @@ class NetnsBackend(ProcessBackend):
                 d.rmdir()
             except OSError:
                 pass
+        remove_empty_parents(self.v2_root)
 
 
 __all__ = ["NetnsBackend"]

@@ -57,6 +57,8 @@ def test_limits_are_in_force_and_removed(backend, netns_caps):
     assert left == {"namespaces": [], "interfaces": []}
     info = netns_caps["cgroup"]
     assert cgroups.leftovers(info["version"], info.get("v2_path"), run_id=backend.run_id) == []
+    for parent in cgroups.parents(info.get("v2_path")):  # gone, unless another run is live there
+        assert not parent.exists() or any(d.is_dir() for d in parent.iterdir()), parent
     assert tagged_processes(backend.run_id) == []
 
 

@@ -42,7 +42,18 @@ def test_leftovers_lists_deepest_first(tmp_path):
         (tmp_path / ctrl / "fedge" / "runA" / "n0").mkdir(parents=True)
     found = cgroups.leftovers(1, root=tmp_path)
     assert found.index(tmp_path / "cpu/fedge/runA/n0") < found.index(tmp_path / "cpu/fedge/runA")
+    assert found[-1] == tmp_path / "memory/fedge" and tmp_path / "cpu/fedge" in found  # parents last
     assert cgroups.leftovers(1, root=tmp_path, run_id="other") == []
+    assert tmp_path / "cpu/fedge" not in cgroups.leftovers(1, root=tmp_path, run_id="runA")
+
+
+def test_empty_parents_go_after_a_run_busy_ones_stay(tmp_path):
+    (tmp_path / "cpu/fedge/live-run").mkdir(parents=True)
+    (tmp_path / "memory/fedge").mkdir(parents=True)
+    cgroups.remove_empty_parents(root=tmp_path)
+    assert (tmp_path / "cpu/fedge/live-run").is_dir()  # another run's groups are inside
+    assert not (tmp_path / "memory/fedge").exists()
+    cgroups.remove_empty_parents(root=tmp_path)  # missing parents are no error
 
 
 def test_bad_version():
