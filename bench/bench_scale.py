@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -39,27 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from emulation.hostmem import PeakSampler, used_mb  # noqa: E402
+
 PLAN = {"method": "lora", "blocks": [0, 1, 2, 3, 4, 5], "lora": {"r": 8, "alpha": 16}, "head": True,
         "local_steps": 1, "batch_size": 16, "max_len": 32, "lr": 0.005, "seed": 0}
-
-
-def used_mb() -> float:
-    vm = psutil.virtual_memory()
-    return (vm.total - vm.available) / 2**20
-
-
-class Peak(threading.Thread):
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.peak, self.stop_ = used_mb(), threading.Event()
-
-    def run(self):
-        while not self.stop_.wait(0.1):
-            self.peak = max(self.peak, used_mb())
-
-    def reset(self) -> float:
-        self.peak = used_mb()
-        return self.peak
 
 
 def node_uss(backend, names) -> list[float]:
@@ -92,7 +74,7 @@ def measure(n: int, backend_name: str, zygote: bool, wave: int, base, tensors) -
 
     with TemporaryDirectory() as tmp:
         backend = BACKENDS[backend_name](run_id, Path(tmp), probe())
-        peak = Peak()
+        peak = PeakSampler()
         before = used_mb()
         peak.start()
         agg = None
@@ -128,8 +110,7 @@ def measure(n: int, backend_name: str, zygote: bool, wave: int, base, tensors) -
             if agg is not None:
                 agg.close(say_bye=True)
             backend.teardown()
-            peak.stop_.set()
-            peak.join()
+            peak.stop()
     host = peak.peak - before
     return {"nodes": n, "mode": "zygote" if zygote else "separate", "register_s": register_s, "host_mb": host,
             "host_idle_mb": host_idle, "per_node_mb": host / n,

@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from .hostmem import kill_me_first
+
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 
@@ -74,6 +76,7 @@ def _child(cmd: dict, control: int, entered: int) -> None:
         os.setsid()  # own process group: the backend signals the node's group, as with Popen
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        kill_me_first()  # a node, not the zygote that holds them all, goes when the host runs out
         for procs in cmd.get("cgroup_procs") or []:  # before anything allocates: all of it is limited
             with open(procs, "w") as fh:
                 fh.write(str(os.getpid()))

@@ -73,9 +73,11 @@ def _strategy_summary(rows: list[dict], target: float) -> dict:
             if nd.get("peak_mem_mb"):
                 p = str(nd.get("profile", "?"))
                 peaks[p] = max(peaks.get(p, 0.0), float(nd["peak_mem_mb"]))
+    host = [r["host"]["peak_used_mb"] for r in rows if (r.get("host") or {}).get("peak_used_mb") is not None]
     return {
         "rounds": sum(1 for r in rows if r.get("round", 0) >= 1),
         "peak_memory_mb": dict(sorted(peaks.items())),
+        "host_peak_used_mb": max(host, default=None),  # this host's memory in use, all its nodes and the aggregator
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(known) if known else None,
         "target_accuracy": target,
@@ -273,11 +275,12 @@ def _faults_table(manifest: dict, groups: dict) -> list[str]:
     if not (manifest.get("faults") or any(r.get("events") or r.get("failed") or r.get("offline") for r in rows_with)):
         return []
     out = ["", "## Faults and failures", "",
-           "| strategy | faults applied | not applied | node-rounds lost to faults | to OOM | to deadline or errors "
+           "| strategy | faults applied | not applied | node-rounds lost to faults | to OOM (own limit or host) | to deadline or errors "
            "| failed rounds | offline node-rounds |", "|---|---|---|---|---|---|---|---|"]
     for name, rows in groups.items():
         ev = [e for r in rows for e in r.get("events") or [] if e.get("type") == "fault"]
-        oom = sum(1 for r in rows for e in r.get("events") or [] if e.get("type") == "oom")
+        oom = sum(1 for r in rows for e in r.get("events") or [] if e.get("type") == "oom") \
+            + lost(rows, lambda why: "host ran out of memory" in why)  # the device's limit, or the host's memory
         by_fault = lost(rows, lambda why: "fault event" in why or "profile change" in why)
         other = lost(rows, lambda why: "fault event" not in why and "profile change" not in why) - oom
         out.append(f"| {name} | {sum(1 for e in ev if e.get('applied'))} | {sum(1 for e in ev if not e.get('applied'))} "
@@ -295,7 +298,9 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
     lines = [f"# Run report: {scen.get('name', 'unnamed scenario')}", "",
              f"- backend: {manifest.get('backend', 'n/a')}",
              f"- dilation: {manifest.get('dilation', 'n/a')}",
-             f"- host: {host.get('cores', 'n/a')} cores, {host.get('memory_mb', 'n/a')} MB memory",
+             f"- host: {host.get('cores', 'n/a')} cores, {host.get('memory_mb', 'n/a')} MB memory"
+             + (f"; at most {host['peak_used_mb']:.0f} MB in use during rounds" if host.get("peak_used_mb") else "")
+             + (f"; {host['oom_kills']} process(es) killed for lack of host memory" if host.get("oom_kills") else ""),
              f"- baseline: {summary.get('baseline')}, target accuracy: {_fmt(summary.get('target_accuracy'))}"]
     if summary.get("majority_rate") is not None:
         lines.append(f"- majority-class rate: {_fmt(summary['majority_rate'])}")

@@ -26,13 +26,14 @@ import numpy as np
 
 from emulation.backends import BACKENDS, choose
 from emulation.backends.docker import DockerBackend, Engine
+from emulation import hostmem
 from emulation.backends.fleet import Fleet
 from emulation.probe import describe, probe
 from node import protocol as P
 from node import trainer
 from node.data import load_dataset
 
-from . import partition
+from . import costmodel, partition
 from .aggregator import Aggregator
 from .faults import Injector
 from .progress import Progress
@@ -103,6 +104,10 @@ class Run:
         self.resumed: list[dict] = []
         self.devices: dict[str, dict] = {}  # what each remote (real) device said of itself when it joined
         self.fault_restores: list[dict] = []
+        self.here: set[str] = set()         # nodes whose memory this host holds (not remote, not on another host)
+        self.host_mem: hostmem.PeakSampler | None = None
+        self._mem_warned: set[str] = set()  # strategies already warned that the host is short of memory
+        self._plan_mb: dict[str, float] = {}
 
     # -- preparation -----------------------------------------------------------------------
     def _prepare_output(self) -> None:
@@ -211,6 +216,19 @@ class Run:
         self.test = trainer.Tokenized(tok, [ds.texts[i] for i in self.test_idx], [ds.labels[i] for i in self.test_idx],
                                       sc.data.max_len)
         self.num_blocks = trainer.num_blocks(self.base)
+        self.arch = costmodel.Arch.from_config(self.base.config)
+
+    def _training_mb(self, plan: dict) -> float:
+        """Memory a node needs above its idle self to train `plan` (the cost model; plans differ
+        per strategy and device, most repeat within a round)."""
+        key = json.dumps({k: v for k, v in plan.items() if k not in ("seed", "lr", "rank_penalty")},
+                         sort_keys=True, default=str)
+        if key not in self._plan_mb:
+            try:
+                self._plan_mb[key] = costmodel.estimate(self.arch, plan, runtime_mb=0.0).peak_memory_mb
+            except (ValueError, KeyError, TypeError):  # a plan the cost model does not know: no estimate
+                self._plan_mb[key] = 0.0
+        return self._plan_mb[key]
 
     def welcome(self, name: str) -> tuple[dict, dict]:
         meta = {"model": asdict(self.spec), "data": {"dataset": self.sc.data.dataset, "max_len": self.sc.data.max_len}}
@@ -225,7 +243,9 @@ class Run:
                      if getattr(self, "keys", None) else {"mechanism": "none"}),
             "fidelity": self.fidelity, "zygote": self.backend.zygote_info() if hasattr(self, "backend") else None,
             "host": {"cores": self.caps["cores"], "memory_mb": self.caps["memory_mb"], "machine": platform.machine(),
-                     "python": platform.python_version(), "hostname": platform.node()},
+                     "python": platform.python_version(), "hostname": platform.node(),
+                     "peak_used_mb": max((r["host"]["peak_used_mb"] for r in self.rows if r.get("host")), default=None),
+                     "oom_kills": sum((r["host"].get("oom_kills") or 0) for r in self.rows if r.get("host"))},
             "versions": package_versions(), "seeds": {"scenario": self.sc.seed},
             "engines": self.backend.engine_info() if isinstance(getattr(self, "backend", None), Fleet) else {},
             "nodes": [{"name": n.name, "group": n.group, "profile": n.profile.as_dict(),
@@ -262,6 +282,7 @@ class Run:
         self.backend = backend
         local = [n for n in self.nodes if not n.remote]
         here = [n for n in local if n.engine is None or sc.engines[n.engine].same_host]
+        self.here = {n.name for n in here}
         owner = backend.owner if isinstance(backend, Fleet) else (lambda name: backend)
         demands = [owner(n.name).cpu_demand(n.profile) for n in here]
         if sc.dilation == "off":
@@ -297,6 +318,8 @@ class Run:
         # background jobs (Python keeps an inherited SIG_IGN)
         old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         status = "failed"
+        self.host_mem = hostmem.PeakSampler()
+        self.host_mem.start()
         try:
             with progress:
                 backend.say = progress.message
@@ -373,6 +396,7 @@ class Run:
             if agg is not None:
                 agg.close(say_bye=True)
             backend.teardown()
+            self.host_mem.stop()
             self._finish(status, agg)
         return self.summary
 
@@ -535,10 +559,12 @@ class Run:
             sampled = sorted(rng.choice(pool, size=k, replace=False).tolist()) if k else []
             infos = [NodeInfo(n, inj.current[n], len(self.shards[n])) for n in sampled]
             tasks = strat.configure(rnd, infos, state)
+            host, kills0 = self._host_before(entry.name, rnd, tasks, progress)
             t_round = time.perf_counter()
             outcome = agg.run_round(rnd, entry.name, tasks, sc.training.round_deadline_s * f,
                                     lambda n: self.alive(n) and n not in inj.lost,
                                     lambda n, sent, msg: check_result(sent, msg), tick=inj.tick)
+            host["peak_used_mb"] = round(self.host_mem.peak, 1)
             events = [*restored, *inj.end_round()]
             restored = []
             for n, rec in outcome.records.items():
@@ -550,6 +576,7 @@ class Run:
                     oom = backend.oom(n)
                     if oom:
                         events.append({"type": "oom", "round": rnd, "node": n, **oom})
+            self._host_after(rnd, host, kills0, outcome.records, events, backend, progress)
             nodes = {}
             for n, rec in outcome.records.items():
                 d = nodes[n] = asdict(rec)
@@ -579,7 +606,7 @@ class Run:
                    "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
                    "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
                    "eval_s": eval_s, "update_counts": update_counts(updates), "events": events,
-                   "offline": sorted(set(ready) - online), "nodes": nodes}
+                   "offline": sorted(set(ready) - online), "host": host, "nodes": nodes}
             self._save_checkpoint(index, entry.name, rnd, elapsed, state, strat, row, done=False)
             self._append_row(row)
             progress.round_done(row)
@@ -590,6 +617,39 @@ class Run:
         self.fault_restores += [{**r, "after": entry.name} for r in inj.end_strategy()]
         if self.rows and self.rows[-1]["strategy"] == entry.name:
             self._save_checkpoint(index, entry.name, rnd, elapsed, state, strat, self.rows[-1], done=True)
+
+    def _host_before(self, strategy: str, rnd: int, tasks: dict, progress: Progress) -> tuple[dict, int | None]:
+        """Before a round: will this host's nodes fit while they all train? Said once per strategy.
+        Returns the round's host record and the kernel's OOM kill count so far."""
+        trainers = [n for n in tasks if n in self.here]
+        need = sum(self._training_mb(tasks[n][0]) for n in trainers)
+        avail = hostmem.available_mb()
+        note = hostmem.training_note(need, avail, len(trainers))
+        if note and strategy not in self._mem_warned:
+            self._mem_warned.add(strategy)
+            self.fidelity.append(f"{strategy} round {rnd}: {note}")
+            progress.message(f"{strategy} round {rnd}: {note}", style="yellow")
+        self.host_mem.reset()
+        return {"training_estimate_mb": round(need, 1), "available_before_mb": round(avail, 1)}, hostmem.oom_kills()
+
+    def _host_after(self, rnd: int, host: dict, before: int | None, records: dict, events: list[dict], backend,
+                    progress: Progress) -> None:
+        """After a round: kills by the host's OOM killer (all the kernel's kills less those by a
+        node's own limit) become an event, and the reason of the nodes they may have taken."""
+        now = hostmem.oom_kills()
+        host["oom_kills"] = None if before is None or now is None else \
+            max(0, now - before - sum(1 for e in events if e.get("type") == "oom"))
+        if not host["oom_kills"]:
+            return
+        events.append({"type": "host_oom", "round": rnd, "kills": host["oom_kills"],
+                       "peak_used_mb": host["peak_used_mb"]})
+        own = {e["node"] for e in events if e.get("type") == "oom"}
+        for n, rec in records.items():
+            if rec.status != "ok" and n in self.here and n not in own and not backend.alive(n):
+                rec.reason = f"{rec.reason}; the host ran out of memory in this round" if rec.reason else \
+                    "the host ran out of memory in this round"
+        progress.message(f"round {rnd}: the kernel killed {host['oom_kills']} process(es) for lack of host memory "
+                         f"(peak {host['peak_used_mb']:.0f} MB in use)", style="red")
 
 
 def _raise_interrupt(signum, frame):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import netns as N
+from ..hostmem import OOM_SCORE_ADJ
 from ..profiles import Profile
 from .base import RUN_ENV, Backend, FaultUnsupported
 from .process import node_command
@@ -309,7 +310,7 @@ class DockerBackend(Backend):
             self.image, [*self._command(name, profile, endpoint, dilation), *self.auth_args()], name=f"{NAME_PREFIX}{self.hash}-{safe}",
             hostname=safe[:63], detach=True, init=True, network=self.network.name, environment=env,
             labels={**self.labels, LABEL_NODE: name}, nano_cpus=int(round(cpus * 1e9)), mem_limit=mem,
-            memswap_limit=mem, cap_add=["NET_ADMIN"], stdin_open=False)
+            memswap_limit=mem, oom_score_adj=OOM_SCORE_ADJ, cap_add=["NET_ADMIN"], stdin_open=False)
         self.containers[name] = container
         self.profiles[name] = profile
         self._states_at = 0.0

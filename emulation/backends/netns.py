@@ -16,7 +16,7 @@ from ..cgroups import CGroup
 from ..cgroups import leftovers as cgroup_leftovers, remove_empty_parents
 from ..profiles import Profile
 from .base import Backend, FaultUnsupported
-from .process import ProcessBackend, _die_with_parent, node_command
+from .process import ProcessBackend, _node_preexec, node_command
 
 
 MIN_OWN_MB = 64  # the least memory of its own a forked node's cgroup gets
@@ -88,7 +88,7 @@ class NetnsBackend(ProcessBackend):
             return
 
         def enter_sandbox():
-            _die_with_parent()
+            _node_preexec()
             cg.add(os.getpid())  # before exec: everything the node runs is limited
 
         self._spawn(name, [*ns.exec_prefix(), *cmd], profile.threads, preexec=enter_sandbox)

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..hostmem import kill_me_first
 from ..profiles import Profile
 from .base import RUN_ENV, Backend
 
@@ -26,6 +27,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+
+
+def _node_preexec() -> None:
+    """In a node before exec: it dies with the runner, and is the first the host's OOM killer takes."""
+    _die_with_parent()
+    kill_me_first()
 
 
 def node_command(name: str, profile: Profile, endpoint: str, dilation: float, shape_in_transport: bool = True) -> list[str]:
@@ -93,7 +100,7 @@ class ProcessBackend(Backend):
     def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
         self._spawn(name, node_command(name, profile, endpoint, dilation), profile.threads)
 
-    def _spawn(self, name: str, cmd: list[str], threads: int, preexec=_die_with_parent) -> None:
+    def _spawn(self, name: str, cmd: list[str], threads: int, preexec=_node_preexec) -> None:
         """Start a node program in its own session, output to logs/<name>.log."""
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.zygote is not None:

@@ -137,6 +137,8 @@ def test_container_limits_network_shaping_and_teardown(backend):
     assert hc["NanoCpus"] == 250_000_000          # cpu_share / dilation
     assert hc["Memory"] == hc["MemorySwap"] == 512 * 2**20  # no swap
     assert "NET_ADMIN" in hc["CapAdd"]
+    assert hc["OomScoreAdj"] == 1000  # the host's OOM killer takes a node before the aggregator
+    assert Path(f"/proc/{c.attrs['State']['Pid']}/oom_score_adj").read_text().strip() == "1000"
     assert c.labels["fedge.run"] == backend.run_id and c.labels["fedge.node"] == "n0"
     assert c.image.tags and TAG in c.image.tags
     assert list(c.attrs["NetworkSettings"]["Networks"]) == [net.name]

@@ -53,6 +53,7 @@ def test_manifest_records_backend_capabilities_and_fidelity(smoke_run):
         assert any("latency" in f for f in m["fidelity"]) or m["backend"] == "process"
     assert m["dilation"] >= 1
     assert m["host"]["cores"] >= 1 and m["versions"]["torch"].startswith("2.13.0")
+    assert m["host"]["peak_used_mb"] > 0 and m["host"]["oom_kills"] == 0
     assert len(m["nodes"]) == 4 and sum(n["samples"] for n in m["nodes"]) == m["data"]["train"]
 
 
@@ -65,6 +66,9 @@ def test_rounds_follow_the_contract(smoke_run):
         if r["round"] == 0:
             continue
         assert r["participants"] == 4 and r["dropped"] == 0
+        # the host's own memory: the 4 nodes' training need (cost model) and what was in use at the peak
+        assert 0 < r["host"]["training_estimate_mb"] < r["host"]["available_before_mb"]
+        assert r["host"]["peak_used_mb"] > 0 and r["host"]["oom_kills"] in (0, None)
         assert r["bytes_up"] == sum(n["bytes_up"] for n in r["nodes"]) > 0
         for n in r["nodes"]:
             assert NODE_KEYS <= n.keys() and n["status"] == "ok"
@@ -84,6 +88,7 @@ def test_summary_and_learning(smoke_run):
     assert s["baseline"] == "fedlora"
     for name, st in s["strategies"].items():
         assert SUMMARY_KEYS <= st.keys(), name
+        assert st["host_peak_used_mb"] > 0
     base = s["strategies"]["fedlora"]
     assert base["best_accuracy"] > s["majority_rate"], "federated fine-tuning did not beat the majority class"
     if base["time_to_target_s"] is not None:

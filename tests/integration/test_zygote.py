@@ -82,6 +82,8 @@ def test_closing_the_zygote_ends_its_nodes(zygote, tmp_path):
     child = z.spawn(["--connect", "tcp://127.0.0.1:1", "--name", "n0"], {}, tmp_path / "n0.log")
     time.sleep(1.0)
     assert child.poll() is None and os.getpgid(child.pid) == child.pid, "own process group, like Popen"
+    # when the host runs out of memory the kernel takes a node, not the zygote that holds them all
+    assert _oom_adj(child.pid) == "1000" and _oom_adj(z.pid) == _oom_adj(os.getpid())
     assert {p.pid for p in tagged_processes(run)} >= {z.pid, child.pid}, "`clean` finds both by the run tag"
     z.close()
     assert child.wait(10) is not None
@@ -89,3 +91,19 @@ def test_closing_the_zygote_ends_its_nodes(zygote, tmp_path):
     while tagged_processes(run) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tagged_processes(run) == []
+
+
+def _oom_adj(pid: int) -> str:
+    return Path(f"/proc/{pid}/oom_score_adj").read_text().strip()
+
+
+def test_a_node_started_as_its_own_interpreter_is_first_for_the_oom_killer(tmp_path):
+    from emulation.backends.process import ProcessBackend
+    from emulation.profiles import get_profile
+    b = ProcessBackend(f"zytest-{uuid.uuid4().hex[:6]}", tmp_path)
+    try:
+        b.start("n0", get_profile("host"), "tcp://127.0.0.1:1", dilation=1.0)  # nobody listens: it waits
+        assert _oom_adj(b.procs["n0"].pid) == "1000"
+    finally:
+        b.teardown()
+    assert tagged_processes(b.run_id) == []
