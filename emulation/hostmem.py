@@ -38,10 +38,6 @@ def available_mb() -> float:
     return psutil.virtual_memory().available / 2**20
 
 
-def total_mb() -> float:
-    return psutil.virtual_memory().total / 2**20
-
-
 def oom_kills(path: Path = VMSTAT) -> int | None:
     """Processes the kernel has killed for memory since boot (None where it does not say)."""
     try:
@@ -96,5 +92,5 @@ def training_note(need_mb: float, available: float, trainers: int) -> str | None
             "node counts to avoid it")
 
 
-__all__ = ["OOM_SCORE_ADJ", "PeakSampler", "available_mb", "kill_me_first", "oom_kills", "total_mb",
-           "training_note", "used_mb"]
+__all__ = ["OOM_SCORE_ADJ", "PeakSampler", "available_mb", "kill_me_first", "oom_kills", "training_note",
+           "used_mb"]
