@@ -145,8 +145,22 @@ class CGroup:
         v = _read(self.dirs["memory"] / f)
         return int(v) if v.isdigit() else 0
 
+    def hit_limit(self) -> bool:
+        """Whether the group reached its memory limit: v2 counts it (memory.events `oom`); v1
+        does not reliably (failcnt stays 0 when memory+swap is limited too, seen here), so
+        there its peak must be within 5% of the limit. Tells a kill by the group's own limit
+        from one by the host running out: the kernel counts both in the group's oom_kill."""
+        if self.version == 1:
+            limit = int(_read(self.dirs["memory"] / "memory.limit_in_bytes") or 0)
+            return limit > 0 and self.peak_memory_bytes() >= 0.95 * limit
+        for line in _read(self.dirs["memory"] / "memory.events").splitlines():
+            key, _, val = line.partition(" ")
+            if key == "oom":
+                return int(val) > 0
+        return False
+
     def oom_kills(self) -> int:
-        """How many processes the kernel killed in this group for exceeding its memory limit."""
+        """How many processes the kernel killed in this group (for its limit, or for the host's)."""
         f = "memory.oom_control" if self.version == 1 else "memory.events"
         for line in _read(self.dirs["memory"] / f).splitlines():
             key, _, val = line.partition(" ")

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from emulation import hostmem
 from emulation.backends import BACKENDS, choose
 from emulation.backends.docker import DockerBackend, Engine
-from emulation import hostmem
 from emulation.backends.fleet import Fleet
 from emulation.probe import describe, probe
 from node import protocol as P

@@ -159,7 +159,7 @@ class NetnsBackend(ProcessBackend):
 
     def oom(self, name: str) -> dict | None:
         sb = self.sandboxes.get(name)
-        if sb is None or sb[2].oom_kills() == 0:
+        if sb is None or sb[2].oom_kills() == 0 or not sb[2].hit_limit():  # else the host ran out
             return None
         return {"limit_mb": sb[3].memory_mb, "peak_mb": sb[2].peak_memory_bytes() / 2**20 + self._shared_mb()}
 

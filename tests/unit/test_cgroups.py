@@ -17,7 +17,10 @@ def test_v1_writes_quota_and_memory(tmp_path):
     assert (tmp_path / "memory/fedge/run1/n0/memory.limit_in_bytes").read_text() == str(512 * 2**20)
     assert cg.limits() == {"cpu_share": 0.25, "memory_bytes": 512 * 2**20}
     (tmp_path / "memory/fedge/run1/n0/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
-    assert cg.oom_kills() == 2
+    (tmp_path / "memory/fedge/run1/n0/memory.max_usage_in_bytes").write_text(str(300 * 2**20))
+    assert cg.oom_kills() == 2 and not cg.hit_limit()  # far below its limit: the host ran out
+    (tmp_path / "memory/fedge/run1/n0/memory.max_usage_in_bytes").write_text(str(511 * 2**20))
+    assert cg.hit_limit()  # it reached its limit: those kills were its own
 
 
 def test_v2_enables_controllers_and_writes_max(tmp_path):
@@ -32,7 +35,9 @@ def test_v2_enables_controllers_and_writes_max(tmp_path):
     assert "+memory" in (tmp_path / "fedge/cgroup.subtree_control").read_text()
     assert cg.limits()["cpu_share"] == 1.5
     (tmp_path / "fedge/run2/n1/memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
-    assert cg.oom_kills() == 1
+    assert cg.oom_kills() == 1 and cg.hit_limit()
+    (tmp_path / "fedge/run2/n1/memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 1\n")
+    assert cg.oom_kills() == 1 and not cg.hit_limit()  # killed because the host ran out, not its limit
     (tmp_path / "fedge/run2/n1/memory.peak").write_text("1048576\n")
     assert cg.peak_memory_bytes() == 1048576
 
