@@ -27,6 +27,15 @@ def _read(path: Path) -> str:
         return ""
 
 
+def _count(path: Path, key: str) -> int:
+    """One counter of a flat-keyed cgroup file ("key value" lines), 0 where it is absent."""
+    for line in _read(path).splitlines():
+        k, _, val = line.partition(" ")
+        if k == key:
+            return int(val)
+    return 0
+
+
 class CGroup:
     """A node's cgroup. `version` 1 uses <root>/cpu/... and <root>/memory/...; 2 uses <v2 root>/..."""
 
@@ -153,20 +162,11 @@ class CGroup:
         if self.version == 1:
             limit = int(_read(self.dirs["memory"] / "memory.limit_in_bytes") or 0)
             return limit > 0 and self.peak_memory_bytes() >= 0.95 * limit
-        for line in _read(self.dirs["memory"] / "memory.events").splitlines():
-            key, _, val = line.partition(" ")
-            if key == "oom":
-                return int(val) > 0
-        return False
+        return _count(self.dirs["memory"] / "memory.events", "oom") > 0
 
     def oom_kills(self) -> int:
         """How many processes the kernel killed in this group (for its limit, or for the host's)."""
-        f = "memory.oom_control" if self.version == 1 else "memory.events"
-        for line in _read(self.dirs["memory"] / f).splitlines():
-            key, _, val = line.partition(" ")
-            if key == "oom_kill":
-                return int(val)
-        return 0
+        return _count(self.dirs["memory"] / ("memory.oom_control" if self.version == 1 else "memory.events"), "oom_kill")
 
 
 def parents(v2_root: Path | None = None, root: Path = ROOT) -> list[Path]:
