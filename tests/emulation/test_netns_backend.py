@@ -49,6 +49,10 @@ def test_limits_are_in_force_and_removed(backend, netns_caps):
     assert "rate 10Mbit" in down, down    # 20 Mbit/s at dilation 2
     pid = backend.procs["n0"].pid
     assert pid in cg.pids(), "the node must run inside its cgroup"
+    # exec'd nodes get there through `ip netns exec`, which enters the namespace after Popen returns
+    deadline = time.monotonic() + 10
+    while os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat(ns.path).st_ino and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(ns.path).st_ino, "and inside its namespace"
     assert ns.name in netns.sh("ip", "netns", "list").stdout
     backend.teardown()
