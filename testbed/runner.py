@@ -637,13 +637,12 @@ class Run:
         """After a round: kills by the host's OOM killer (all the kernel's kills less those by a
         node's own limit) become an event, and the reason of the nodes they may have taken."""
         now = hostmem.oom_kills()
-        host["oom_kills"] = None if before is None or now is None else \
-            max(0, now - before - sum(1 for e in events if e.get("type") == "oom"))
+        own = [e["node"] for e in events if e.get("type") == "oom"]
+        host["oom_kills"] = None if before is None or now is None else max(0, now - before - len(own))
         if not host["oom_kills"]:
             return
         events.append({"type": "host_oom", "round": rnd, "kills": host["oom_kills"],
                        "peak_used_mb": host["peak_used_mb"]})
-        own = {e["node"] for e in events if e.get("type") == "oom"}
         for n, rec in records.items():
             if rec.status != "ok" and n in self.here and n not in own and not backend.alive(n):
                 rec.reason = f"{rec.reason}; the host ran out of memory in this round" if rec.reason else \
