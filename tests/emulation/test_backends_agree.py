@@ -1,18 +1,14 @@
 """The same scenario on every backend: results differ only in timings."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from emulation.backends import docker_missing
+from tests.runs import run_scenario, write_scenario
 
 pytestmark = pytest.mark.emulation
-ROOT = Path(__file__).resolve().parents[2]
 TINY = """
 name: agree
 seed: 4
@@ -29,14 +25,9 @@ strategies:
 
 
 def run(backend: str, tmp_path: Path) -> tuple[list[dict], dict]:
-    scenario = tmp_path / "agree.yaml"
-    scenario.write_text(textwrap.dedent(TINY))
-    out = tmp_path / backend
-    proc = subprocess.run([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out),
-                           "--backend", backend], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
-    return rows, json.loads((out / "manifest.json").read_text())
+    scenario = write_scenario(tmp_path, TINY, "agree.yaml")
+    result = run_scenario(scenario, tmp_path / backend, "--backend", backend, timeout=900)
+    return result.rounds, result.manifest
 
 
 def test_process_and_kernel_backends_give_the_same_learning(netns_caps, tmp_path):

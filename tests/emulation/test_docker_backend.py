@@ -6,14 +6,11 @@ code is not built (`make image`). Traffic goes only to the run's own docker netw
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 import tomllib
@@ -24,6 +21,7 @@ import pytest
 
 from emulation import image
 from emulation.profiles import Profile
+from tests.runs import run_scenario, write_scenario
 
 pytestmark = pytest.mark.emulation
 ROOT = Path(__file__).resolve().parents[2]
@@ -292,15 +290,12 @@ def _docker_registered() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _docker_registered(), reason="the docker backend is not registered in emulation.backends.BACKENDS")
 def test_tiny_run_end_to_end_in_containers(tmp_path):
-    scenario = tmp_path / "tiny.yaml"
-    scenario.write_text(textwrap.dedent(TINY).replace("port: 0", f"port: {_free_port()}"))
+    scenario = write_scenario(tmp_path, TINY.replace("port: 0", f"port: {_free_port()}"), "tiny.yaml")
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out), "--backend", "docker"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    manifest = json.loads((out / "manifest.json").read_text())
+    run = run_scenario(scenario, out, "--backend", "docker", timeout=600)
+    manifest = run.manifest
     assert manifest["backend"] == "docker" and manifest["status"] == "finished"
-    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    rows = run.rounds
     trained = [row for row in rows if row["round"] > 0]
     assert len(trained) == 2
     for row in trained:

@@ -19,9 +19,7 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -30,8 +28,8 @@ import pytest
 
 from emulation import image
 from emulation.profiles import Profile
+from tests.runs import run_scenario, run_testbed, write_scenario
 
-ROOT = Path(__file__).resolve().parents[2]
 CONNECT = "10.231.254.1"  # the test's stand-in for "this host's address on the LAN" (outside pick_subnet's 1..250)
 BRIDGE = "e2br0"  # the second engine's default bridge (10.231.253.1/24)
 
@@ -227,20 +225,17 @@ aggregator: {register_timeout_s: 300}
 @pytest.mark.slow
 def test_run_places_groups_on_engines(second_engine, tmp_path):
     url = second_engine["url"]
-    scenario = tmp_path / "two.yaml"
-    scenario.write_text(textwrap.dedent(RUN).replace("URL", url).replace("CONNECT", CONNECT))
+    scenario = write_scenario(tmp_path, RUN.replace("URL", url).replace("CONNECT", CONNECT), "two.yaml")
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    m = json.loads((out / "manifest.json").read_text())
+    run = run_scenario(scenario, out, timeout=900)
+    m = run.manifest
     assert m["status"] == "finished"
     assert {n["name"]: n.get("engine") for n in m["nodes"]} == {"here-0": None, "near-0": "e2", "away-0": "far"}
     assert m["engines"]["e2"]["nodes"] == ["near-0"] and m["engines"]["far"]["nodes"] == ["away-0"]
     assert m["engines"]["far"]["endpoint"].startswith(f"tcp://{CONNECT}:")
     assert m["engines"]["e2"]["url"] == url and m["engines"]["e2"]["cores"] >= 1
     assert any("engine far" in f and "another host" in f for f in m["fidelity"])
-    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    rows = run.rounds
     trained = [row for row in rows if row["round"] > 0]
     assert len(trained) == 2
     for row in trained:
@@ -259,8 +254,7 @@ def test_clean_sweeps_every_engine_a_run_used(second_engine, host_caps, tmp_path
     b.start("n0", PROFILE, f"tcp://{gw}:9", dilation=1.0)
     e2 = second_engine["client"]
     assert len(labelled(e2, b.run_id)) == 2  # the container and the network
-    r = subprocess.run([sys.executable, "-m", "testbed", "clean", "--run", b.run_id], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = run_testbed("clean", "--run", b.run_id, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"on engine {second_engine['url']}" in r.stdout, r.stdout
     assert labelled(e2, b.run_id) == []

@@ -1,20 +1,15 @@
 """Ctrl-C (SIGINT) or SIGTERM during a run: finished rounds kept, every sandbox removed."""
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from emulation import netns
 from emulation.cleanup import tagged_processes
+from tests.runs import read_run, rounds_so_far, start_run, write_scenario
 
-ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = """
 name: interrupt
 seed: 5
@@ -26,25 +21,18 @@ strategies: {baseline: fedlora, run: [{name: fedlora, params: {rank: 2}}]}
 """
 
 
-def rows_of(out: Path) -> list[dict]:
-    f = out / "rounds.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
-
-
 @pytest.mark.parametrize("backend,sig", [("process", signal.SIGINT), ("netns", signal.SIGTERM)])
 def test_signal_keeps_rounds_and_removes_sandboxes(backend, sig, caps, tmp_path):
     if backend == "netns":
         from emulation.backends import netns_missing
         if netns_missing(caps):
             pytest.skip(f"netns backend unavailable: missing {', '.join(netns_missing(caps))}")
-    scenario = tmp_path / "s.yaml"
-    scenario.write_text(textwrap.dedent(SCENARIO))
+    scenario = write_scenario(tmp_path, SCENARIO, "s.yaml")
     out = tmp_path / "run"
-    run = subprocess.Popen([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out),
-                            "--backend", backend], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = start_run(scenario, out, "--backend", backend)
     try:
         deadline = time.monotonic() + 400
-        while len([r for r in rows_of(out) if r["round"] >= 2]) == 0:
+        while len([r for r in rounds_so_far(out) if r["round"] >= 2]) == 0:
             assert run.poll() is None, run.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "no round finished in time"
             time.sleep(0.5)
@@ -55,11 +43,12 @@ def test_signal_keeps_rounds_and_removes_sandboxes(backend, sig, caps, tmp_path)
             run.kill()
     assert run.returncode == 130, output[-2000:]
     assert "finished rounds are kept" in output
-    manifest = json.loads((out / "manifest.json").read_text())
+    result = read_run(out, run)
+    manifest = result.manifest
     assert manifest["status"] == "interrupted"
-    rows = rows_of(out)
+    rows = result.rounds
     assert [r["round"] for r in rows][:3] == [0, 1, 2]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = result.summary
     assert summary["status"] == "interrupted" and summary["strategies"]["fedlora"]["rounds"] >= 2
     assert tagged_processes(manifest["run_id"]) == []
     assert netns.leftovers(netns.run_tag(manifest["run_id"])) == {"namespaces": [], "interfaces": []}

@@ -1,18 +1,12 @@
 """A node whose plan needs more memory than its limit is an out-of-memory event; the run finishes."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 
 from emulation.cleanup import tagged_processes
+from tests.runs import run_scenario, write_scenario
 
 pytestmark = pytest.mark.emulation
-ROOT = Path(__file__).resolve().parents[2]
 
 SCENARIO = """
 name: oom
@@ -36,13 +30,10 @@ strategies:
 def test_oom_is_recorded_and_the_run_finishes(netns_caps, tmp_path):
     # the idle footprint of a node with the 2-block model, measured by the process backend's own nodes
     mem = 900
-    scenario = tmp_path / "oom.yaml"
-    scenario.write_text(textwrap.dedent(SCENARIO).replace("MEM", str(mem)))
+    scenario = write_scenario(tmp_path, SCENARIO.replace("MEM", str(mem)), "oom.yaml")
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    run = run_scenario(scenario, out, timeout=900)
+    rows = run.rounds
     r1 = next(r for r in rows if r["round"] == 1 and r["strategy"] == "full")
     small = next(n for n in r1["nodes"] if n["node"] == "small-0")
     big = next(n for n in r1["nodes"] if n["node"] == "big-0")
@@ -56,7 +47,7 @@ def test_oom_is_recorded_and_the_run_finishes(netns_caps, tmp_path):
     r2 = next(r for r in rows if r["round"] == 2 and r["strategy"] == "full")
     assert r2["participants"] == 1 and not r2["failed"], "the run goes on without the killed node"
     assert (out / "summary.json").exists()
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = run.manifest
     (restart,) = manifest["restarts"]
     assert restart["before"] == "again" and list(restart["nodes"]) == ["small-0"] and not restart["not_ready"]
     assert "out of memory" in restart["nodes"]["small-0"]

@@ -3,33 +3,22 @@
 faults are recorded as not applied)."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from emulation.cleanup import tagged_processes
 from emulation.netns import leftovers
+from tests.runs import run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def faults_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "run"
-    proc = subprocess.run([sys.executable, "-m", "testbed", "run", "scenarios/faults-ci.yaml", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()] if out.exists() else []
-    yield out, proc, rows
+    # the exit code is the first test's to check: the others still read what the run wrote
+    yield run_scenario("scenarios/faults-ci.yaml", out, timeout=900, expect_rc=None)
     for p in tagged_processes():
         p.kill()
-
-
-def _row(rows, strategy, rnd):
-    return next(r for r in rows if r["strategy"] == strategy and r["round"] == rnd)
 
 
 def _node(row, name):
@@ -41,46 +30,42 @@ def _faults(row):
 
 
 def test_the_run_survives_every_fault_and_finishes(faults_run):
-    out, proc, rows = faults_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = json.loads((out / "manifest.json").read_text())
+    assert faults_run.proc.returncode == 0, faults_run.tail()
+    m = faults_run.manifest
     assert m["status"] == "finished"
-    assert {r["strategy"] for r in rows} == {"fedlora", "hetlora"}
-    assert all(max(r["round"] for r in rows if r["strategy"] == s) == 5 for s in ("fedlora", "hetlora"))
+    assert {r["strategy"] for r in faults_run.rounds} == {"fedlora", "hetlora"}
+    assert all(max(r["round"] for r in faults_run.rows(s)) == 5 for s in ("fedlora", "hetlora"))
     assert m["faults"]["injected"] >= 10
-    assert json.loads((out / "summary.json").read_text())["strategies"]
+    assert faults_run.summary["strategies"]
 
 
 @pytest.mark.parametrize("strategy", ["fedlora", "hetlora"])
 def test_a_node_killed_mid_round_is_recorded_and_comes_back_after_restart(faults_run, strategy):
-    _, _, rows = faults_run
-    r2 = _row(rows, strategy, 2)
+    r2 = faults_run.row(strategy, 2)
     assert _faults(r2)[("kill", "pi-0")]["applied"]
     killed = _node(r2, "pi-0")
     assert killed["status"] == "failed" and killed["reason"].startswith("killed by a fault event"), killed
-    assert _faults(_row(rows, strategy, 3))[("restart", "pi-0")]["applied"]
-    later = [_node(_row(rows, strategy, r), "pi-0") for r in (4, 5)]
+    assert _faults(faults_run.row(strategy, 3))[("restart", "pi-0")]["applied"]
+    later = [_node(faults_run.row(strategy, r), "pi-0") for r in (4, 5)]
     assert any(n and n["status"] == "ok" for n in later), "the restarted node re-registers and is sampled again"
 
 
 @pytest.mark.parametrize("strategy", ["fedlora", "hetlora"])
 def test_a_paused_node_misses_the_deadline_and_is_dropped_not_waited_for(faults_run, strategy):
-    out, _, rows = faults_run
-    r2 = _row(rows, strategy, 2)
+    r2 = faults_run.row(strategy, 2)
     paused = _node(r2, "pi-1")
     assert paused["status"] == "dropped" and paused["reason"].startswith("paused by a fault event"), paused
-    deadline = json.loads((out / "manifest.json").read_text())["scenario"]["training"]["round_deadline_s"]
+    deadline = faults_run.manifest["scenario"]["training"]["round_deadline_s"]
     assert r2["wall_s"] < deadline * 1.5, "the round ends at its deadline"
     assert r2["participants"] == 2 and not r2["failed"]
-    resumed = [e for r in rows if r["strategy"] == strategy for e in r.get("events", [])
+    resumed = [e for r in faults_run.rows(strategy) for e in r.get("events", [])
                if e.get("action") == "resume" and e["node"] == "pi-1"]
     assert resumed and resumed[0]["applied"] and "duration_s" in resumed[0]["why"]
 
 
 def test_link_faults_cut_the_node_off_where_the_backend_can(faults_run):
-    out, _, rows = faults_run
-    backend = json.loads((out / "manifest.json").read_text())["backend"]
-    r3 = _row(rows, "fedlora", 3)
+    backend = faults_run.manifest["backend"]
+    r3 = faults_run.row("fedlora", 3)
     cut = _faults(r3)[("cut_link", "agx-0")]
     if backend == "process":  # links live in the node's transport: said, not faked
         assert not cut["applied"] and "netns or docker" in cut["how"]
@@ -90,29 +75,27 @@ def test_link_faults_cut_the_node_off_where_the_backend_can(faults_run):
     assert node["status"] == "dropped" and node["reason"].startswith("link cut by a fault event"), node
     # fewer results than min_results (2): the round is recorded as failed, the run goes on
     assert r3["failed"] == (r3["participants"] < 2)
-    restored = [e for r in rows if r["strategy"] == "fedlora" for e in r.get("events", [])
+    restored = [e for r in faults_run.rows("fedlora") for e in r.get("events", [])
                 if e.get("action") == "restore_link" and e["node"] == "agx-0"]
     assert restored and restored[0]["applied"]
 
 
 def test_profile_change_and_availability_are_recorded(faults_run):
-    out, _, rows = faults_run
-    backend = json.loads((out / "manifest.json").read_text())["backend"]
-    ev = _faults(_row(rows, "fedlora", 4))[("profile", "agx-1")]
+    backend = faults_run.manifest["backend"]
+    ev = _faults(faults_run.row("fedlora", 4))[("profile", "agx-1")]
     assert ev["applied"] and ev["how"].startswith("jetson-tx2: ")
     assert ev["how"].endswith("live") if backend == "netns" else "restarted" in ev["how"]
-    restored = json.loads((out / "manifest.json").read_text())["faults"]["restored_between_strategies"]
+    restored = faults_run.manifest["faults"]["restored_between_strategies"]
     assert any(e["action"] == "profile" and e["node"] == "agx-1" and e["applied"] for e in restored)
     # probability 0.9 per node and round, seeded: the same nodes offline under both strategies
-    offline = {s: [r["offline"] for r in rows if r["strategy"] == s and r["round"]] for s in ("fedlora", "hetlora")}
+    offline = {s: [r["offline"] for r in faults_run.rows(s) if r["round"]] for s in ("fedlora", "hetlora")}
     assert offline["fedlora"] == offline["hetlora"] and any(offline["fedlora"])
-    for r in rows:
+    for r in faults_run.rounds:
         assert not set(r.get("offline") or []) & {n["node"] for n in r["nodes"]}, "offline nodes are not sampled"
 
 
 def test_nothing_is_left_behind(faults_run):
-    out, _, _ = faults_run
-    run_id = json.loads((out / "manifest.json").read_text())["run_id"]
+    run_id = faults_run.run_id
     assert not tagged_processes(run_id)
     from emulation.netns import run_tag
     left = leftovers(run_tag(run_id))

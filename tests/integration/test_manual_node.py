@@ -1,21 +1,19 @@
 """A node started by hand (`python -m node --connect ...`, as on a real Pi) joins a run."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
 import socket
 import subprocess
 import sys
-import textwrap
 import uuid
-from pathlib import Path
 
 import pytest
 
+from tests.runs import ROOT, read_run, start_run, write_scenario
+
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 
 TINY = """
 name: tiny-remote
@@ -92,13 +90,10 @@ def test_hand_started_node_joins_and_trains(backend, tmp_path, procs, request):
         ns = request.getfixturevalue("device_netns")
         prefix, bind, backend = ["ip", "netns", "exec", ns], "10.232.0.1", "process"
     port = free_port()
-    scenario = tmp_path / "tiny.yaml"
-    scenario.write_text(textwrap.dedent(TINY).replace("PORT", str(port)).replace("BACKEND", backend)
-                        .replace("bind: 127.0.0.1", f"bind: {bind}"))
+    scenario = write_scenario(tmp_path, TINY.replace("PORT", str(port)).replace("BACKEND", backend)
+                              .replace("bind: 127.0.0.1", f"bind: {bind}"), "tiny.yaml")
     out = tmp_path / "run"
-    run = subprocess.Popen([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out)],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "CI": "true"})
+    run = start_run(scenario, out, env={**os.environ, "CI": "true"})
     procs.append(run)
     # the operator copies the join command the run prints (it carries the node's CURVE key)
     lines = []
@@ -128,13 +123,14 @@ def test_hand_started_node_joins_and_trains(backend, tmp_path, procs, request):
         (out / "join.sh").read_text()
     assert node.wait(timeout=60) == 0, "the node must leave cleanly when the aggregator says BYE"
     assert intruder.wait(timeout=60) == 3, "the keyless node never hears from the aggregator"
-    assert json.loads((out / "manifest.json").read_text())["refused_connections"] >= 1
-    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    result = read_run(out, run)
+    assert result.manifest["refused_connections"] >= 1
+    rows = result.rounds
     trained = [r for r in rows if r["round"] > 0]
     assert len(trained) == 2
     for r in trained:
         status = {n["node"]: n["status"] for n in r["nodes"]}
         assert status == {"emu-0": "ok", "pi-0": "ok"}
-    device = {n["name"]: n for n in json.loads((out / "manifest.json").read_text())["nodes"]}["pi-0"]
+    device = {n["name"]: n for n in result.manifest["nodes"]}["pi-0"]
     assert device["remote"] is True and device["device"]["machine"] == platform.machine()
     assert device["device"]["python"] == platform.python_version() and device["device"]["cpus"] >= 1

@@ -1,15 +1,12 @@
 """The CI-sized variants of the paper scenarios run end to end with every strategy they name."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+import yaml
+
+from tests.runs import ROOT, run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # Made quick without changing what is checked: one round, forked nodes, no dilation, and links
@@ -26,12 +23,9 @@ FAST_LINKS = {"legend-ci": [f"nodes.{i}.ranges={{uplink_mbit: [20, 30], downlink
 def test_paper_ci_scenario_runs(scenario, extra_key, rounds, tmp_path):
     out = tmp_path / scenario
     sets = [a for r in [*rounds, *FAST, *FAST_LINKS[scenario]] for a in ("--set", r)]
-    proc = subprocess.run([sys.executable, "-m", "testbed", "run", f"scenarios/{scenario}.yaml", "--out", str(out),
-                           *sets], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
-    summary = json.loads((out / "summary.json").read_text())
-    import yaml
+    run = run_scenario(f"scenarios/{scenario}.yaml", out, *sets, timeout=900)
+    rows = run.rounds
+    summary = run.summary
     names = [s["name"] for s in yaml.safe_load((ROOT / f"scenarios/{scenario}.yaml").read_text())["strategies"]["run"]]
     assert set(summary["strategies"]) == set(names)
     assert max(r["round"] for r in rows) == 1

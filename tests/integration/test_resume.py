@@ -2,21 +2,17 @@
 `run --resume DIR`, and get the rounds an uninterrupted run gives."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from emulation.cleanup import tagged_processes
+from tests.runs import read_run, rounds_so_far, run_scenario, start_run, write_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = {
     "name": "resume-test", "seed": 5, "backend": "process", "zygote": "on", "dilation": "off",
     "model": {"num_layers": 2},
@@ -29,19 +25,6 @@ SCENARIO = {
 }
 
 
-def _run(scenario: Path, *args: str, **kw) -> subprocess.Popen:
-    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **kw}
-    return subprocess.Popen([sys.executable, "-m", "testbed", "run", str(scenario), *args], cwd=ROOT, **kw)
-
-
-def _rows(out: Path) -> list[dict]:
-    try:
-        lines = (out / "rounds.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    return [json.loads(x) for x in lines if x.endswith("}")]
-
-
 def _key(rows):
     return {(r["strategy"], r["round"]): r for r in rows}
 
@@ -49,26 +32,24 @@ def _key(rows):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
-    sc = d / "resume.yaml"
-    sc.write_text(yaml.safe_dump(SCENARIO))
+    sc = write_scenario(d, SCENARIO, "resume.yaml")
     ref, cut = d / "reference", d / "interrupted"
     # side by side: an uninterrupted reference, and the same run whose aggregator is killed
     # outright once hetlora's first round is on disk (no deadline is near: timing cannot matter)
-    r = _run(sc, "--out", str(ref), stdout=subprocess.DEVNULL)
-    p = _run(sc, "--out", str(cut), start_new_session=True)
+    r = start_run(sc, ref, stdout=subprocess.DEVNULL)
+    p = start_run(sc, cut, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while not any(r["strategy"] == "hetlora" and r["round"] == 1 for r in _rows(cut)):
+        while not any(r["strategy"] == "hetlora" and r["round"] == 1 for r in rounds_so_far(cut)):
             assert p.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
             time.sleep(0.05)
         os.kill(p.pid, signal.SIGKILL)
         p.wait(30)
         assert r.wait(600) == 0, "the reference run failed"
-        killed_id = json.loads((cut / "manifest.json").read_text())["run_id"]
-        wrong = subprocess.run([sys.executable, "-m", "testbed", "run", str(sc), "--resume", str(cut),
-                                "--set", "training.lr=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        before = _rows(cut)
-        p2 = _run(sc, "--resume", str(cut))
+        killed_id = read_run(cut).run_id
+        wrong = run_scenario(sc, cut, "--set", "training.lr=0.1", resume=True, timeout=120, expect_rc=None).proc
+        before = rounds_so_far(cut)
+        p2 = start_run(sc, cut, resume=True)
         text2, _ = p2.communicate(timeout=600)
     finally:
         for proc in (p, r):
@@ -82,32 +63,33 @@ def runs(tmp_path_factory):
 
 def test_resumed_run_finishes_with_the_rounds_of_an_uninterrupted_one(runs):
     assert runs["rc"] == 0, runs["text"][-3000:]
-    ref, got = _key(_rows(runs["ref"])), _key(_rows(runs["cut"]))
+    ref, got = _key(rounds_so_far(runs["ref"])), _key(rounds_so_far(runs["cut"]))
     assert sorted(got) == sorted(ref), "every round once, none lost, none twice"
     for k, r in ref.items():
         assert got[k]["accuracy"] == pytest.approx(r["accuracy"], abs=1e-9), k
         assert got[k]["loss"] == pytest.approx(r["loss"], rel=1e-5), k
         assert [n["node"] for n in got[k]["nodes"]] == [n["node"] for n in r["nodes"]], k
-    h = [r for r in _rows(runs["cut"]) if r["strategy"] == "hetlora"]
+    h = [r for r in rounds_so_far(runs["cut"]) if r["strategy"] == "hetlora"]
     assert [r["round"] for r in h] == [0, 1, 2, 3]
 
 
 def test_rounds_finished_before_the_kill_are_kept(runs):
     before = _key(runs["before"])
-    after = _key(_rows(runs["cut"]))
+    after = _key(rounds_so_far(runs["cut"]))
     assert ("hetlora", 1) in before
     for k, r in before.items():
         assert after[k] == r
 
 
 def test_manifest_tells_the_run_was_resumed_and_nothing_is_left(runs):
-    m = json.loads((runs["cut"] / "manifest.json").read_text())
+    cut = read_run(runs["cut"])
+    m = cut.manifest
     assert m["status"] == "finished"
     (res,) = m["resumed"]
     assert res["from_run_id"] == runs["killed_id"] and res["strategy"] == "hetlora" and res["round"] >= 1
     assert not (runs["cut"] / "checkpoint.pkl").exists(), "a finished run keeps no checkpoint"
     assert not tagged_processes(runs["killed_id"]) and not tagged_processes(m["run_id"])
-    summary = json.loads((runs["cut"] / "summary.json").read_text())
+    summary = cut.summary
     assert set(summary["strategies"]) == {"fedlora", "hetlora"}
 
 
@@ -115,6 +97,5 @@ def test_resume_refuses_another_scenario_and_a_finished_run(runs):
     wrong = runs["wrong"]
     assert wrong.returncode == 1
     assert "scenario differs" in wrong.stderr and "training" in wrong.stderr
-    again = subprocess.run([sys.executable, "-m", "testbed", "run", str(runs["scenario"]), "--resume",
-                            str(runs["cut"])], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = run_scenario(runs["scenario"], runs["cut"], resume=True, timeout=120, expect_rc=None).proc
     assert again.returncode == 1 and "finished" in again.stderr

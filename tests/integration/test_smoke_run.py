@@ -1,17 +1,12 @@
 """The whole path with real processes and sockets: `python -m testbed run scenarios/smoke.yaml`."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from emulation.cleanup import tagged_processes
+from tests.runs import run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"strategy", "round", "wall_s", "accuracy", "loss", "bytes_up", "bytes_down", "participants",
             "dropped", "nodes"}
 NODE_KEYS = {"node", "profile", "status", "compute_s", "upload_s", "download_s", "wait_s", "peak_mem_mb",
@@ -23,23 +18,20 @@ SUMMARY_KEYS = {"rounds", "final_accuracy", "best_accuracy", "target_accuracy", 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = subprocess.run([sys.executable, "-m", "testbed", "run", "scenarios/smoke.yaml", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    yield out, proc
+    # the exit code is the first test's to check: the others still read what the run wrote
+    yield run_scenario("scenarios/smoke.yaml", out, timeout=900, expect_rc=None)
     for p in tagged_processes():  # never leave a node behind, even if the test failed
         p.kill()
 
 
 def test_run_succeeds_and_writes_contract_files(smoke_run):
-    out, proc = smoke_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert smoke_run.proc.returncode == 0, smoke_run.tail()
     for name in ("manifest.json", "rounds.jsonl", "summary.json", "report.md", "accuracy_vs_time.png"):
-        assert (out / name).stat().st_size > 0, name
+        assert (smoke_run.out / name).stat().st_size > 0, name
 
 
 def test_manifest_records_backend_capabilities_and_fidelity(smoke_run):
-    out, _ = smoke_run
-    m = json.loads((out / "manifest.json").read_text())
+    m = smoke_run.manifest
     assert m["status"] == "finished"
     caps = m["capabilities"]
     for key in ("root", "cgroup", "qdiscs", "netem", "docker"):
@@ -58,8 +50,7 @@ def test_manifest_records_backend_capabilities_and_fidelity(smoke_run):
 
 
 def test_rounds_follow_the_contract(smoke_run):
-    out, _ = smoke_run
-    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    rows = smoke_run.rounds
     assert {r["strategy"] for r in rows} == {"fedlora", "full"}
     for r in rows:
         assert ROW_KEYS <= r.keys()
@@ -73,8 +64,8 @@ def test_rounds_follow_the_contract(smoke_run):
         for n in r["nodes"]:
             assert NODE_KEYS <= n.keys() and n["status"] == "ok"
             assert n["compute_s"] > 0 and n["peak_mem_mb"] > 100
-    lora = [r for r in rows if r["strategy"] == "fedlora" and r["round"] > 0]
-    full = [r for r in rows if r["strategy"] == "full" and r["round"] > 0]
+    lora = [r for r in smoke_run.rows("fedlora") if r["round"] > 0]
+    full = [r for r in smoke_run.rows("full") if r["round"] > 0]
     # LoRA exchanges far fewer bytes than a full block + head
     assert lora[0]["bytes_up"] * 3 < full[0]["bytes_up"]
     # slow uplinks show: the agx nodes (10-30 Mbit) upload a full block slower than the pi5s (40 Mbit)
@@ -83,8 +74,7 @@ def test_rounds_follow_the_contract(smoke_run):
 
 
 def test_summary_and_learning(smoke_run):
-    out, _ = smoke_run
-    s = json.loads((out / "summary.json").read_text())
+    s = smoke_run.summary
     assert s["baseline"] == "fedlora"
     for name, st in s["strategies"].items():
         assert SUMMARY_KEYS <= st.keys(), name
@@ -96,6 +86,4 @@ def test_summary_and_learning(smoke_run):
 
 
 def test_no_node_process_left(smoke_run):
-    out, _ = smoke_run
-    run_id = json.loads((out / "manifest.json").read_text())["run_id"]
-    assert tagged_processes(run_id) == []
+    assert tagged_processes(smoke_run.run_id) == []

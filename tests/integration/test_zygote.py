@@ -1,11 +1,7 @@
 """Nodes forked from the zygote behave like nodes started as their own interpreters."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -15,9 +11,9 @@ import pytest
 from emulation.backends.process import node_env
 from emulation.cleanup import tagged_processes
 from emulation.zygote import Zygote, ZygoteError
+from tests.runs import run_scenario, write_scenario
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 SPEC = {"name": "all-minilm-l6-v2", "num_labels": 2, "num_layers": 2, "seed": 0}
 
 SCENARIO = """
@@ -36,15 +32,10 @@ strategies:
 
 
 def _run(tmp_path: Path, zygote: str) -> tuple[dict, list[dict]]:
-    scenario = tmp_path / "zy.yaml"
-    scenario.write_text(textwrap.dedent(SCENARIO))
-    out = tmp_path / f"run-{zygote}"
-    proc = subprocess.run([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out),
-                           "--set", f"zygote={zygote}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert tagged_processes(manifest["run_id"]) == []
-    return manifest, [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    scenario = write_scenario(tmp_path, SCENARIO, "zy.yaml")
+    run = run_scenario(scenario, tmp_path / f"run-{zygote}", "--set", f"zygote={zygote}", timeout=600)
+    assert tagged_processes(run.run_id) == []
+    return run.manifest, run.rounds
 
 
 def test_forked_nodes_train_exactly_like_separate_interpreters(tmp_path):

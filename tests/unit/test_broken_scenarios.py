@@ -2,13 +2,12 @@
 errors its `# expect:` lines give (file, field, what is allowed), and nothing else."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from testbed.scenario import ScenarioError, load
+from tests.runs import run_scenario, run_testbed
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKEN = ROOT / "tests" / "scenarios" / "broken"
@@ -36,13 +35,11 @@ def test_broken_scenario_gives_exactly_its_errors(path):
 
 
 def test_validate_rejects_the_whole_set_and_run_starts_nothing(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "testbed", "validate", *map(str, FILES)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_testbed("validate", *FILES, timeout=120)
     assert proc.returncode == 1
     for f in FILES:
         assert all(e in proc.stderr for e in expected(f)), f.name
     out = tmp_path / "never"
-    proc = subprocess.run([sys.executable, "-m", "testbed", "run", str(BROKEN / "fault-unknown-node.yaml"),
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "faults.events[0].nodes" in proc.stderr
+    run = run_scenario(BROKEN / "fault-unknown-node.yaml", out, timeout=120, expect_rc=2)
+    assert "faults.events[0].nodes" in run.proc.stderr
     assert not out.exists(), "a broken scenario never starts half a run"

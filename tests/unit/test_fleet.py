@@ -1,6 +1,8 @@
 """The Fleet: one run's nodes spread over the scenario's backend and extra docker engines."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 import zmq
@@ -9,6 +11,7 @@ from emulation.backends.base import Backend
 from emulation.backends.fleet import Fleet
 from emulation.profiles import Profile
 from testbed import scenario as S
+from tests.runs import run_scenario, write_scenario
 
 P = Profile("t", 1.0, 1, 512, 0.0, 0.0, 0.0, "test")
 
@@ -137,18 +140,14 @@ def test_readme_engines_example_is_a_valid_scenario():
 
 
 def test_an_unreachable_engine_stops_the_run_before_any_node_starts(tmp_path):
-    import subprocess
-    import sys
     doc = yaml.safe_load(SMOKE.read_text())
     doc["backend"] = "process"
     doc["engines"] = {"gone": {"url": f"unix://{tmp_path}/no-such-docker.sock"}}
     doc["nodes"][0]["engine"] = "gone"
-    scenario = tmp_path / "gone.yaml"
-    scenario.write_text(yaml.safe_dump(doc))
+    scenario = write_scenario(tmp_path, doc, "gone.yaml")
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "testbed", "run", str(scenario), "--out", str(out)],
-                       cwd=SMOKE.parents[1], capture_output=True, text=True, timeout=120,
-                       env={**__import__("os").environ, "FEDGE_STATE": str(tmp_path / "state")})
+    r = run_scenario(scenario, out, timeout=120, expect_rc=None,
+                     env={**os.environ, "FEDGE_STATE": str(tmp_path / "state")}).proc
     assert r.returncode != 0
     assert f"engine gone (unix://{tmp_path}/no-such-docker.sock) is not reachable" in r.stderr, r.stderr[-2000:]
     assert not (out / "rounds.jsonl").exists() and not (out / "logs").exists()
