@@ -2,10 +2,10 @@
 model and the dataset once, and forks every node of the run copy-on-write.
 
 Why: a separate node interpreter costs about 280 MB of private memory before it trains
-(DESIGN.md), so 80 of them do not fit a 24 GB host; forked from one interpreter that already
+(measured here: docs/architecture.md), so 80 of them do not fit a 24 GB host; forked from one interpreter that already
 holds the libraries and the weights, a node costs tens of MB until it trains.
 
-What makes the fork safe (DESIGN.md, measured here): the zygote runs no torch computation
+What makes the fork safe (measured here; docs/architecture.md): the zygote runs no torch computation
 before forking (OpenMP's thread pool does not survive fork), it runs `gc.collect(); gc.freeze()`
 so the children's garbage collector never writes the shared objects' pages, every child sets
 its torch thread count first (node.agent does) and trims malloc after each round.
@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 from .hostmem import kill_me_first
+from .lifetime import die_with_parent
 
 CLONE_NEWNET = 0x40000000
-PR_SET_PDEATHSIG = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def _child(cmd: dict, control: int, entered: int) -> None:
         os.close(control)
         os.setsid()  # own process group: the backend signals the node's group, as with Popen
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        die_with_parent()
         kill_me_first()  # a node, not the zygote that holds them all, goes when the host runs out
         for procs in cmd.get("cgroup_procs") or []:  # before anything allocates: all of it is limited
             with open(procs, "w") as fh:
@@ -118,7 +118,7 @@ def _child(cmd: dict, control: int, entered: int) -> None:
 
 def serve(spec: dict, dataset: str) -> int:
     """The zygote's loop: preload, then fork on request and report exits, until stdin closes."""
-    ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to the zygote's log, not the control stream
     _preload(spec, dataset)
@@ -219,7 +219,6 @@ class Zygote:
     """Start the zygote for one run (model spec + dataset) and fork nodes from it."""
 
     def __init__(self, spec: dict, dataset: str, env: dict, log: Path, timeout_s: float = 300.0):
-        from .backends.process import _die_with_parent
         self.exits: dict[int, int] = {}
         self._replies: dict[int, dict] = {}
         self._cond = threading.Condition()
@@ -228,7 +227,7 @@ class Zygote:
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen([sys.executable, "-m", "emulation.zygote", json.dumps(spec), dataset],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, env=env,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=die_with_parent)
         self.pid = self.proc.pid
         self.log = Path(log)
         first = self._read_line(timeout_s)
