@@ -33,24 +33,24 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from node.plan import LoraSpec, Plan, TrainSpec  # noqa: E402
 from testbed import costmodel as cm  # noqa: E402
 
 
 def lora(blocks=None, B=16, T=32, r=8, **kw):
-    lo = {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": ["query", "value"], **kw}
-    return {"method": "lora", "blocks": blocks, "lora": lo, "head": True, "local_steps": 3,
-            "batch_size": B, "max_len": T, "lr": 1e-3, "seed": 0}
+    lo = LoraSpec(r=r, alpha=2 * r, **kw)
+    return Plan("lora", blocks, lora=lo, train=TrainSpec(local_steps=3, batch_size=B, max_len=T, lr=1e-3, seed=0))
 
 
 def full(blocks=None, B=16, T=32, emb=False):
-    return {"method": "full", "blocks": blocks, "train_embeddings": emb, "head": True, "local_steps": 3,
-            "batch_size": B, "max_len": T, "lr": 1e-3, "seed": 0}
+    return Plan("full", blocks, train_embeddings=emb,
+                train=TrainSpec(local_steps=3, batch_size=B, max_len=T, lr=1e-3, seed=0))
 
 
 PLANS = {
     "lora-all r8 b16 t32": lora(None, 16, 32),
     "lora-all r8 b32 t64": lora(None, 32, 64),
-    "lora-top2 (8,4) b16 t64": lora([4, 5], 16, 64, rank_pattern={"5": 8, "4": 4}),
+    "lora-top2 (8,4) b16 t64": lora([4, 5], 16, 64, rank_pattern={5: 8, 4: 4}),
     "lora-all r8 b8 t128": lora(None, 8, 128),
     "lora-all r8 b64 t64": lora(None, 64, 64),
     "full-last1 b16 t32": full([5], 16, 32),

@@ -35,7 +35,7 @@ runs, each q's step time the mean over its rounds. Printed per q:
 - throttled: periods in which the group was throttled / periods in which it ran (cpu.stat,
   warm-up included).
 
-DESIGN.md measured ratio 0.97-0.99 at q = 1.0 and 0.5 and 1.12-1.13 at q = 0.25 here.
+An earlier measurement here (docs/architecture.md) gave 0.97-0.99 at q = 1.0 and 0.5 and 1.12-1.13 at q = 0.25.
 The machine is shared: the load average is printed at start and end. Nothing asserts on time.
 `--quick`: 10 timed steps instead of 40, one round, no final reference run (< 60 s).
 """
@@ -58,9 +58,7 @@ if str(ROOT) not in sys.path:
 
 QUOTAS = (1.0, 0.5, 0.25)
 BATCH, MAX_LEN = 16, 32
-PLAN = {"method": "lora", "blocks": [0, 1], "head": True,  # blocks: all of the --layers blocks
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]},
-        "lr": 1e-3, "weight_decay": 0.0, "batch_size": BATCH, "max_len": MAX_LEN, "seed": 0}
+LR = 1e-3
 
 
 # =====================================================================================
@@ -113,9 +111,12 @@ def _timed_run(args, base, data, source) -> int:
     import torch
     torch.set_num_threads(1)  # a forked child sets its threads first
     from node import trainer
-    model = trainer.build_model(base, {**PLAN, "blocks": list(range(args.layers)), "local_steps": args.steps})
+    from node.plan import LoraSpec, Plan, TrainSpec
+    plan = Plan("lora", tuple(range(args.layers)), lora=LoraSpec(r=8, alpha=16),  # every block of the model
+                train=TrainSpec(local_steps=args.steps, batch_size=BATCH, max_len=MAX_LEN, lr=LR, seed=0))
+    model = trainer.build_model(base, plan)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=PLAN["lr"], weight_decay=PLAN["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     model.train()
 
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
     print("ratio 1.0 = the quota gives exactly a CPU q times as fast. 'vs unc. cpu' uses the unconstrained run's CPU "
           "seconds per step\nas the reference (what the step costs on a core of its own), which other load on the "
           "machine does not inflate.")
-    print("DESIGN.md measured ratio 0.97-0.99 at q = 1.0 and 0.5, 1.12-1.13 at q = 0.25 (period 100 or 10 ms).")
+    print("an earlier measurement (docs/architecture.md): 0.97-0.99 at q = 1.0 and 0.5, 1.12-1.13 at q = 0.25 (period 100 or 10 ms).")
     la = os.getloadavg()
     print(f"\ntotal {time.monotonic() - t_start:.1f} s; load average at the end {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
     return 0

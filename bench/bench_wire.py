@@ -131,7 +131,8 @@ def best_of(fns: dict[str, callable], repeats: int, min_batch_s: float) -> dict[
 
 # -- the measurements --------------------------------------------------------------------------
 def memory(state: dict[str, np.ndarray], repeats: int, min_batch_s: float) -> dict[str, float]:
-    meta = {"plan": {"method": "lora", "blocks": list(range(BLOCKS)), "local_steps": 10, "lr": 1e-3},
+    from node.plan import LoraSpec, Plan
+    meta = {"plan": Plan("lora", tuple(range(BLOCKS)), lora=LoraSpec(r=8, alpha=16)).to_dict(),
             "task_id": "fedlora/1/node-000"}
     msg = P.Message(P.TASK, run="bench", round=1, meta=meta, tensors=state)
     frames = P.encode(msg)

@@ -91,9 +91,11 @@ class Agent:
 
     def on_task(self, msg: P.Message, received_bytes: int) -> None:
         from . import trainer
+        from .plan import Plan
+        plan = Plan.from_dict(msg.meta.get("plan"))  # a bad plan: an ERROR reply, before any training
         download_s = self.downlink.transfer(received_bytes)
         self.phase("train", msg.round)
-        tensors, metrics = trainer.train(self.base, msg.meta["plan"], dict(msg.tensors), self.data)
+        tensors, metrics = trainer.train(self.base, plan, dict(msg.tensors), self.data)
         if self.cpu_share < 1:  # emulate a slower CPU by stretching compute time (process backend)
             time.sleep(metrics["compute_s"] * (1 / self.cpu_share - 1))
             metrics["measured_compute_s"] = metrics["compute_s"]
@@ -150,7 +152,9 @@ class Agent:
             self.sock.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser():
+    """The node's command line. Every value may start with '-' when given as --option=value
+    (the testbed always passes it so; z85 keys contain '-')."""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m node", description="A federated fine-tuning node (emulated or a real device).")
     ap.add_argument("--connect", required=True, help="aggregator address, e.g. tcp://192.168.1.10:5555")
@@ -165,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-key", default=None, help="the aggregator's CURVE public key (from the join command)")
     ap.add_argument("--key-file", default=None, help=f"file holding this node's CURVE secret key (else ${NODE_KEY_ENV})")
     ap.add_argument("--log-level", default="INFO")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     secret = os.environ.get(NODE_KEY_ENV)
     if a.key_file:
         with open(a.key_file) as fh:

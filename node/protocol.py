@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the TASK plan is node.plan.Plan.to_dict()
 
 HELLO = "HELLO"          # node -> aggregator: name, profile, capabilities
 WELCOME = "WELCOME"      # aggregator -> node: run id, model, data shard

@@ -1,28 +1,18 @@
-"""Executes a training plan on a pretrained transformer with transformers + peft.
+"""Executes a training plan (`node.plan.Plan`) on a pretrained transformer with transformers + peft.
 
-A plan is a plain dict chosen by the aggregator's strategy; the node never decides what to
-train. The node keeps one frozen base model and builds each round's model from a copy of
-it, so rounds and strategies cannot leak state into each other.
+The plan is chosen by the aggregator's strategy; the node never decides what to train. The
+node keeps one frozen base model and builds each round's model from a copy of it, so rounds
+and strategies cannot leak state into each other.
 
-Plan fields (all plain msgpack types):
-    method: "full" | "lora"
-    blocks: list of encoder block indices that train (None = all); for "lora", where
-            adapters go; for "full", which blocks are unfrozen
-    train_embeddings: bool (method "full" only)
-    lora: {r, alpha, dropout, target_modules, rank_pattern: {block: r}, alpha_pattern: {block: alpha}}
-    head: bool (pooler + classifier train; always sent back)
-    local_steps, batch_size, lr, weight_decay, max_len, seed
-    rank_penalty: {keep: k, weight: lam} (method "lora" only, optional): the local loss adds
-            lam x sum_m ||B_m[:, k:] A_m[k:, :]||_F over the LoRA modules m (a module of rank
-            <= k adds nothing), so the device itself drives its last ranks towards zero (HetLoRA's
-            rank self-pruning); the metrics then report tail_share, the share of the trained
-            update's norm in those ranks, sum_m ||B_m[:, k:] A_m[k:, :]||_F / sum_m ||B_m A_m||_F.
-            The reported loss stays the task loss.
+A plan with a rank penalty (HetLoRA's self-pruning) adds weight x sum_m ||B_m[:, k:] A_m[k:, :]||_F
+over the LoRA modules m to the local loss (a module of rank <= k adds nothing), so the device
+itself drives its last ranks towards zero; the metrics then report tail_share, the share of the
+trained update's norm in those ranks, sum_m ||B_m[:, k:] A_m[k:, :]||_F / sum_m ||B_m A_m||_F.
+The reported loss stays the task loss.
 """
 from __future__ import annotations
 
 import copy
-import math
 import os
 import threading
 import time
@@ -30,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .plan import Plan, block_of
 
 MODELS = {
     # name -> (package, function giving the local folder of the HF files)
@@ -69,6 +61,22 @@ class ModelSpec:
                    num_layers=d.get("num_layers"), seed=int(d.get("seed", 0)))
 
 
+def model_config(spec: ModelSpec) -> dict:
+    """The model's config as `load_base` builds it (blocks cut, labels set), read from its
+    config.json without loading any weight: what validation and the cost model need."""
+    import json
+    from pathlib import Path
+    path = Path(model_path(spec.name)) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model {spec.name!r}: cannot read {path}: {exc}") from None
+    if spec.num_layers:
+        config["num_hidden_layers"] = spec.num_layers
+    config["num_labels"] = spec.num_labels
+    return config
+
+
 _PRELOADED: dict[tuple, tuple] = {}  # filled only by preload() (the node zygote)
 
 
@@ -106,15 +114,6 @@ def num_blocks(model) -> int:
     return int(model.config.num_hidden_layers)
 
 
-def _block_of(name: str) -> int | None:
-    parts = name.split(".")
-    if "layer" in parts:
-        i = parts.index("layer")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
-
-
 def _copy_sharing_frozen(base, own) -> Any:
     """deepcopy of `base` in which every parameter for which `own(name)` is false, and every
     buffer, IS the base's tensor: frozen weights nobody writes need no copy (most of the model
@@ -125,48 +124,35 @@ def _copy_sharing_frozen(base, own) -> Any:
     return copy.deepcopy(base, memo)
 
 
-def build_model(base, plan: dict):
+def build_model(base, plan: Plan):
     """A fresh trainable copy of `base` configured by `plan`; the base is never written."""
     import torch
-    n = num_blocks(base)
-    blocks = plan.get("blocks")
-    blocks = list(range(n)) if blocks is None else [int(b) for b in blocks]
-    if any(b < 0 or b >= n for b in blocks):
-        raise ValueError(f"plan names blocks {blocks} but the model has blocks 0..{n - 1}")
-    head = bool(plan.get("head", True))
-    if plan["method"] == "full":
-        emb = bool(plan.get("train_embeddings", False))
+    blocks = plan.block_list(num_blocks(base))
+    head = plan.head.train
+    if plan.method == "full":
+        emb = plan.train_embeddings
 
         def trains(name: str) -> bool:
-            b = _block_of(name)
+            b = block_of(name)
             return ((b is not None and b in blocks) or (head and name.startswith(HEAD_PREFIXES))
                     or (emb and name.startswith("bert.embeddings.")))
         model = _copy_sharing_frozen(base, trains)
         for name, p in model.named_parameters():
             p.requires_grad = trains(name)
         return model
-    if plan["method"] == "lora":
-        if not blocks:  # peft reads an empty layers_to_transform as "every layer"
-            raise ValueError("a lora plan needs at least one block; for the head alone use method full, blocks []")
-        from peft import LoraConfig, get_peft_model
-        # peft freezes every base weight and adds new adapter tensors; the head it trains is a
-        # copy it makes itself (modules_to_save), but the head is kept private here too
-        model = _copy_sharing_frozen(base, lambda name: name.startswith(HEAD_PREFIXES))
-        lo = plan["lora"]
-        targets = list(lo.get("target_modules", ["query", "value"]))
-        rank_pattern = {f"layer.{int(b)}.attention.self.{t}": int(r)
-                        for b, r in (lo.get("rank_pattern") or {}).items() for t in targets}
-        alpha_pattern = {f"layer.{int(b)}.attention.self.{t}": float(a)
-                         for b, a in (lo.get("alpha_pattern") or {}).items() for t in targets}
-        with torch.random.fork_rng():
-            torch.manual_seed(int(plan.get("seed", 0)))
-            config = LoraConfig(r=int(lo["r"]), lora_alpha=float(lo["alpha"]),
-                                lora_dropout=float(lo.get("dropout", 0.0)), target_modules=targets,
-                                layers_to_transform=blocks or None, layers_pattern="layer",
-                                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                                modules_to_save=["classifier", "pooler"] if head else None)
-            return get_peft_model(model, config)
-    raise ValueError(f"plan method {plan['method']!r} is not one of: full, lora")
+    from peft import LoraConfig, get_peft_model
+    # peft freezes every base weight and adds new adapter tensors; the head it trains is a
+    # copy it makes itself (modules_to_save), but the head is kept private here too
+    model = _copy_sharing_frozen(base, lambda name: name.startswith(HEAD_PREFIXES))
+    lo = plan.lora
+    rank_pattern, alpha_pattern = lo.peft_patterns()
+    with torch.random.fork_rng():
+        torch.manual_seed(plan.train.seed)
+        config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                            target_modules=list(lo.target_modules), layers_to_transform=blocks,
+                            layers_pattern="layer", rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                            modules_to_save=["classifier", "pooler"] if head else None)
+        return get_peft_model(model, config)
 
 
 def trainable_state(model) -> dict[str, np.ndarray]:
@@ -200,23 +186,6 @@ def load_trainable(model, tensors: dict[str, np.ndarray]) -> None:
             params = dict(model.named_parameters())
             for k, v in state.items():
                 params[k].copy_(v)
-
-
-def rank_penalty(plan: dict) -> tuple[int, float] | None:
-    """The plan's (keep, weight) rank penalty, checked before any training; None without one."""
-    rp = plan.get("rank_penalty")
-    if rp is None:
-        return None
-    if plan["method"] != "lora":
-        raise ValueError(f"rank_penalty needs method lora, the plan has {plan['method']!r}")
-    if not isinstance(rp, dict) or set(rp) != {"keep", "weight"}:
-        raise ValueError(f"rank_penalty must be a map with exactly keep and weight, got {rp!r}")
-    k, lam = rp["keep"], rp["weight"]
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"rank_penalty.keep must be an integer >= 1, got {k!r}")
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"rank_penalty.weight must be a finite number >= 0, got {lam!r}")
-    return k, float(lam)
 
 
 def lora_pairs(model) -> list[tuple[Any, Any]]:
@@ -276,22 +245,22 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def train(base, plan: dict, tensors: dict[str, np.ndarray], data: Tokenized) -> tuple[dict, dict[str, Any]]:
+def train(base, plan: Plan, tensors: dict[str, np.ndarray], data: Tokenized) -> tuple[dict, dict[str, Any]]:
     """Run `plan` from `tensors` on `data`; return (trained tensors, measurements)."""
     import torch
-    penalty = rank_penalty(plan)
+    penalty, t = plan.rank_penalty, plan.train
     t0 = time.perf_counter()
     with PeakRSS() as mem, torch.random.fork_rng():
-        torch.manual_seed(int(plan.get("seed", 0)))  # dropout too: a plan + tensors give one result
+        torch.manual_seed(t.seed)  # dropout too: a plan + tensors give one result
         model = build_model(base, plan)
         load_trainable(model, tensors)
         if penalty:
-            keep, lam = penalty
+            keep, lam = penalty.keep, penalty.weight
             tails = [(a, b) for a, b in lora_pairs(model) if a.shape[0] > keep]
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(plan["lr"]), weight_decay=float(plan.get("weight_decay", 0.0)))
-        gen = torch.Generator().manual_seed(int(plan.get("seed", 0)))
-        bs, steps = int(plan["batch_size"]), int(plan["local_steps"])
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        gen = torch.Generator().manual_seed(t.seed)
+        bs, steps = t.batch_size, t.local_steps
         model.train()
         losses = []
         for _ in range(steps):
@@ -314,7 +283,7 @@ def train(base, plan: dict, tensors: dict[str, np.ndarray], data: Tokenized) -> 
                     **measured}
 
 
-def evaluate(base, plan: dict, tensors: dict[str, np.ndarray], data: Tokenized, batch_size: int = 64) -> dict:
+def evaluate(base, plan: Plan, tensors: dict[str, np.ndarray], data: Tokenized, batch_size: int = 64) -> dict:
     """Accuracy and loss of the global model on held-out data (measurement, not training)."""
     import torch
     model = build_model(base, plan)

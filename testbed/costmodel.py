@@ -1,11 +1,10 @@
 """Cost of one training plan on one device: parameters trained, bytes moved, FLOPs, peak memory.
 
-For a BERT-style encoder (`Arch`, read from the HF config) and a plan dict exactly as
-`node.trainer` executes it (method "full" | "lora", blocks, train_embeddings, head,
-lora {r, alpha, dropout, target_modules, rank_pattern}, local_steps, batch_size, max_len),
-`estimate(arch, plan)` gives a `Cost`. No torch, no model: strategies call it to plan rounds.
+For a BERT-style encoder (`Arch`, read from the HF config) and a `node.plan.Plan` exactly as
+`node.trainer` executes it, `estimate(arch, plan)` gives a `Cost`. No torch, no model:
+strategies call it to plan rounds.
 
-What comes from the papers (STRATEGIES.md, "known" there) and what is decided here:
+What comes from the papers (docs/strategies.md) and what is decided here:
 
 - CAFF's reconstructed cost model for the last n of L blocks: memory = weights + grads and
   optimizer state of the trained parameters + activations of the blocks that back-propagate;
@@ -22,9 +21,9 @@ bench/bench_costmodel.py):
 - Parameters: exactly the tensors `node.trainer.trainable_state(build_model(base, plan))`
   returns (`trainable_tensors` gives their names and shapes). LoRA follows peft's matching:
   a target name matches a block's linear module whose path equals it or ends with "." + it
-  ("dense" matches attention.output.dense, intermediate.dense and output.dense); the trainer
-  turns rank_pattern {block: r} into keys "layer.{b}.attention.self.{target}", so per-block
-  ranks apply to query/key/value only and other targets keep the default r.
+  ("dense" matches attention.output.dense, intermediate.dense and output.dense); per-block
+  ranks reach query/key/value only and other targets keep the default r (`node.plan.pattern_key`,
+  `LoraSpec.rank_at`).
 - Bytes: float32 tensors, payload = params x 4 per direction. The node receives the tensors
   of the plan and sends the same set back, so download == upload for every plan here. The
   wire adds one msgpack header (the tensor specs: name, dtype, shape; computed exactly with
@@ -89,6 +88,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from node.plan import LoraSpec, Plan, block_of
 
 MB = 2 ** 20
 FLOAT = 4  # bytes of a float32
@@ -205,6 +206,7 @@ def _numel(shapes: dict[str, tuple[int, ...]]) -> int:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Plan:
+    """A Plan resolved against the model: its blocks, and the rank of every LoRA module."""
     method: str
     blocks: tuple[int, ...]
     head: bool
@@ -216,51 +218,32 @@ class _Plan:
     local_steps: int
 
 
-def _lora_ranks(arch: Arch, blocks: list[int], lo: dict) -> dict[int, dict[str, int]]:
-    targets = list(lo.get("target_modules") or ["query", "value"])
-    r = int(lo["r"])
-    pattern = {int(b): int(v) for b, v in (lo.get("rank_pattern") or {}).items()}
+def _lora_ranks(blocks: list[int], lo: LoraSpec) -> dict[int, dict[str, int]]:
+    """peft's matching: a target matches a block's linear module whose path equals it or ends with "." + it."""
     out: dict[int, dict[str, int]] = {}
     matched = set()
     for b in blocks:
         ranks = {}
         for path in BLOCK_LINEARS:
-            hits = [t for t in targets if path == t or path.endswith("." + t)]
-            if not hits:
-                continue
-            matched.update(hits)
-            # trainer: rank_pattern key f"layer.{b}.attention.self.{t}" -> only attention.self.* modules
-            special = any(path == f"attention.self.{t}" for t in hits) and b in pattern
-            ranks[path] = pattern[b] if special else r
+            hits = [t for t in lo.target_modules if path == t or path.endswith("." + t)]
+            if hits:
+                matched.update(hits)
+                ranks[path] = lo.rank_at(b, path)
         out[b] = ranks
-    missing = [t for t in targets if t not in matched]
+    missing = [t for t in lo.target_modules if t not in matched]
     if missing:
         raise ValueError(f"lora target_modules {missing} match no linear module of a block "
                          f"({', '.join(BLOCK_LINEARS)})")
     return out
 
 
-def _read_plan(arch: Arch, plan: dict) -> _Plan:
-    n = arch.layers
-    blocks = plan.get("blocks")
-    blocks = list(range(n)) if blocks is None else sorted({int(b) for b in blocks})
-    if any(b < 0 or b >= n for b in blocks):
-        raise ValueError(f"plan names blocks {blocks} but the model has blocks 0..{n - 1}")
-    method = plan["method"]
-    head = bool(plan.get("head", True))
-    # missing training fields take the scenario's defaults (testbed.scenario: batch 16, 10 steps, len 64)
-    common = dict(batch_size=int(plan.get("batch_size", 16)), max_len=int(plan.get("max_len", 64)),
-                  local_steps=int(plan.get("local_steps", 10)), head=head, blocks=tuple(blocks))
-    if method == "full":
-        return _Plan(method=method, train_embeddings=bool(plan.get("train_embeddings", False)), lora={},
-                     lora_dropout=0.0, **common)
-    if method == "lora":
-        if not blocks:
-            raise ValueError("a lora plan needs at least one block (the trainer refuses an empty one)")
-        lo = plan["lora"]
-        return _Plan(method=method, train_embeddings=False, lora=_lora_ranks(arch, blocks, lo),
-                     lora_dropout=float(lo.get("dropout", 0.0) or 0.0), **common)
-    raise ValueError(f"plan method {method!r} is not one of: full, lora")
+def _read_plan(arch: Arch, plan: Plan) -> _Plan:
+    blocks = plan.block_list(arch.layers)
+    t = plan.train
+    lora = _lora_ranks(blocks, plan.lora) if plan.method == "lora" else {}
+    return _Plan(method=plan.method, blocks=tuple(blocks), head=plan.head.train, train_embeddings=plan.train_embeddings,
+                 lora=lora, lora_dropout=plan.lora.dropout if plan.lora else 0.0, batch_size=t.batch_size,
+                 max_len=t.max_len, local_steps=t.local_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +252,7 @@ def _read_plan(arch: Arch, plan: dict) -> _Plan:
 LORA_PREFIX = "base_model.model."
 
 
-def trainable_tensors(arch: Arch, plan: dict) -> dict[str, tuple[int, ...]]:
+def trainable_tensors(arch: Arch, plan: Plan) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors `node.trainer.trainable_state` returns for this plan."""
     p = _read_plan(arch, plan)
     out: dict[str, tuple[int, ...]] = {}
@@ -291,11 +274,11 @@ def trainable_tensors(arch: Arch, plan: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def trained_params(arch: Arch, plan: dict) -> int:
+def trained_params(arch: Arch, plan: Plan) -> int:
     return _numel(trainable_tensors(arch, plan))
 
 
-def header_bytes(arch: Arch, plan: dict, meta_bytes: int = 600) -> int:
+def header_bytes(arch: Arch, plan: Plan, meta_bytes: int = 600) -> int:
     """Size of the msgpack header of a TASK/RESULT message carrying the plan's tensors.
 
     The tensor specs are packed exactly as node.protocol.encode packs them; `meta_bytes`
@@ -511,7 +494,7 @@ def _walk(arch: Arch, p: _Plan) -> _Pass:
     return _Pass(w.fwd, w.bwd, w.items, w.allocated, lowest)
 
 
-def activation_detail(arch: Arch, plan: dict) -> list[tuple[Any, str, int]]:
+def activation_detail(arch: Arch, plan: Plan) -> list[tuple[Any, str, int]]:
     """What autograd keeps for backward: (part: "embeddings" | block index | "head", tensor, bytes)."""
     return [(a, b, int(c)) for a, b, c in _walk(arch, _read_plan(arch, plan)).items]
 
@@ -553,9 +536,8 @@ def runtime_mb_from_idle(arch: Arch, idle_rss_mb: float, weights_resident: bool 
 def _part_of(name: str) -> Any:
     if ".embeddings." in name:
         return "embeddings"
-    if ".layer." in name:
-        return int(name.split(".layer.")[1].split(".")[0])
-    return "head"
+    b = block_of(name)
+    return "head" if b is None else b
 
 
 def _memory(arch: Arch, p: _Plan, ps: _Pass, shapes: dict, allocator: str) -> dict:
@@ -628,7 +610,7 @@ def _memory(arch: Arch, p: _Plan, ps: _Pass, shapes: dict, allocator: str) -> di
             "live_phases": {k: base + v for k, v in live.items()}}
 
 
-def estimate(arch: Arch, plan: dict, runtime_mb: float | None = None, *, allocator: str = "glibc",
+def estimate(arch: Arch, plan: Plan, runtime_mb: float | None = None, *, allocator: str = "glibc",
              meta_bytes: int = 600) -> Cost:
     """Cost of one round of `plan` on one device.
 
@@ -672,7 +654,7 @@ def estimate(arch: Arch, plan: dict, runtime_mb: float | None = None, *, allocat
                 peak_memory_mb=runtime_mb + mb(mem["peak"]), breakdown=breakdown)
 
 
-def calibrate_runtime_mb(arch: Arch, plan: dict, measured_peak_mb: float, **kw) -> float:
+def calibrate_runtime_mb(arch: Arch, plan: Plan, measured_peak_mb: float, **kw) -> float:
     """The runtime_mb that makes estimate(arch, plan, runtime_mb).peak_memory_mb equal a
     measured peak (the node's peak_mem_mb for one round of `plan`)."""
     return measured_peak_mb - estimate(arch, plan, runtime_mb=0.0, **kw).peak_memory_mb
@@ -703,8 +685,9 @@ def trim():
 base, tok = trainer.load_base(trainer.ModelSpec(num_layers=args["num_layers"]))
 ds = load_dataset(args["dataset"])
 n = int(args["examples"])
-plan = args["plan"]
-data = trainer.Tokenized(tok, ds.texts[:n], ds.labels[:n], int(plan["max_len"]))
+from node.plan import Plan
+plan = Plan.from_dict(args["plan"])
+data = trainer.Tokenized(tok, ds.texts[:n], ds.labels[:n], plan.train.max_len)
 trim()
 out = {"idle_rss_mb": rss()}
 # what the aggregator would send: the plan's tensors (names and shapes from the cost model;
@@ -734,7 +717,7 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-def measure_round(plan: dict, *, num_layers: int | None = None, threads: int = 1, examples: int = 256,
+def measure_round(plan: Plan, *, num_layers: int | None = None, threads: int = 1, examples: int = 256,
                   dataset: str = "rotten_tomatoes", env: dict | None = None, timeout: float = 300,
                   repeats: int = 1) -> dict:
     """Run one round of `plan` with node.trainer.train in a fresh interpreter and return
@@ -750,7 +733,7 @@ def measure_round(plan: dict, *, num_layers: int | None = None, threads: int = 1
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    args = {"plan": plan, "num_layers": num_layers, "threads": threads, "examples": examples, "dataset": dataset,
+    args = {"plan": plan.to_dict(), "num_layers": num_layers, "threads": threads, "examples": examples, "dataset": dataset,
             "repeats": repeats}
     child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
                  **(env or {})}

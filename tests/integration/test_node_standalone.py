@@ -31,8 +31,9 @@ def test_node_trains_a_plan_without_testbed_or_emulation(tmp_path):
             "from node.data import load_dataset; "
             "base, tok = trainer.load_base(trainer.ModelSpec(num_layers=1)); ds = load_dataset('rotten_tomatoes'); "
             "data = trainer.Tokenized(tok, ds.texts[:32], ds.labels[:32], 16); "
-            "plan = {'method': 'lora', 'lora': {'r': 2, 'alpha': 4, 'dropout': 0.0, 'target_modules': ['query', 'value']}, "
-            "'head': True, 'local_steps': 2, 'batch_size': 8, 'lr': 0.01, 'max_len': 16, 'seed': 0}; "
+            "from node.plan import LoraSpec, Plan, TrainSpec; "
+            "plan = Plan.from_dict(Plan('lora', lora=LoraSpec(r=2, alpha=4), "
+            "train=TrainSpec(local_steps=2, batch_size=8, lr=0.01, max_len=16, seed=0)).to_dict()); "
             "state = trainer.trainable_state(trainer.build_model(base, plan)); "
             "out, m = trainer.train(base, plan, state, data); "
             "print('trained', len(out), m['trained_params'] > 0)")

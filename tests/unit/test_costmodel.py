@@ -4,31 +4,40 @@
 - activations and FLOPs: byte for byte what autograd saves, and exactly the FLOPs torch's
   FlopCounterMode counts, forward and backward, on the real model;
 - peak memory: the node's peak_mem_mb for one round in a fresh process per plan vs the
-  prediction, within 20% (the issue's check), with runtime_mb from the idle RSS of each
+  prediction, within 20%, with runtime_mb from the idle RSS of each
   child (not fitted to the peaks), and once more with runtime_mb fitted to one plan.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from node.plan import HeadSpec, LoraSpec, Plan, TrainSpec
 from testbed import costmodel as cm
 
 ARCH = cm.MINILM_L6
 
 
+def _train(B, T, steps):
+    return TrainSpec(local_steps=steps, batch_size=B, max_len=T, lr=1e-3, seed=0)
+
+
 def lora(blocks=None, r=8, B=16, T=32, steps=2, head=True, **kw):
-    lo = {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": ["query", "value"], **kw}
-    return {"method": "lora", "blocks": blocks, "lora": lo, "head": head, "local_steps": steps,
-            "batch_size": B, "max_len": T, "lr": 1e-3, "seed": 0}
+    lo = LoraSpec(**{"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": ("query", "value"), **kw})
+    return Plan("lora", blocks, head=HeadSpec(head), lora=lo, train=_train(B, T, steps))
 
 
 def full(blocks=None, B=16, T=32, steps=2, emb=False, head=True):
-    return {"method": "full", "blocks": blocks, "train_embeddings": emb, "head": head, "local_steps": steps,
-            "batch_size": B, "max_len": T, "lr": 1e-3, "seed": 0}
+    return Plan("full", blocks, head=HeadSpec(head), train_embeddings=emb, train=_train(B, T, steps))
+
+
+def sized(plan, B, T):
+    """The plan with another batch size and sequence length."""
+    return replace(plan, train=replace(plan.train, batch_size=B, max_len=T))
 
 
 def last(n, **kw):
@@ -37,7 +46,7 @@ def last(n, **kw):
 
 def top(n, ranks=(2, 2, 4, 4, 8, 8), **kw):
     blocks = list(range(ARCH.layers - n, ARCH.layers))
-    return lora(blocks, r=max(ranks), rank_pattern={str(b): ranks[b] for b in blocks}, **kw)
+    return lora(blocks, r=max(ranks), rank_pattern={b: ranks[b] for b in blocks}, **kw)
 
 
 # -- no model needed ----------------------------------------------------------------------------
@@ -117,7 +126,7 @@ def test_plans_the_trainer_refuses_are_refused():
     with pytest.raises(ValueError, match="trains no parameter"):
         cm.estimate(ARCH, full([], head=False))
     with pytest.raises(ValueError, match="not one of"):
-        cm.estimate(ARCH, {"method": "adapter"})
+        cm.estimate(ARCH, Plan("adapter"))
 
 
 def test_header_bytes_are_the_protocol_header():
@@ -141,14 +150,14 @@ def base():
 
 REAL_PLANS = {
     "lora all r8": lora(),
-    "lora top2 ranks 5:8 4:4": lora([4, 5], rank_pattern={"5": 8, "4": 4}),
+    "lora top2 ranks 5:8 4:4": lora([4, 5], rank_pattern={5: 8, 4: 4}),
     "full last1 + head": last(1),
     "full all + embeddings": full(emb=True),
     "full embeddings only, no head": full([], emb=True, head=False),
     "head only": full([]),
-    "lora q,k,v,dense ranks 3:2, no head": lora([1, 3], target_modules=["query", "key", "value", "dense"],
-                                                rank_pattern={"3": 2}, head=False),
-    "lora output.dense dropout": lora([0, 5], target_modules=["output.dense"], dropout=0.1),
+    "lora q,k,v,dense ranks 3:2, no head": lora([1, 3], target_modules=("query", "key", "value", "dense"),
+                                                rank_pattern={3: 2}, head=False),
+    "lora output.dense dropout": lora([0, 5], target_modules=("output.dense",), dropout=0.1),
 }
 
 
@@ -176,8 +185,8 @@ def _saved_and_flops(model, tok, plan):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from node import trainer
-    texts = ["a short review", "a much longer and quite verbose review of a film", "meh"][:plan["batch_size"]]
-    data = trainer.Tokenized(tok, texts, [0, 1, 0][:len(texts)], plan["max_len"])  # whole tensors: a slice
+    texts = ["a short review", "a much longer and quite verbose review of a film", "meh"][:plan.train.batch_size]
+    data = trainer.Tokenized(tok, texts, [0, 1, 0][:len(texts)], plan.train.max_len)  # whole tensors: a slice
     m = trainer.build_model(model, plan)                                             # would pin its parent
     m.train()
     params = {p.untyped_storage().data_ptr() for p in m.parameters()}
@@ -201,7 +210,7 @@ def test_saved_activations_and_flops_are_autograds(base):
     (FlopCounterMode) equal the model's, for every kind of plan."""
     model, tok = base
     for name, plan in REAL_PLANS.items():
-        plan = {**plan, "batch_size": 3, "max_len": 24}
+        plan = sized(plan, 3, 24)
         saved, fwd, bwd = _saved_and_flops(model, tok, plan)
         c = cm.estimate(ARCH, plan)
         assert sum(b for _, _, b in cm.activation_detail(ARCH, plan)) == saved, name
@@ -223,7 +232,7 @@ def test_saved_activations_without_dropout(base):
                 mod.p = attn if mod in [layer.attention.self.dropout for layer in m.bert.encoder.layer] else hidden
         arch = dataclasses.replace(ARCH, attention_dropout=attn, hidden_dropout=hidden)
         for plan in (last(2), lora([3, 5]), full(emb=True)):
-            plan = {**plan, "batch_size": 3, "max_len": 24}
+            plan = sized(plan, 3, 24)
             saved, _, _ = _saved_and_flops(m, tok, plan)
             assert sum(b for _, _, b in cm.activation_detail(arch, plan)) == saved, (attn, hidden, plan)
 

@@ -1,0 +1,247 @@
+"""The training plan: what one node trains in one round, as typed, validated, frozen data.
+
+A strategy on the aggregator makes a `Plan` per node and round; the cost model prices it; the
+runner records it; the node's trainer executes it. All of them read this one definition, the
+way every peft layer reads one `LoraConfig`. A plan is checked when it is made (a bad rank, an
+unknown method, a LoRA spec on a full plan are errors at construction), and it travels in the
+TASK message as `to_dict()` and comes back as `from_dict()`, which refuses unknown or missing
+fields.
+
+Naming of the model's parameters is defined here once, too: `block_of` is the one parser of
+"which transformer block does this tensor belong to", and `pattern_key` is the one format of
+peft's per-block rank and alpha pattern keys.
+
+Methods today: `full` (unfreeze whole blocks) and `lora` (adapters on chosen blocks). A new
+method (bottleneck adapters, sub-model execution) is one more optional spec beside `lora`,
+checked in `Plan.__post_init__` like it.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal
+
+METHODS = ("full", "lora")
+Method = Literal["full", "lora"]
+
+_BLOCK = re.compile(r"(?:^|\.)layer\.(\d+)\.")
+
+
+def block_of(name: str) -> int | None:
+    """Index of the transformer block a parameter or module name belongs to (None: embeddings,
+    head, or anything outside the blocks). `layer` must be a whole path segment."""
+    m = _BLOCK.search(name)
+    return int(m.group(1)) if m else None
+
+
+def pattern_key(block: int, target: str) -> str:
+    """peft's `rank_pattern` / `alpha_pattern` key for LoRA target `target` in block `block`.
+
+    peft matches a key against the end of a module's path, so a per-block rank reaches the
+    attention projections (query, key, value) of that block only; a target elsewhere in the
+    block (e.g. "dense") keeps the plan's default rank. The cost model follows the same rule
+    through `LoraSpec.rank_at`."""
+    return f"layer.{int(block)}.attention.self.{target}"
+
+
+class PlanError(ValueError):
+    """A plan that cannot be executed; the message names the field and what is allowed."""
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise PlanError(msg)
+
+
+def _int(v: Any, what: str, lo: int | None = None) -> int:
+    _require(isinstance(v, int) and not isinstance(v, bool), f"{what} must be an integer, got {v!r}")
+    _require(lo is None or v >= lo, f"{what} must be >= {lo}, got {v}")
+    return int(v)
+
+
+def _num(v: Any, what: str) -> float:
+    _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+             f"{what} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _pairs(pattern: Any, what: str, value) -> tuple[tuple[int, Any], ...]:
+    """A {block: value} mapping (keys may arrive as strings from the wire) as sorted pairs."""
+    _require(isinstance(pattern, (dict, tuple, list)), f"{what} must map block -> value, got {pattern!r}")
+    items = pattern.items() if isinstance(pattern, dict) else pattern
+    out = {}
+    for b, v in items:
+        block = int(b) if isinstance(b, str) and b.isdigit() else b
+        out[_int(block, f"{what} block", 0)] = value(v, f"{what}[{block}]")
+    return tuple(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters (peft): rank r and scaling alpha / r on `target_modules` of the plan's blocks;
+    `rank_pattern` / `alpha_pattern` give some blocks their own rank / alpha."""
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    rank_pattern: tuple[tuple[int, int], ...] = ()     # (block, rank), sorted; a dict is accepted
+    alpha_pattern: tuple[tuple[int, float], ...] = ()  # (block, alpha), sorted; a dict is accepted
+
+    def __post_init__(self):
+        _int(self.r, "lora.r", 1)
+        _require(_num(self.alpha, "lora.alpha") > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _require(0 <= _num(self.dropout, "lora.dropout") < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        targets = tuple(self.target_modules) if isinstance(self.target_modules, (list, tuple)) else None
+        _require(bool(targets) and all(isinstance(t, str) and t for t in targets),
+                 f"lora.target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        ranks = _pairs(self.rank_pattern, "lora.rank_pattern", lambda v, w: _int(v, w, 1))
+        alphas = _pairs(self.alpha_pattern, "lora.alpha_pattern", _num)
+        _require(all(a > 0 for _, a in alphas), "lora.alpha_pattern values must be > 0")
+        for name, value in (("target_modules", targets), ("rank_pattern", ranks), ("alpha_pattern", alphas),
+                            ("alpha", float(self.alpha)), ("dropout", float(self.dropout))):
+            object.__setattr__(self, name, value)
+
+    def rank_at(self, block: int, module_path: str) -> int:
+        """The rank of the adapter on `module_path` (inside the block, e.g. attention.self.query)."""
+        special = dict(self.rank_pattern)
+        if block in special and any(module_path == f"attention.self.{t}" for t in self.target_modules):
+            return special[block]
+        return self.r
+
+    def peft_patterns(self) -> tuple[dict[str, int], dict[str, float]]:
+        """(rank_pattern, alpha_pattern) keyed the way peft's LoraConfig reads them."""
+        ranks = {pattern_key(b, t): r for b, r in self.rank_pattern for t in self.target_modules}
+        alphas = {pattern_key(b, t): a for b, a in self.alpha_pattern for t in self.target_modules}
+        return ranks, alphas
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The task head (BERT: pooler + classifier). The classifier is new for the task and the
+    pretrained pooler is adapted with it, so the head usually trains; then it is part of what
+    the node receives and sends back."""
+    train: bool = True
+
+    def __post_init__(self):
+        _require(isinstance(self.train, bool), f"head.train must be true or false, got {self.train!r}")
+
+
+@dataclass(frozen=True)
+class RankPenalty:
+    """HetLoRA's local rank self-pruning: the loss adds weight x sum_m ||B_m[:, keep:] A_m[keep:, :]||_F
+    over the LoRA modules m, and the node reports the share of its update norm in those ranks."""
+    keep: int
+    weight: float
+
+    def __post_init__(self):
+        _int(self.keep, "rank_penalty.keep", 1)
+        _require(_num(self.weight, "rank_penalty.weight") >= 0, f"rank_penalty.weight must be >= 0, got {self.weight}")
+        object.__setattr__(self, "weight", float(self.weight))
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The local training loop: steps of AdamW on batches drawn with `seed` from the node's shard."""
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_len: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        _int(self.local_steps, "train.local_steps", 1)
+        _int(self.batch_size, "train.batch_size", 1)
+        _int(self.max_len, "train.max_len", 1)
+        _int(self.seed, "train.seed")
+        _require(_num(self.lr, "train.lr") > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(_num(self.weight_decay, "train.weight_decay") >= 0, "train.weight_decay must be >= 0")
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(self, "weight_decay", float(self.weight_decay))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one node trains in one round.
+
+    blocks: the transformer blocks that train (method full: unfrozen whole; method lora: where
+    the adapters go), in ascending order; None = every block of the model."""
+    method: Method
+    blocks: tuple[int, ...] | None = None
+    head: HeadSpec = field(default_factory=HeadSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    lora: LoraSpec | None = None          # method lora only
+    train_embeddings: bool = False        # method full only
+    rank_penalty: RankPenalty | None = None  # method lora only
+
+    def __post_init__(self):
+        _require(self.method in METHODS, f"plan method {self.method!r} is not one of: {', '.join(METHODS)}")
+        if self.blocks is not None:
+            _require(isinstance(self.blocks, (list, tuple)), f"plan blocks must be a list, got {self.blocks!r}")
+            blocks = tuple(sorted({_int(b, "plan blocks entry", 0) for b in self.blocks}))
+            object.__setattr__(self, "blocks", blocks)
+        for name, kind in _SPECS:
+            value = getattr(self, name)
+            _require(value is None and name in ("lora", "rank_penalty") or isinstance(value, kind),
+                     f"plan {name} must be a {kind.__name__}, got {type(value).__name__}")
+        _require(isinstance(self.train_embeddings, bool), "plan train_embeddings must be true or false")
+        if self.method == "lora":
+            _require(self.lora is not None, "a lora plan needs its lora spec")
+            _require(self.blocks is None or len(self.blocks) > 0,
+                     "a lora plan needs at least one block; for the head alone use method full with no blocks")
+            _require(not self.train_embeddings, "train_embeddings goes with method full, not lora")
+        else:
+            _require(self.lora is None, f"a lora spec goes with method lora, not {self.method}")
+            _require(self.rank_penalty is None, f"rank_penalty needs method lora, the plan has {self.method!r}")
+
+    def block_list(self, num_blocks: int) -> list[int]:
+        """The blocks that train, checked against a model of `num_blocks` blocks."""
+        blocks = list(range(num_blocks)) if self.blocks is None else list(self.blocks)
+        _require(all(b < num_blocks for b in blocks),
+                 f"plan names blocks {blocks} but the model has blocks 0..{num_blocks - 1}")
+        return blocks
+
+    def record(self) -> dict[str, Any]:
+        """What results keep of the plan: method, blocks and the rank penalty."""
+        out: dict[str, Any] = {"method": self.method, "blocks": None if self.blocks is None else list(self.blocks)}
+        if self.rank_penalty is not None:
+            out["rank_penalty"] = asdict(self.rank_penalty)
+        return out
+
+    # -- the wire ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain msgpack / JSON types only (block keys of the patterns become strings)."""
+        d = asdict(self)
+        d["blocks"] = None if self.blocks is None else list(self.blocks)
+        if self.lora is not None:
+            lo = d["lora"]
+            lo["target_modules"] = list(self.lora.target_modules)
+            lo["rank_pattern"] = {str(b): r for b, r in self.lora.rank_pattern}
+            lo["alpha_pattern"] = {str(b): a for b, a in self.lora.alpha_pattern}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Plan":
+        """The plan a `to_dict()` made; unknown or missing fields are PlanErrors."""
+        _require(isinstance(d, dict), f"a plan must be a mapping, got {type(d).__name__}")
+        kw = dict(d)
+        for name, kind in _SPECS:
+            if kw.get(name) is not None:
+                kw[name] = _build(kind, kw[name], f"plan {name}")
+        return _build(cls, kw, "plan")
+
+
+_SPECS = (("head", HeadSpec), ("train", TrainSpec), ("lora", LoraSpec), ("rank_penalty", RankPenalty))
+
+
+def _build(kind, d: Any, what: str):
+    """kind(**d), with unknown and missing fields said plainly."""
+    _require(isinstance(d, dict), f"{what} must be a mapping, got {d!r}")
+    names = {f.name for f in fields(kind)}
+    unknown = sorted(set(d) - names)
+    _require(not unknown, f"{what}: unknown field(s) {unknown}; allowed: {', '.join(sorted(names))}")
+    missing = sorted(f.name for f in fields(kind) if f.name not in d
+                     and f.default is MISSING and f.default_factory is MISSING)
+    _require(not missing, f"{what}: missing field(s) {missing}")
+    return kind(**d)
