@@ -203,11 +203,12 @@ def run_n(n_nodes: int, kinds: list[str], rounds: int, warmup: int, train_s: flo
                 tasks = strat.configure(rnd, [NodeInfo(n, None, SAMPLES) for n in names], state)
                 timers.reset()
                 c0, t0 = time.process_time(), time.perf_counter()
-                out = agg.run_round(rnd, strat.name, tasks, 120.0, alive, check)
+                out = agg.run_round(rnd, strat.name, {n: (t.plan.to_dict(), t.tensors) for n, t in tasks.items()},
+                                    120.0, alive, check)
                 t1 = time.perf_counter()
-                updates = [Update(n, tasks[n][0], dict(m.tensors), int(m.meta["samples"]), dict(m.meta))
+                updates = [Update(n, tasks[n].plan, dict(m.tensors), int(m.meta["samples"]), dict(m.meta))
                            for n, m in out.results.items()]
-                state = strat.aggregate(rnd, updates, state)
+                state, _ = strat.aggregate(rnd, updates, state)
                 t2, c2 = time.perf_counter(), time.process_time()
                 if len(updates) != n_nodes:
                     bad = {k: (v.status, v.reason) for k, v in out.records.items() if v.status != "ok"}

@@ -63,7 +63,7 @@ class DataConfig(Strict):
         return v
 
 
-ZYGOTE_AUTO_NODES = 8  # from this many emulated nodes on, they fork from a zygote (memory: DESIGN.md)
+ZYGOTE_AUTO_NODES = 8  # from this many emulated nodes on, they fork from a zygote (memory: docs/architecture.md)
 
 
 class TrainingConfig(Strict):
@@ -138,14 +138,29 @@ class StrategyEntry(Strict):
         self.type = self.type or self.name
         if self.type not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.type!r}; allowed: {', '.join(STRATEGIES)}")
-        try:
-            STRATEGIES[self.type].Params.model_validate(self.params)
-        except ValidationError as err:  # say which param, under params.
-            first = err.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"params.{loc}: {first['msg']} (strategy {self.type!r} takes: "
-                             f"{', '.join(STRATEGIES[self.type].Params.model_fields)})") from None
+        errors = param_errors(STRATEGIES[self.type].Params, self.params)
+        if errors:  # the first, with what the strategy takes (the scenario check gives the rest)
+            raise ValueError(f"{errors[0]} (strategy {self.type!r} takes: "
+                             f"{', '.join(STRATEGIES[self.type].Params.model_fields)})")
         return self
+
+
+def param_errors(params_model: type[BaseModel], params: dict, ctx: Any = None) -> list[str]:
+    """Every problem of a strategy's parameters, as "params.FIELD: what is wrong"; `ctx` (a
+    strategies.Context) adds the checks that need the scenario's profiles and model."""
+    try:
+        params_model.model_validate(params, context=ctx)
+        return []
+    except ValidationError as err:
+        out = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            field, sep, rest = msg.partition(": ")
+            if not loc and sep and field in params_model.model_fields:  # a model check naming its field
+                loc, msg = field, rest
+            out.append(f"params{'.' + loc if loc else ''}: {msg}")
+        return out
 
 
 class Strategies(Strict):
@@ -341,6 +356,14 @@ class Scenario(Strict):
         self._check_faults()
         return self
 
+    def strategy_param_errors(self) -> list[str]:
+        """Strategy parameters against this scenario: its profiles and the model's blocks (read
+        from the model's config, no weights), so a bad one never starts a run."""
+        from .strategies import STRATEGIES
+        ctx = strategy_context(self)
+        return [f"strategies.run[{i}].{e}" for i, entry in enumerate(self.strategies.run)
+                for e in param_errors(STRATEGIES[entry.type].Params, entry.params, ctx)]
+
     def _check_engines(self) -> None:
         for name in self.engines:
             if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$", name):
@@ -394,6 +417,26 @@ class NodeSpec(BaseModel):
     engine: str | None = None  # name under engines: (None: the scenario's backend on this host)
 
 
+def model_spec(sc: Scenario):
+    """The model every node and the aggregator build (node.trainer.ModelSpec)."""
+    from node.data import CLASSES
+    from node.trainer import ModelSpec
+    return ModelSpec(sc.model.name, len(CLASSES[sc.data.dataset]), sc.model.num_layers, sc.seed)
+
+
+def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
+    """What a strategy may know of this scenario (testbed.strategies.Context): the training
+    settings, the model's config and blocks, every node's profile and the profiles faults switch to."""
+    from node.trainer import model_config
+    from .strategies import Context
+    config = model_config(model_spec(sc))
+    nodes = expand_nodes(sc) if nodes is None else nodes
+    return Context(training=sc.training, max_len=sc.data.max_len, num_blocks=int(config["num_hidden_layers"]),
+                   seed=sc.seed, model_config=config, profiles={n.name: n.profile for n in nodes},
+                   known_profiles=tuple(sc.profiles),
+                   profile_names=frozenset(ev.profile for ev in sc.faults.events if ev.profile))
+
+
 def expand_nodes(sc: Scenario) -> list[NodeSpec]:
     """Groups -> nodes; `ranges` are drawn per node from the scenario seed (reproducible)."""
     rng = random.Random(sc.seed)
@@ -417,7 +460,7 @@ def _format_errors(path: str, err: ValidationError, doc: Any) -> str:
     for e in err.errors():
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
         msg = e["msg"].removeprefix("Value error, ")
-        sub = re.match(r"(params\.[\w.]+|@[\w.\[\]-]+): ", msg)  # a validator that checked a nested field names it
+        sub = re.match(r"(params(?:\.[\w.]+)?|@[\w.\[\]-]+): ", msg)  # a validator that checked a nested field names it
         if sub:
             loc, msg = ".".join(x for x in (loc, sub.group(1).lstrip("@")) if x), msg[sub.end():]
         got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""
@@ -433,6 +476,10 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
         sc = Scenario.model_validate(doc, context={"profiles": set(custom) if isinstance(custom, dict) else set()})
     except ValidationError as err:
         raise ScenarioError(_format_errors(path, err, doc)) from None
+    errors = sc.strategy_param_errors()
+    if errors:
+        raise ScenarioError("\n".join([f"{path}: {len(errors)} error(s) in scenario",
+                                       *(f"  {path}: {e}" for e in errors)]))
     av = sc.faults.availability
     if av.trace is not None:  # read now: a bad trace never starts a run
         from .faults import TraceError, load_trace

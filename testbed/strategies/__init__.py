@@ -1,5 +1,5 @@
 """Fine-tuning strategies, one module each: the server-side plan and the aggregation rule."""
-from .base import Context, NodeInfo, Strategy, Update
+from .base import Context, NodeInfo, Strategy, Task, Update
 from .caff import Caff
 from .fedlora import FedLoRA
 from .fedra import FedRA
@@ -9,4 +9,4 @@ from .legend import Legend
 
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Full, FedLoRA, HetLoRA, FedRA, Legend, Caff)}
 
-__all__ = ["STRATEGIES", "Context", "NodeInfo", "Strategy", "Update"]
+__all__ = ["STRATEGIES", "Context", "NodeInfo", "Strategy", "Task", "Update"]

@@ -1,61 +1,95 @@
 """The strategy interface: configure a round (a plan and start tensors per node), aggregate it.
 
-Like Flower's Strategy, nothing else. A strategy owns both halves so that the node only
-ever executes plans: adding a strategy never touches `node/`.
+Like Flower's Strategy, nothing else: `configure` gives each sampled node a `Task`,
+`aggregate` gives the next global state and the round's metrics. A strategy owns both halves
+so that the node only ever executes plans (`node.plan.Plan`): adding a strategy never touches
+`node/`. What a strategy learns between rounds is checkpointed through `state_dict()` /
+`load_state_dict()`, plain data only, so `run --resume` never depends on the class's layout.
 """
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
+
+from node.plan import Plan, TrainSpec, block_of
 
 State = dict[str, np.ndarray]
-_BLOCK = re.compile(r"(?:^|\.)layer\.(\d+)\.")
-
-
-def block_of(name: str) -> int | None:
-    """Encoder block index a tensor belongs to (None for embeddings / head)."""
-    m = _BLOCK.search(name)
-    return int(m.group(1)) if m else None
 
 
 class Params(BaseModel):
-    """Per-strategy parameters from the scenario; subclasses add fields. Unknown keys are errors."""
+    """Per-strategy parameters from the scenario; subclasses add fields. Unknown keys are errors.
+
+    Checks that need the scenario (its profiles, the model's block count) read the `Context`
+    passed as pydantic's validation context (`context(info)`); `testbed validate` runs them."""
     model_config = ConfigDict(extra="forbid")
     lr: float | None = Field(None, gt=0, description="overrides training.lr for this strategy")
     local_steps: int | None = Field(None, ge=1, description="overrides training.local_steps")
 
 
-@dataclass
+def context(info: ValidationInfo) -> "Context | None":
+    """The run's Context inside a Params validator (None when validated without one)."""
+    ctx = info.context
+    return ctx if isinstance(ctx, Context) else None
+
+
+def check_profile_keys(keys, ctx: "Context", what: str, every: bool = False) -> None:
+    """Per-profile keys must name profiles of this scenario (built in or under profiles:), and
+    with `every`, cover each profile a device of the run can have (faults may switch one)."""
+    unknown = sorted(set(keys) - set(ctx.known_profiles))
+    if unknown:
+        raise ValueError(f"{what}: unknown profile(s) {unknown}; allowed: {', '.join(sorted(ctx.known_profiles))}")
+    missing = sorted(set(ctx.profile_names) - set(keys)) if every else []
+    if missing:
+        raise ValueError(f"{what}: no entry for profile(s) {missing} that devices of this scenario have")
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     name: str
     profile: Any          # emulation.profiles.Profile
     num_samples: int
 
 
+@dataclass(frozen=True)
+class Task:
+    """What one node gets in one round: the plan, the tensors it starts from, and what the
+    strategy chose for it (recorded beside the plan in rounds.jsonl)."""
+    plan: Plan
+    tensors: State
+    choices: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Update:
     """One node's result; `metrics` holds its report plus what the aggregator measured (emulated seconds)."""
     node: str
-    plan: dict
+    plan: Plan | None
     tensors: State
     num_samples: int
     metrics: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
-    """What a strategy may know about the run: training settings, model size, seed."""
+    """What a strategy may know about the run: training settings, the model's size, the devices."""
     training: Any         # testbed.scenario.TrainingConfig
     max_len: int
     num_blocks: int
     seed: int
-    model_config: Any = None  # the HF config of the pretrained model (cost models read its sizes)
+    model_config: Any = None  # the model's config (a dict or HF config; costmodel.Arch reads its sizes)
     profiles: dict = field(default_factory=dict)  # every node of the scenario -> its Profile
+    known_profiles: tuple[str, ...] = ()   # profile names per-profile parameters may use
+    profile_names: frozenset = frozenset()  # every profile a device of the run can have
+
+    def __post_init__(self):
+        from emulation.profiles import PROFILES
+        names = {p.name for p in self.profiles.values()} | set(self.profile_names)
+        object.__setattr__(self, "profile_names", frozenset(names))
+        object.__setattr__(self, "known_profiles", tuple(sorted({*PROFILES, *self.known_profiles, *names})))
 
 
 class Strategy(ABC):
@@ -63,28 +97,42 @@ class Strategy(ABC):
     Params: ClassVar[type[Params]] = Params
 
     def __init__(self, params: dict, ctx: Context):
-        self.p = self.Params.model_validate(params)
+        self.p = self.Params.model_validate(params, context=ctx)
         self.ctx = ctx
 
     # -- the two halves --------------------------------------------------------------------
     @abstractmethod
-    def global_plan(self) -> dict:
+    def global_plan(self) -> Plan:
         """The plan whose trainable tensors make up the global state (also used to evaluate it)."""
 
     @abstractmethod
-    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
-        """For each sampled node: (plan, tensors it starts from)."""
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
+        """For each sampled node: its task."""
 
     @abstractmethod
-    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
-        """The next global state from this round's updates."""
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
+        """The next global state from this round's updates, and the round's metrics."""
+
+    # -- what it learnt, for checkpoints -----------------------------------------------------
+    def state_dict(self) -> dict:
+        """What this strategy learnt so far, as plain data (str keys, numbers, lists, dicts)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()` (of a checkpoint)."""
 
     # -- shared pieces ---------------------------------------------------------------------
-    def train_fields(self, rnd: int, node_index: int = 0) -> dict:
+    def train_spec(self, rnd: int, node_index: int = 0) -> TrainSpec:
         t = self.ctx.training
-        return {"local_steps": self.p.local_steps or t.local_steps, "batch_size": t.batch_size,
-                "lr": self.p.lr or t.lr, "weight_decay": t.weight_decay, "max_len": self.ctx.max_len,
-                "seed": self.ctx.seed * 1_000_003 + rnd * 1009 + node_index}
+        return TrainSpec(local_steps=self.p.local_steps or t.local_steps, batch_size=t.batch_size,
+                         lr=self.p.lr or t.lr, weight_decay=t.weight_decay, max_len=self.ctx.max_len,
+                         seed=self.ctx.seed * 1_000_003 + rnd * 1009 + node_index)
+
+
+def blocks_of(state: State, blocks) -> State:
+    """The tensors of `state` a node training `blocks` starts from: theirs and the head's."""
+    keep = set(blocks)
+    return {k: v for k, v in state.items() if block_of(k) is None or block_of(k) in keep}
 
 
 def weighted_average(updates: list[Update], state: State) -> State:

@@ -1,6 +1,6 @@
 """CAFF (Pfeiffer et al., arXiv 2411.07826): train the last n_i blocks that fit each device's budgets.
 
-Known (paper abstract and public summaries, see STRATEGIES.md):
+Known (paper abstract and public summaries; docs/strategies.md):
 - each device has memory, FLOP and upload budgets; it trains a device-specific number of
   FINAL blocks plus the head in full, the blocks below stay frozen (no backward through them);
 - the server averages layer by layer over the devices that trained each layer;
@@ -30,9 +30,12 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 
-from .base import NodeInfo, Params, State, Strategy, Update, block_of, weighted_average
+from node.plan import Plan
+
+from .base import (NodeInfo, Params, State, Strategy, Task, Update, blocks_of, check_profile_keys, context,
+                   weighted_average)
 
 
 def training_mb(cost) -> float:
@@ -47,6 +50,20 @@ class CaffParams(Params):
     upload_factor: tuple[float, float] = (0.5, 1.0)
     train_embeddings: bool = False
 
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "CaffParams":
+        lo, hi = self.upload_factor
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"upload_factor: must satisfy 0 < lo <= hi <= 1, got [{lo}, {hi}]")
+        if self.budgets is not None:
+            bad = sorted(k for k, b in self.budgets.items() if not b > 0)
+            if bad:
+                raise ValueError(f"budgets: must be > 0 (a fraction of full training), not for {bad}")
+            ctx = context(info)
+            if ctx is not None:
+                check_profile_keys(self.budgets, ctx, "budgets", every=True)
+        return self
+
 
 class Caff(Strategy):
     name = "caff"
@@ -55,21 +72,24 @@ class Caff(Strategy):
     def __init__(self, params: dict, ctx):
         super().__init__(params, ctx)
         from ..costmodel import Arch
-        lo, hi = self.p.upload_factor
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"caff: upload_factor must satisfy 0 < lo <= hi <= 1, got {self.p.upload_factor}")
         self.arch = Arch.from_config(ctx.model_config)
         self._costs: dict[int, object] = {}
         self._upload: dict[str, float] = {}
         self.max_share: float | None = None
-        self.chosen: dict[int, dict[str, int]] = {}
 
-    def plan_for(self, n: int, rnd: int = 0, index: int = 0) -> dict:
+    def state_dict(self) -> dict:
+        return {"upload": dict(self._upload), "max_share": self.max_share}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._upload = {str(n): float(v) for n, v in state.get("upload", {}).items()}
+        self.max_share = None if state.get("max_share") is None else float(state["max_share"])
+
+    def plan_for(self, n: int, rnd: int = 0, index: int = 0) -> Plan:
         L = self.ctx.num_blocks
-        return {"method": "full", "blocks": list(range(L - n, L)), "train_embeddings": self.p.train_embeddings,
-                "head": True, **self.train_fields(rnd, index)}
+        return Plan("full", tuple(range(L - n, L)), train_embeddings=self.p.train_embeddings,
+                    train=self.train_spec(rnd, index))
 
-    def global_plan(self) -> dict:
+    def global_plan(self) -> Plan:
         return self.plan_for(self.ctx.num_blocks)
 
     def cost(self, n: int):
@@ -105,21 +125,17 @@ class Caff(Strategy):
                    and c.flops_per_round <= flops * (1 + 1e-9) and c.upload_bytes <= up * (1 + 1e-9)]
         return max(fitting, default=-1)
 
-    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
         if self.max_share is None:  # budgets relative to the strongest device of the scenario
             every = self.ctx.profiles.values() if self.ctx.profiles else [n.profile for n in nodes]
             self.max_share = max(p.cpu_share for p in every)
-        tasks, chosen = {}, {}
+        tasks = {}
         for i, n in enumerate(nodes):
             k = self.blocks_for(n)
             over = k < 0  # not even the head alone fits: it trains the head, recorded as over budget
-            k = chosen[n.name] = max(k, 0)
-            plan = {**self.plan_for(k, rnd, i), "caff_blocks": k, "caff_over_budget": over}
-            blocks = set(plan["blocks"])
-            sent = {name: v for name, v in state.items() if block_of(name) is None or block_of(name) in blocks}
-            tasks[n.name] = (plan, sent)
-        self.chosen[rnd] = chosen
+            plan = self.plan_for(max(k, 0), rnd, i)
+            tasks[n.name] = Task(plan, blocks_of(state, plan.blocks), {"caff_blocks": max(k, 0), "caff_over_budget": over})
         return tasks
 
-    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
-        return weighted_average(updates, state)
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
+        return weighted_average(updates, state), {}

@@ -1,15 +1,19 @@
 """FedLoRA: LoRA with one rank on every block of every node, FedAvg of A and B.
 
 The common LoRA baseline of LEGEND, CAFF, HetLoRA and FedRA: adapters on the attention
-query and value projections of all blocks, the pooler and classifier trained in full (they
-are new for the task), and only those tensors cross the network. Averaging A and B
+query and value projections of all blocks, the pooler and classifier trained in full (the
+classifier is new for the task), and only those tensors cross the network. Averaging A and B
 separately is what these papers' FedLoRA does (it is not the average of the products B·A).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pydantic import Field
 
-from .base import NodeInfo, Params, State, Strategy, Update, weighted_average
+from node.plan import LoraSpec, Plan
+
+from .base import NodeInfo, Params, State, Strategy, Task, Update, weighted_average
 
 
 class FedLoRAParams(Params):
@@ -23,15 +27,16 @@ class FedLoRA(Strategy):
     name = "fedlora"
     Params = FedLoRAParams
 
-    def global_plan(self) -> dict:
+    def lora_spec(self) -> LoraSpec:
         p = self.p
-        lora = {"r": p.rank, "alpha": p.alpha or 2 * p.rank, "dropout": p.dropout,
-                "target_modules": list(p.target_modules), "rank_pattern": {}}
-        return {"method": "lora", "blocks": list(range(self.ctx.num_blocks)), "lora": lora, "head": True,
-                **self.train_fields(0)}
+        return LoraSpec(r=p.rank, alpha=p.alpha or 2 * p.rank, dropout=p.dropout, target_modules=tuple(p.target_modules))
 
-    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
-        return {n.name: ({**self.global_plan(), **self.train_fields(rnd, i)}, state) for i, n in enumerate(nodes)}
+    def global_plan(self) -> Plan:
+        return Plan("lora", tuple(range(self.ctx.num_blocks)), lora=self.lora_spec(), train=self.train_spec(0))
 
-    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
-        return weighted_average(updates, state)
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
+        plan = self.global_plan()
+        return {n.name: Task(replace(plan, train=self.train_spec(rnd, i)), state) for i, n in enumerate(nodes)}
+
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
+        return weighted_average(updates, state), {}

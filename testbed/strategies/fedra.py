@@ -1,6 +1,6 @@
 """FedRA (Su et al., ECCV 2024, arXiv 2311.11227): random allocation of blocks to devices.
 
-From the paper (abstract and public summaries, STRATEGIES.md):
+From the paper (abstract and its official code; docs/strategies.md):
 - every round the server draws a random allocation matrix M (devices x blocks, 0/1) that
   gives each device as many blocks as its resources allow;
 - a device fine-tunes adapters (LoRA) only in its allocated blocks;
@@ -17,7 +17,8 @@ Reconstructed / different here (every choice is a parameter):
     x is that profile field and x_ref is `reference`: `sampled` = the strongest device sampled
     this round (it trains all L blocks), `all` = the strongest device of the scenario, or a
     number (the value of the field that earns all L blocks);
-  * `fixed`: `fixed_blocks`, one number for every device or a profile name -> n mapping;
+  * `fixed`: `fixed_blocks`, one number for every device or a profile name -> n mapping
+    (every profile a device of the scenario has needs an entry; checked by `testbed validate`);
   rounding down keeps every device within its capacity.
 - allocation: each device's n_i distinct blocks drawn uniformly without replacement, from one
   RNG seeded by (scenario seed, round), devices taken in name order, so the matrix is
@@ -25,8 +26,7 @@ Reconstructed / different here (every choice is a parameter):
 - one LoRA rank on every block and device (`rank`, alpha default 2 x rank, query and value),
   head (pooler + classifier) trained by every device; each tensor averaged over the devices
   that trained it, weighted by sample count; a block no device trained keeps its value.
-- each device's plan carries `fedra_blocks` (its row of M) and `fedra_capacity` (n_i); the
-  matrices are also kept in `allocations` (round -> node -> blocks).
+- each device's choices (rounds.jsonl) are `fedra_blocks` (its row of M) and `fedra_capacity` (n_i).
 """
 from __future__ import annotations
 
@@ -34,9 +34,12 @@ import math
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from .base import NodeInfo, Params, State, Strategy, Update, block_of, weighted_average
+from node.plan import LoraSpec, Plan
+
+from .base import (NodeInfo, Params, State, Strategy, Task, Update, blocks_of, check_profile_keys, context,
+                   weighted_average)
 
 _SALT = 0xFED7A  # keeps this RNG stream apart from the runner's node sampling ([seed, round])
 
@@ -54,32 +57,26 @@ class FedRAParams(Params):
     min_blocks: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _check(self) -> "FedRAParams":
+    def _check(self, info: ValidationInfo) -> "FedRAParams":
         if not isinstance(self.reference, str) and self.reference <= 0:
-            raise ValueError("reference must be > 0, 'sampled' or 'all'")
+            raise ValueError("reference: must be > 0, 'sampled' or 'all'")
         if self.capacity_from == "fixed":
             if self.fixed_blocks is None:
-                raise ValueError("capacity_from 'fixed' needs fixed_blocks (a number or profile -> number)")
+                raise ValueError("fixed_blocks: capacity_from 'fixed' needs it (a number or profile -> number)")
             values = self.fixed_blocks.values() if isinstance(self.fixed_blocks, dict) else [self.fixed_blocks]
             if any(int(v) < 1 for v in values):
-                raise ValueError("fixed_blocks must be >= 1")
-            if isinstance(self.fixed_blocks, dict):
-                from emulation.profiles import PROFILES
-                unknown = sorted(set(self.fixed_blocks) - set(PROFILES))
-                if unknown:
-                    raise ValueError(f"fixed_blocks: unknown profiles {unknown}; known: {', '.join(PROFILES)}")
+                raise ValueError("fixed_blocks: must be >= 1")
+            ctx = context(info)
+            if isinstance(self.fixed_blocks, dict) and ctx is not None:
+                check_profile_keys(self.fixed_blocks, ctx, "fixed_blocks", every=True)
         elif self.fixed_blocks is not None:
-            raise ValueError(f"fixed_blocks is only used with capacity_from 'fixed' (not {self.capacity_from!r})")
+            raise ValueError(f"fixed_blocks: only used with capacity_from 'fixed' (not {self.capacity_from!r})")
         return self
 
 
 class FedRA(Strategy):
     name = "fedra"
     Params = FedRAParams
-
-    def __init__(self, params: dict, ctx):
-        super().__init__(params, ctx)
-        self.allocations: dict[int, dict[str, list[int]]] = {}
 
     # -- capacity and allocation -----------------------------------------------------------
     def capacities(self, nodes: list[NodeInfo]) -> dict[str, int]:
@@ -128,26 +125,19 @@ class FedRA(Strategy):
         return m
 
     # -- plans -----------------------------------------------------------------------------
-    def plan_for(self, blocks: list[int], rnd: int = 0, index: int = 0) -> dict:
+    def plan_for(self, blocks: list[int], rnd: int = 0, index: int = 0) -> Plan:
         p = self.p
-        lora = {"r": p.rank, "alpha": p.alpha or 2 * p.rank, "dropout": p.dropout,
-                "target_modules": list(p.target_modules), "rank_pattern": {}}
-        return {"method": "lora", "blocks": list(blocks), "lora": lora, "head": True, **self.train_fields(rnd, index)}
+        lora = LoraSpec(r=p.rank, alpha=p.alpha or 2 * p.rank, dropout=p.dropout, target_modules=tuple(p.target_modules))
+        return Plan("lora", tuple(blocks), lora=lora, train=self.train_spec(rnd, index))
 
-    def global_plan(self) -> dict:
+    def global_plan(self) -> Plan:
         return self.plan_for(list(range(self.ctx.num_blocks)))
 
-    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
         alloc = self.allocate(rnd, nodes)
-        self.allocations[rnd] = alloc
-        tasks = {}
-        for i, n in enumerate(nodes):
-            blocks = alloc[n.name]
-            keep = set(blocks)
-            tensors = {k: v for k, v in state.items() if block_of(k) is None or block_of(k) in keep}
-            plan = {**self.plan_for(blocks, rnd, i), "fedra_blocks": list(blocks), "fedra_capacity": len(blocks)}
-            tasks[n.name] = (plan, tensors)
-        return tasks
+        return {n.name: Task(self.plan_for(alloc[n.name], rnd, i), blocks_of(state, alloc[n.name]),
+                             {"fedra_blocks": list(alloc[n.name]), "fedra_capacity": len(alloc[n.name])})
+                for i, n in enumerate(nodes)}
 
-    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
-        return weighted_average(updates, state)
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
+        return weighted_average(updates, state), {}

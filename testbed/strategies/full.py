@@ -6,9 +6,13 @@ the head; the server averages each tensor weighted by sample count. Embeddings a
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pydantic import Field
 
-from .base import NodeInfo, Params, State, Strategy, Update, weighted_average
+from node.plan import Plan
+
+from .base import NodeInfo, Params, State, Strategy, Task, Update, weighted_average
 
 
 class FullParams(Params):
@@ -25,12 +29,12 @@ class Full(Strategy):
         k = min(self.p.last_blocks or n, n)
         return list(range(n - k, n))
 
-    def global_plan(self) -> dict:
-        return {"method": "full", "blocks": self.blocks(), "train_embeddings": self.p.train_embeddings,
-                "head": True, **self.train_fields(0)}
+    def global_plan(self) -> Plan:
+        return Plan("full", tuple(self.blocks()), train_embeddings=self.p.train_embeddings, train=self.train_spec(0))
 
-    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
-        return {n.name: ({**self.global_plan(), **self.train_fields(rnd, i)}, state) for i, n in enumerate(nodes)}
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
+        plan = self.global_plan()
+        return {n.name: Task(replace(plan, train=self.train_spec(rnd, i)), state) for i, n in enumerate(nodes)}
 
-    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
-        return weighted_average(updates, state)
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
+        return weighted_average(updates, state), {}

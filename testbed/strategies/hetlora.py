@@ -1,6 +1,6 @@
 """HetLoRA (Cho et al., EMNLP 2024, arXiv 2401.06432): a LoRA rank per device.
 
-From the paper (its abstract, its Figure 2 as summarised publicly, STRATEGIES.md):
+From the paper (its abstract and its Figure 2; docs/strategies.md):
 - every device trains LoRA with its own rank r_i <= r_max, chosen from its capability;
 - the server keeps global LoRA modules of rank r_max; a device with rank r_i receives the
   leading slices A[:r_i, :] and B[:, :r_i] ("distribution via truncation");
@@ -11,7 +11,8 @@ From the paper (its abstract, its Figure 2 as summarised publicly, STRATEGIES.md
   norm of the last ranks, which are dropped by a decay factor gamma when that norm is small).
 
 Reconstructed here (every choice is a parameter):
-- rank of a device: `ranks` maps a profile name to a rank; other devices get
+- rank of a device: `ranks` maps a profile name (built in or defined by the scenario) to a
+  rank; other devices get
   rank_max x min(1, cpu_share / full_rank_share), rounded DOWN to the allowed set
   (`round_to: pow2` = powers of two, plus rank_min and rank_max; `int` = any integer),
   and at least rank_min. `full_rank_share: all` means the strongest device of the scenario.
@@ -44,12 +45,15 @@ Reconstructed here (every choice is a parameter):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from .base import NodeInfo, Params, State, Strategy, Update, weighted_average
+from node.plan import LoraSpec, Plan, RankPenalty
+
+from .base import NodeInfo, Params, State, Strategy, Task, Update, check_profile_keys, context, weighted_average
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
@@ -92,18 +96,18 @@ class HetLoRAParams(Params):
                                                          "of its last ranks (self_prune only)")
 
     @model_validator(mode="after")
-    def _check(self) -> "HetLoRAParams":
-        from emulation.profiles import PROFILES
+    def _check(self, info: ValidationInfo) -> "HetLoRAParams":
         if self.rank_min > self.rank_max:
-            raise ValueError(f"rank_min {self.rank_min} > rank_max {self.rank_max}")
+            raise ValueError(f"rank_min: {self.rank_min} > rank_max {self.rank_max}")
+        ctx = context(info)
+        if ctx is not None:
+            check_profile_keys(self.ranks, ctx, "ranks")
         for prof, r in self.ranks.items():
-            if prof not in PROFILES:
-                raise ValueError(f"ranks: unknown profile {prof!r}; known: {', '.join(PROFILES)}")
             if not 1 <= r <= self.rank_max:
                 raise ValueError(f"ranks: {prof} has rank {r}, outside 1..rank_max ({self.rank_max}); "
                                  "raise rank_max to use larger ranks")
         if not isinstance(self.full_rank_share, str) and self.full_rank_share <= 0:
-            raise ValueError("full_rank_share must be > 0 or 'all'")
+            raise ValueError("full_rank_share: must be > 0 or 'all'")
         return self
 
 
@@ -114,7 +118,12 @@ class HetLoRA(Strategy):
     def __init__(self, params: dict, ctx):
         super().__init__(params, ctx)
         self.prune_cap: dict[str, int] = {}              # node -> rank after self-pruning
-        self.rank_log: dict[int, dict[str, int]] = {}    # round -> node -> rank it trained with
+
+    def state_dict(self) -> dict:
+        return {"prune_cap": dict(self.prune_cap)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prune_cap = {str(k): int(v) for k, v in state.get("prune_cap", {}).items()}
 
     # -- ranks -----------------------------------------------------------------------------
     @property
@@ -157,28 +166,24 @@ class HetLoRA(Strategy):
         return self._floor_allowed(math.floor(self.p.prune_decay * r))
 
     # -- plans -----------------------------------------------------------------------------
-    def plan_for(self, r: int, rnd: int = 0, index: int = 0) -> dict:
+    def plan_for(self, r: int, rnd: int = 0, index: int = 0) -> Plan:
         p = self.p
-        lora = {"r": int(r), "alpha": p.alpha_per_rank * r, "dropout": p.dropout,
-                "target_modules": list(p.target_modules), "rank_pattern": {}}
-        return {"method": "lora", "blocks": list(range(self.ctx.num_blocks)), "lora": lora, "head": True,
-                **self.train_fields(rnd, index)}
+        lora = LoraSpec(r=int(r), alpha=p.alpha_per_rank * r, dropout=p.dropout, target_modules=tuple(p.target_modules))
+        return Plan("lora", tuple(range(self.ctx.num_blocks)), lora=lora, train=self.train_spec(rnd, index))
 
-    def global_plan(self) -> dict:
+    def global_plan(self) -> Plan:
         return self.plan_for(self.r_max)
 
-    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
-        tasks, ranks = {}, {}
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
+        tasks = {}
         for i, n in enumerate(nodes):
             r = self.rank_of(n)
-            ranks[n.name] = r
             tensors = {k: truncate(k, v, r) for k, v in state.items()}
-            plan = {**self.plan_for(r, rnd, i), "hetlora_rank": r}
+            plan = self.plan_for(r, rnd, i)
             keep = self.prune_keep(r)
             if self.p.self_prune and keep < r:
-                plan["rank_penalty"] = {"keep": keep, "weight": self.p.prune_penalty}
-            tasks[n.name] = (plan, tensors)
-        self.rank_log[rnd] = ranks
+                plan = replace(plan, rank_penalty=RankPenalty(keep=keep, weight=self.p.prune_penalty))
+            tasks[n.name] = Task(plan, tensors, {"hetlora_rank": r})
         return tasks
 
     # -- aggregation -----------------------------------------------------------------------
@@ -191,7 +196,7 @@ class HetLoRA(Strategy):
                              f"(expected A (r, in), B (out, r), r <= {self.r_max})")
         return np.asarray(a, np.float64), np.asarray(b, np.float64)
 
-    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
         other = {k: v for k, v in state.items() if not is_lora(k)}
         new = dict(state)
         new.update(weighted_average(updates, other))      # head: by sample count
@@ -225,10 +230,11 @@ class HetLoRA(Strategy):
             a_new[trained] = num_a[trained] / norm[trained, None]
             b_new[:, trained] = num_b[:, trained] / norm[trained]
             new[m + _A], new[m + _B] = a_new.astype(gA.dtype), b_new.astype(gB.dtype)
-        if self.p.self_prune:
-            for u in updates:
-                self._maybe_prune(u)
-        return new
+        if not self.p.self_prune:
+            return new, {}
+        for u in updates:
+            self._maybe_prune(u)
+        return new, {"rank_caps": dict(sorted(self.prune_cap.items()))}
 
     def tail_share(self, u: Update, keep: int) -> float:
         """Share of u's LoRA update norm in its rank slices keep.. (summed over its modules)."""

@@ -1,6 +1,6 @@
 """LEGEND (Liu et al., arXiv 2412.20004): LoRA depth and rank distribution per device.
 
-Known (paper abstract and public summaries, see STRATEGIES.md):
+Known (paper abstract and public summaries; docs/strategies.md):
 - LoRA only on the top d_i blocks of device i ("LoRA depth", counted from the output), with
   per-block ranks that grow toward the output ("rank distribution");
 - the server configures each device from its capabilities with a greedy algorithm so that
@@ -28,9 +28,11 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
-from .base import NodeInfo, Params, State, Strategy, Update, block_of, weighted_average
+from node.plan import LoraSpec, Plan
+
+from .base import NodeInfo, Params, State, Strategy, Task, Update, blocks_of, context, weighted_average
 
 
 class LegendParams(Params):
@@ -44,9 +46,19 @@ class LegendParams(Params):
     ema: float = Field(0.5, gt=0, le=1, description="weight of the newest measurement in the estimates")
 
     @model_validator(mode="after")
-    def _ranks(self) -> "LegendParams":
+    def _check(self, info: ValidationInfo) -> "LegendParams":
         if self.rank_distribution is not None and any(r < 1 for r in self.rank_distribution):
-            raise ValueError("rank_distribution entries must be >= 1")
+            raise ValueError("rank_distribution: entries must be >= 1")
+        ctx = context(info)
+        if ctx is None:
+            return self
+        L = ctx.num_blocks
+        if self.rank_distribution is not None and len(self.rank_distribution) != L:
+            raise ValueError(f"rank_distribution: {len(self.rank_distribution)} entries, but the model has {L} "
+                             "blocks (one rank per block, input to output)")
+        for name in ("min_depth", "calibration_depth"):
+            if (getattr(self, name) or 0) > L:
+                raise ValueError(f"{name}: {getattr(self, name)} exceeds the model's {L} blocks")
         return self
 
 
@@ -63,30 +75,32 @@ class Legend(Strategy):
     def __init__(self, params: dict, ctx):
         super().__init__(params, ctx)
         from ..costmodel import Arch
-        L = ctx.num_blocks
-        self.ranks = list(self.p.rank_distribution or default_ranks(L))
-        if len(self.ranks) != L:
-            raise ValueError(f"legend: rank_distribution has {len(self.ranks)} entries, the model has {L} blocks")
-        if self.p.min_depth > L:
-            raise ValueError(f"legend: min_depth {self.p.min_depth} exceeds the model's {L} blocks")
+        self.ranks = list(self.p.rank_distribution or default_ranks(ctx.num_blocks))
         self.arch = Arch.from_config(ctx.model_config)
         self.speed: dict[str, float] = {}     # FLOP per emulated second
         self.bw_up: dict[str, float] = {}     # bit per emulated second
         self.bw_down: dict[str, float] = {}
-        self.depths: dict[int, dict[str, int]] = {}  # round -> node -> depth (for the report)
+        self.deadline_s: float | None = None  # the round time the last greedy aimed at
         self._costs: dict[int, object] = {}
 
-    # -- plans -----------------------------------------------------------------------------
-    def plan_for(self, depth: int, rnd: int = 0, index: int = 0) -> dict:
-        L = self.ctx.num_blocks
-        blocks = list(range(L - depth, L))
-        lora = {"r": max(self.ranks), "alpha": self.p.alpha_per_rank * max(self.ranks), "dropout": 0.0,
-                "target_modules": list(self.p.target_modules),
-                "rank_pattern": {str(b): self.ranks[b] for b in blocks},
-                "alpha_pattern": {str(b): self.p.alpha_per_rank * self.ranks[b] for b in blocks}}
-        return {"method": "lora", "blocks": blocks, "lora": lora, "head": True, **self.train_fields(rnd, index)}
+    def state_dict(self) -> dict:
+        return {"speed": dict(self.speed), "bw_up": dict(self.bw_up), "bw_down": dict(self.bw_down)}
 
-    def global_plan(self) -> dict:
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("speed", "bw_up", "bw_down"):
+            setattr(self, key, {str(n): float(v) for n, v in state.get(key, {}).items()})
+
+    # -- plans -----------------------------------------------------------------------------
+    def plan_for(self, depth: int, rnd: int = 0, index: int = 0) -> Plan:
+        L, k = self.ctx.num_blocks, self.p.alpha_per_rank
+        blocks = tuple(range(L - depth, L))
+        top = max(self.ranks)
+        lora = LoraSpec(r=top, alpha=k * top, target_modules=tuple(self.p.target_modules),
+                        rank_pattern={b: self.ranks[b] for b in blocks},
+                        alpha_pattern={b: k * self.ranks[b] for b in blocks})
+        return Plan("lora", blocks, lora=lora, train=self.train_spec(rnd, index))
+
+    def global_plan(self) -> Plan:
         return self.plan_for(self.ctx.num_blocks)
 
     def _cost(self, depth: int):
@@ -109,9 +123,11 @@ class Legend(Strategy):
         L, lo = self.ctx.num_blocks, self.p.min_depth
         known = [n for n in nodes if n.name in self.speed]
         depths: dict[str, int] = {}
+        self.deadline_s = None
         if known:
             full = [self.predict_s(n.name, L) for n in known]
             deadline = min(full) if self.p.deadline == "fastest_full" else float(np.quantile(full, self.p.deadline_quantile))
+            self.deadline_s = float(deadline)
         for n in nodes:
             if n.name not in self.speed:  # calibration: measure on the deepest plan that fits
                 d = self.p.calibration_depth or L
@@ -126,21 +142,18 @@ class Legend(Strategy):
             depths[n.name] = min(L, max(lo, d))
         return depths
 
-    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, tuple[dict, State]]:
+    def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
         depths = self.choose_depths(nodes)
-        self.depths[rnd] = depths
         tasks = {}
         for i, n in enumerate(nodes):
-            plan = {**self.plan_for(depths[n.name], rnd, i), "legend_depth": depths[n.name]}
-            blocks = set(plan["blocks"])
-            tensors = {k: v for k, v in state.items() if block_of(k) is None or block_of(k) in blocks}
-            tasks[n.name] = (plan, tensors)
+            plan = self.plan_for(depths[n.name], rnd, i)
+            tasks[n.name] = Task(plan, blocks_of(state, plan.blocks), {"legend_depth": depths[n.name]})
         return tasks
 
     # -- learning from the round -----------------------------------------------------------
     def observe(self, u: Update) -> None:
         m, a = u.metrics, self.p.ema
-        depth = int(u.plan.get("legend_depth", len(u.plan["blocks"])))
+        depth = len(u.plan.blocks)  # LoRA on the top `depth` blocks
         c = self._cost(depth)
         samples = {}
         if m.get("compute_s", 0) > 0:
@@ -158,7 +171,7 @@ class Legend(Strategy):
             self.bw_up.setdefault(u.node, 1e12)
             self.bw_down.setdefault(u.node, 1e12)
 
-    def aggregate(self, rnd: int, updates: list[Update], state: State) -> State:
+    def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
         for u in updates:
             self.observe(u)
-        return weighted_average(updates, state)
+        return weighted_average(updates, state), {"deadline_s": self.deadline_s}

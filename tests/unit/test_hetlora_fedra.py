@@ -84,17 +84,16 @@ def test_hetlora_bad_params(params, field):
 def test_hetlora_plans_scale_alpha_with_rank():
     s = HetLoRA({"ranks": {"rpi4": 2, "agx-xavier": 4}, "rank_max": 4, "alpha_per_rank": 1.5}, _ctx(2))
     g = s.global_plan()
-    assert g["lora"]["r"] == 4 and g["lora"]["alpha"] == 6.0 and g["blocks"] == [0, 1]
+    assert g.lora.r == 4 and g.lora.alpha == 6.0 and g.blocks == (0, 1)
     nodes = [_node("weak", "rpi4"), _node("strong", "agx-xavier")]
     tasks = s.configure(1, nodes, _state(2, 4))
     for name, r in (("weak", 2), ("strong", 4)):
-        plan = tasks[name][0]
-        assert plan["lora"]["r"] == r and plan["lora"]["alpha"] == 1.5 * r
-        assert plan["lora"]["alpha"] / plan["lora"]["r"] == g["lora"]["alpha"] / g["lora"]["r"]
-        assert plan["blocks"] == [0, 1] and plan["head"] is True and plan["hetlora_rank"] == r
-        assert all(isinstance(k, str) for k in plan) and all(isinstance(k, str) for k in plan["lora"])
-    assert tasks["weak"][0]["seed"] != tasks["strong"][0]["seed"]
-    assert s.rank_log[1] == {"weak": 2, "strong": 4}
+        plan = tasks[name].plan
+        assert plan.lora.r == r and plan.lora.alpha == 1.5 * r
+        assert plan.lora.alpha / plan.lora.r == g.lora.alpha / g.lora.r
+        assert plan.blocks == (0, 1) and plan.head.train is True and tasks[name].choices == {"hetlora_rank": r}
+        assert all(isinstance(k, str) for k in plan.to_dict()) and all(isinstance(k, str) for k in plan.to_dict()["lora"])
+    assert tasks["weak"].plan.train.seed != tasks["strong"].plan.train.seed
 
 
 def test_hetlora_truncation_gives_exactly_the_leading_slices():
@@ -102,7 +101,7 @@ def test_hetlora_truncation_gives_exactly_the_leading_slices():
     s = HetLoRA({"ranks": {"rpi4": 2, "agx-xavier": 4}, "rank_max": 4}, _ctx(2))
     tasks = s.configure(1, [_node("weak", "rpi4"), _node("strong", "agx-xavier")], state)
     for name, r in (("weak", 2), ("strong", 4)):
-        sent = tasks[name][1]
+        sent = tasks[name].tensors
         assert set(sent) == set(state)
         for k, v in sent.items():
             if k.endswith("lora_A.weight"):
@@ -125,11 +124,13 @@ def _two_node_round(params, samples=(1, 3)):
     nodes = [_node("weak", "rpi4", samples[0]), _node("strong", "agx-xavier", samples[1])]
     tasks = s.configure(1, nodes, state)
     rng = np.random.default_rng(42)
-    ret = {n: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in tasks[n][1].items()}
+    ret = {n: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in tasks[n].tensors.items()}
            for n in ("weak", "strong")}
-    ups = [_update("weak", tasks["weak"][0], ret["weak"], samples[0]),
-           _update("strong", tasks["strong"][0], ret["strong"], samples[1])]
-    return s, state, ret, s.aggregate(1, ups, state)
+    ups = [_update("weak", tasks["weak"].plan, ret["weak"], samples[0]),
+           _update("strong", tasks["strong"].plan, ret["strong"], samples[1])]
+    new, metrics = s.aggregate(1, ups, state)
+    assert metrics == {}  # no self-pruning: nothing to report
+    return s, state, ret, new
 
 
 def test_hetlora_slice_aggregation_by_samples():
@@ -180,8 +181,8 @@ def test_hetlora_slices_no_one_trained_keep_their_value(padding):
     s = HetLoRA({"ranks": {"rpi4": 2}, "rank_max": 4, "padding": padding}, _ctx(2))
     state = _state(2, 4)
     tasks = s.configure(1, [_node("a", "rpi4", 2), _node("b", "rpi4", 6)], state)
-    ret = {n: {k: v + (1.0 if n == "a" else 3.0) for k, v in tasks[n][1].items()} for n in ("a", "b")}
-    new = s.aggregate(1, [_update(n, tasks[n][0], ret[n], 2 if n == "a" else 6) for n in ("a", "b")], state)
+    ret = {n: {k: v + (1.0 if n == "a" else 3.0) for k, v in tasks[n].tensors.items()} for n in ("a", "b")}
+    new, _ = s.aggregate(1, [_update(n, tasks[n].plan, ret[n], 2 if n == "a" else 6) for n in ("a", "b")], state)
     for k in state:
         if k.endswith("lora_A.weight"):
             np.testing.assert_allclose(new[k][:2], state[k][:2] + 2.5, rtol=1e-6)
@@ -194,17 +195,17 @@ def test_hetlora_slices_no_one_trained_keep_their_value(padding):
 def test_hetlora_no_updates_keeps_state():
     s = HetLoRA({"rank_max": 4}, _ctx(2))
     state = _state(2, 4)
-    new = s.aggregate(1, [], state)
+    new, _ = s.aggregate(1, [], state)
     assert all(np.array_equal(new[k], state[k]) for k in state)
 
 
 def test_hetlora_rejects_one_sided_update():
     s = HetLoRA({"ranks": {"rpi4": 2}, "rank_max": 4}, _ctx(1))
     state = _state(1, 4)
-    t = s.configure(1, [_node("a", "rpi4")], state)["a"][1]
+    t = dict(s.configure(1, [_node("a", "rpi4")], state)["a"].tensors)
     t.pop(Q.format(0, "query", "B"))
     with pytest.raises(ValueError, match="only one of"):
-        s.aggregate(1, [_update("a", {}, t, 1)], state)
+        s.aggregate(1, [_update("a", None, t, 1)], state)
 
 
 def test_hetlora_self_pruning_measured_by_the_server_without_a_report():
@@ -213,17 +214,22 @@ def test_hetlora_self_pruning_measured_by_the_server_without_a_report():
     state = _state(1, 4)
     nodes = [_node("quiet", "agx-xavier"), _node("busy", "agx-xavier")]
     tasks = s.configure(1, nodes, state)
-    ret = {n: {k: v.copy() for k, v in tasks[n][1].items()} for n in ("quiet", "busy")}
+    ret = {n: {k: v.copy() for k, v in tasks[n].tensors.items()} for n in ("quiet", "busy")}
     for k, v in ret["quiet"].items():          # the last two ranks of 'quiet' carry ~nothing
         if k.endswith("lora_B.weight"):
             v[:, 2:] = 1e-6
-    ups = [_update(n, tasks[n][0], ret[n], 5) for n in ("quiet", "busy")]
+    ups = [_update(n, tasks[n].plan, ret[n], 5) for n in ("quiet", "busy")]
     assert s.tail_share(ups[0], 2) < 0.05 < s.tail_share(ups[1], 2)
-    s.aggregate(1, ups, state)
-    assert s.prune_cap == {"quiet": 2}
+    _, metrics = s.aggregate(1, ups, state)
+    assert s.prune_cap == {"quiet": 2} and metrics == {"rank_caps": {"quiet": 2}}
+    assert s.state_dict() == {"prune_cap": {"quiet": 2}}
     tasks2 = s.configure(2, nodes, state)
-    assert tasks2["quiet"][0]["lora"]["r"] == 2 and tasks2["busy"][0]["lora"]["r"] == 4
-    assert tasks2["quiet"][1][Q.format(0, "query", "A")].shape == (2, D)
+    assert tasks2["quiet"].plan.lora.r == 2 and tasks2["busy"].plan.lora.r == 4
+    assert tasks2["quiet"].tensors[Q.format(0, "query", "A")].shape == (2, D)
+    # what it learnt goes on in a strategy restored from a checkpoint
+    restored = HetLoRA({"ranks": {"agx-xavier": 4}, "rank_max": 4, "rank_min": 1, "self_prune": True}, _ctx(1))
+    restored.load_state_dict(s.state_dict())
+    assert restored.configure(2, nodes, state)["quiet"].plan.lora.r == 2
     # without self_prune nothing changes
     s2 = HetLoRA({"ranks": {"agx-xavier": 4}, "rank_max": 4}, _ctx(1))
     s2.aggregate(1, ups, state)
@@ -315,19 +321,18 @@ def test_fedra_configure_sends_exactly_allocated_blocks_and_head():
     state = _state(6, 4)
     nodes = _fedra_nodes()
     tasks = s.configure(5, nodes, state)
-    alloc = s.allocations[5]
-    assert alloc == s.allocate(5, nodes)
+    alloc = s.allocate(5, nodes)
     for i, n in enumerate(nodes):
-        plan, sent = tasks[n.name]
+        plan, sent, choices = tasks[n.name].plan, tasks[n.name].tensors, tasks[n.name].choices
         blocks = alloc[n.name]
-        assert plan["blocks"] == blocks == plan["fedra_blocks"] and plan["fedra_capacity"] == len(blocks)
-        assert plan["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"],
-                                "rank_pattern": {}}
-        assert plan["head"] is True and all(isinstance(k, str) for k in plan)
+        assert list(plan.blocks) == blocks == choices["fedra_blocks"] and choices["fedra_capacity"] == len(blocks)
+        assert plan.to_dict()["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"],
+                                          "rank_pattern": {}, "alpha_pattern": {}}
+        assert plan.head.train is True and all(isinstance(k, str) for k in plan.to_dict())
         expected = {k for k in state if block_of(k) in blocks} | set(HEAD)
         assert set(sent) == expected
         assert all(sent[k] is state[k] for k in sent)
-    assert len({tasks[n.name][0]["seed"] for n in nodes}) == len(nodes)
+    assert len({tasks[n.name].plan.train.seed for n in nodes}) == len(nodes)
 
 
 def test_fedra_aggregate_per_block_over_its_trainers():
@@ -335,9 +340,9 @@ def test_fedra_aggregate_per_block_over_its_trainers():
     state = _state(6, 4)
     nodes = [_node("a", "rpi4", 1), _node("b", "rpi4", 3)]
     tasks = s.configure(1, nodes, state)
-    ret = {n: {k: v + (4.0 if n == "a" else 8.0) for k, v in tasks[n][1].items()} for n in ("a", "b")}
-    new = s.aggregate(1, [_update(n, tasks[n][0], ret[n], 1 if n == "a" else 3) for n in ("a", "b")], state)
-    ba, bb = set(s.allocations[1]["a"]), set(s.allocations[1]["b"])
+    ret = {n: {k: v + (4.0 if n == "a" else 8.0) for k, v in tasks[n].tensors.items()} for n in ("a", "b")}
+    new, _ = s.aggregate(1, [_update(n, tasks[n].plan, ret[n], 1 if n == "a" else 3) for n in ("a", "b")], state)
+    ba, bb = set(tasks["a"].choices["fedra_blocks"]), set(tasks["b"].choices["fedra_blocks"])
     for k in state:
         blk = block_of(k)
         if blk is None or (blk in ba and blk in bb):
@@ -364,15 +369,16 @@ def _check_contract(base, strategy, nodes, rounds=(1, 2, 3)):
     state = trainable_state(build_model(base, strategy.global_plan()))
     for rnd in rounds:
         tasks = strategy.configure(rnd, nodes, state)
-        for name, (plan, sent) in tasks.items():
+        for name, task in tasks.items():
+            plan, sent = task.plan, task.tensors
             model = build_model(base, plan)
             own = trainable_state(model)
             assert set(own) == set(sent), name
             assert {k: v.shape for k, v in own.items()} == {k: v.shape for k, v in sent.items()}, name
             load_trainable(model, sent)                       # the node accepts them as they are
         # what nodes send back has those names and shapes, and aggregates into the global shapes
-        ups = [Update(n, plan, {k: v + 0.01 for k, v in sent.items()}, 5) for n, (plan, sent) in tasks.items()]
-        new = strategy.aggregate(rnd, ups, state)
+        ups = [Update(n, t.plan, {k: v + 0.01 for k, v in t.tensors.items()}, 5) for n, t in tasks.items()]
+        new, _ = strategy.aggregate(rnd, ups, state)
         assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in state.items()}
         state = new
     return state

@@ -6,6 +6,7 @@ from pydantic import ValidationError
 from emulation.profiles import PROFILES
 from testbed.scenario import TrainingConfig
 from testbed.strategies import Context, NodeInfo, Update
+from node.plan import RankPenalty
 from testbed.strategies.hetlora import HetLoRA
 
 D = 3
@@ -31,13 +32,14 @@ def _state(r=4):
 def test_plans_carry_rank_penalty_only_when_self_pruning():
     nodes = [NodeInfo("strong", PROFILES["agx-xavier"], 5), NodeInfo("weak", PROFILES["rpi4"], 5)]
     tasks = HetLoRA(PRUNE, _ctx()).configure(1, nodes, _state())
-    assert tasks["strong"][0]["rank_penalty"] == {"keep": 2, "weight": 0.01}   # default prune_penalty
-    assert "rank_penalty" not in tasks["weak"][0]                              # rank 1 = rank_min: cannot shrink
+    assert tasks["strong"].plan.rank_penalty == RankPenalty(keep=2, weight=0.01)   # default prune_penalty
+    assert tasks["weak"].plan.rank_penalty is None                                 # rank 1 = rank_min: cannot shrink
+    assert tasks["strong"].plan.record()["rank_penalty"] == {"keep": 2, "weight": 0.01}  # as rounds.jsonl keeps it
     tasks = HetLoRA({**PRUNE, "prune_penalty": 0.3}, _ctx()).configure(1, nodes, _state())
-    assert tasks["strong"][0]["rank_penalty"] == {"keep": 2, "weight": 0.3}
+    assert tasks["strong"].plan.rank_penalty == RankPenalty(keep=2, weight=0.3)
     off = HetLoRA({**PRUNE, "self_prune": False}, _ctx())
-    assert not any("rank_penalty" in plan for plan, _ in off.configure(1, nodes, _state()).values())
-    assert "rank_penalty" not in HetLoRA(PRUNE, _ctx()).global_plan()
+    assert all(t.plan.rank_penalty is None for t in off.configure(1, nodes, _state()).values())
+    assert HetLoRA(PRUNE, _ctx()).global_plan().rank_penalty is None
     with pytest.raises(ValidationError, match="prune_penalty"):
         HetLoRA({**PRUNE, "prune_penalty": -0.1}, _ctx())
 
@@ -50,12 +52,12 @@ def _round(metrics: dict[str, dict], quiet: set[str]):
     tasks = s.configure(1, nodes, state)
     ups = []
     for n in metrics:
-        t = {k: v.copy() for k, v in tasks[n][1].items()}
+        t = {k: v.copy() for k, v in tasks[n].tensors.items()}
         if n in quiet:
             for k, v in t.items():
                 if k.endswith("lora_B.weight"):
                     v[:, 2:] = 1e-6
-        ups.append(Update(n, tasks[n][0], t, 5, metrics[n]))
+        ups.append(Update(n, tasks[n].plan, t, 5, metrics[n]))
     s.aggregate(1, ups, state)
     return s, ups
 
@@ -95,7 +97,8 @@ def test_device_report_matches_the_server_measure_and_decides(model_and_data, th
     rng = np.random.default_rng(0)   # a global model that has learnt something: every rank slice non-zero
     state = {k: rng.normal(scale=0.05, size=v.shape).astype(np.float32) if "lora_B" in k else v
              for k, v in state.items()}
-    plan, sent = s.configure(1, [NodeInfo("dev", PROFILES["agx-xavier"], len(data))], state)["dev"]
+    task = s.configure(1, [NodeInfo("dev", PROFILES["agx-xavier"], len(data))], state)["dev"]
+    plan, sent = task.plan, task.tensors
     tensors, metrics = trainer.train(model, plan, sent, data)
     u = Update("dev", plan, tensors, metrics["samples"], metrics)
     assert metrics["tail_share"] == pytest.approx(s.tail_share(u, 2), rel=1e-5)

@@ -34,7 +34,8 @@ def test_default_rank_distribution_grows_toward_the_output():
 def test_first_round_calibrates_at_full_depth(ctx):
     s = Legend({}, ctx)
     tasks = s.configure(1, nodes(("a", "agx-xavier", {}), ("b", "jetson-tx2", {})), {})
-    assert {n: p["legend_depth"] for n, (p, _) in tasks.items()} == {"a": 6, "b": 6}
+    assert {n: t.choices["legend_depth"] for n, t in tasks.items()} == {"a": 6, "b": 6}
+    assert {n: t.plan.blocks for n, t in tasks.items()} == {"a": tuple(range(6)), "b": tuple(range(6))}
 
 
 def test_slow_devices_get_shallower_lora_and_meet_the_deadline(ctx):
@@ -74,7 +75,7 @@ def test_memory_cap_limits_depth(ctx):
     assert need[1] < need[6]
     cap = int((need[2] + need[3]) / 2)
     tasks = s.configure(1, nodes(("small", "host", {"memory_mb": cap})), {})
-    assert tasks["small"][0]["legend_depth"] == 2
+    assert tasks["small"].choices["legend_depth"] == 2 and tasks["small"].plan.blocks == (4, 5)
 
 
 def test_sent_tensors_are_exactly_what_the_plan_trains(ctx, base):
@@ -85,13 +86,12 @@ def test_sent_tensors_are_exactly_what_the_plan_trains(ctx, base):
     assert state["base_model.model.bert.encoder.layer.5.attention.self.value.lora_B.weight"].shape == (384, 8)
     infos = nodes(("a", "host", {}))
     for depth in (1, 3, 6):
-        s.depths.clear()
         s.choose_depths = lambda ns, d=depth: {n.name: d for n in ns}
-        plan, sent = s.configure(1, infos, state)["a"]
-        own = trainer.trainable_state(trainer.build_model(base, plan))
+        task = s.configure(1, infos, state)["a"]
+        own, sent = trainer.trainable_state(trainer.build_model(base, task.plan)), task.tensors
         assert set(own) == set(sent)
         assert all(own[k].shape == sent[k].shape for k in own)
-        assert {b for b in plan["blocks"]} == set(range(6 - depth, 6))
+        assert set(task.plan.blocks) == set(range(6 - depth, 6))
 
 
 def test_per_layer_aggregation(ctx):
@@ -104,12 +104,28 @@ def test_per_layer_aggregation(ctx):
                                           k_head: np.full(2, 1.0, np.float32)}, 100, {})
     shallow = Update("shallow", s.plan_for(1), {k_top: np.full((8, 4), 1.0, np.float32),
                                                 k_head: np.full(2, 3.0, np.float32)}, 300, {})
-    new = s.aggregate(1, [deep, shallow], state)
+    new, metrics = s.aggregate(1, [deep, shallow], state)
+    assert metrics == {"deadline_s": None}  # no greedy ran before this round
     np.testing.assert_allclose(new[k_top], 1.5)     # (3*100 + 1*300) / 400
     np.testing.assert_allclose(new[k_low], 5.0)     # only the deep node trained block 0
     np.testing.assert_allclose(new[k_head], 2.5)
 
 
 def test_bad_params(ctx):
-    with pytest.raises(ValueError, match="6 blocks"):
+    with pytest.raises(ValueError, match="rank_distribution: 2 entries, but the model has 6 blocks"):
         Legend({"rank_distribution": [2, 4]}, ctx)
+    with pytest.raises(ValueError, match="min_depth: 7 exceeds the model's 6 blocks"):
+        Legend({"min_depth": 7}, ctx)
+
+
+def test_what_it_learnt_survives_a_checkpoint(ctx):
+    s = Legend({}, ctx)
+    c = s._cost(6)
+    s.observe(report(s, "a", s.plan_for(6), 10.0, 2.0, 4.0, c.upload_bytes, c.download_bytes))
+    state = s.state_dict()
+    assert state == {"speed": {"a": c.flops_per_round / 10.0}, "bw_up": {"a": c.upload_bytes * 8 / 2.0},
+                     "bw_down": {"a": c.download_bytes * 8 / 4.0}}
+    t = Legend({}, ctx)
+    t.load_state_dict(state)
+    infos = nodes(("a", "agx-xavier", {}), ("b", "agx-xavier", {}))
+    assert t.choose_depths(infos) == s.choose_depths(infos)

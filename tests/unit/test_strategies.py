@@ -1,4 +1,6 @@
 """Strategies: the weighted-average rule, block bookkeeping, and the plans of Full and FedLoRA."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -20,7 +22,7 @@ def _nodes(k):
 
 
 def _u(node, n, **tensors):
-    return Update(node=node, plan={}, tensors={k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()},
+    return Update(node=node, plan=None, tensors={k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()},
                   num_samples=n)
 
 
@@ -94,10 +96,10 @@ def test_block_of(name, block):
 
 def test_update_counts():
     ups = [
-        Update("a", {}, {"bert.encoder.layer.4.w": 0, "bert.encoder.layer.4.b": 0,
+        Update("a", None, {"bert.encoder.layer.4.w": 0, "bert.encoder.layer.4.b": 0,
                          "bert.encoder.layer.5.w": 0, "classifier.weight": 0}, 1),
-        Update("b", {}, {"bert.encoder.layer.5.w": 0, "bert.pooler.dense.weight": 0}, 1),
-        Update("c", {}, {}, 1),
+        Update("b", None, {"bert.encoder.layer.5.w": 0, "bert.pooler.dense.weight": 0}, 1),
+        Update("c", None, {}, 1),
     ]
     assert update_counts(ups) == {"4": 1, "5": 2, "head": 2}
     assert update_counts([]) == {}
@@ -112,35 +114,35 @@ def test_registry():
 
 
 def test_full_last_blocks():
-    assert Full({"last_blocks": 2}, _ctx(6)).global_plan()["blocks"] == [4, 5]
-    assert Full({"last_blocks": 1}, _ctx(6)).global_plan()["blocks"] == [5]
-    assert Full({"last_blocks": 10}, _ctx(6)).global_plan()["blocks"] == [0, 1, 2, 3, 4, 5]
-    assert Full({}, _ctx(6)).global_plan()["blocks"] == [0, 1, 2, 3, 4, 5]
+    assert Full({"last_blocks": 2}, _ctx(6)).global_plan().blocks == (4, 5)
+    assert Full({"last_blocks": 1}, _ctx(6)).global_plan().blocks == (5,)
+    assert Full({"last_blocks": 10}, _ctx(6)).global_plan().blocks == (0, 1, 2, 3, 4, 5)
+    assert Full({}, _ctx(6)).global_plan().blocks == (0, 1, 2, 3, 4, 5)
 
 
 def test_full_plan_fields():
     plan = Full({"last_blocks": 2, "lr": 1e-4, "train_embeddings": True}, _ctx(6, local_steps=7, batch_size=4)).global_plan()
-    assert plan["method"] == "full"
-    assert plan["head"] is True and plan["train_embeddings"] is True
-    assert plan["lr"] == 1e-4                       # strategy lr overrides training.lr
-    assert plan["local_steps"] == 7 and plan["batch_size"] == 4 and plan["max_len"] == 64
+    assert plan.method == "full" and plan.lora is None
+    assert plan.head.train is True and plan.train_embeddings is True
+    assert plan.train.lr == 1e-4                    # strategy lr overrides training.lr
+    assert plan.train.local_steps == 7 and plan.train.batch_size == 4 and plan.train.max_len == 64
 
 
 def test_fedlora_plan():
     plan = FedLoRA({"rank": 4}, _ctx(6)).global_plan()
-    assert plan["method"] == "lora"
-    assert plan["blocks"] == [0, 1, 2, 3, 4, 5]
-    assert plan["lora"]["r"] == 4
-    assert plan["lora"]["alpha"] == 8               # default 2 x rank
-    assert plan["lora"]["target_modules"] == ["query", "value"]
-    assert plan["head"] is True
-    assert plan["lr"] == TrainingConfig().lr        # no override: training.lr
+    assert plan.method == "lora"
+    assert plan.blocks == (0, 1, 2, 3, 4, 5)
+    assert plan.lora.r == 4
+    assert plan.lora.alpha == 8                     # default 2 x rank
+    assert plan.lora.target_modules == ("query", "value")
+    assert plan.head.train is True
+    assert plan.train.lr == TrainingConfig().lr     # no override: training.lr
 
 
 def test_fedlora_explicit_alpha_and_defaults():
-    assert FedLoRA({"rank": 4, "alpha": 3.0}, _ctx()).global_plan()["lora"]["alpha"] == 3.0
-    assert FedLoRA({}, _ctx()).global_plan()["lora"]["r"] == 8
-    assert FedLoRA({}, _ctx()).global_plan()["lora"]["alpha"] == 16
+    assert FedLoRA({"rank": 4, "alpha": 3.0}, _ctx()).global_plan().lora.alpha == 3.0
+    assert FedLoRA({}, _ctx()).global_plan().lora.r == 8
+    assert FedLoRA({}, _ctx()).global_plan().lora.alpha == 16
 
 
 @pytest.mark.parametrize("cls, params", [(Full, {"last_blocks": 2}), (FedLoRA, {"rank": 4})])
@@ -150,30 +152,31 @@ def test_configure_every_node_distinct_seed_same_state(cls, params):
     nodes = _nodes(5)
     out = s.configure(2, nodes, state)
     assert set(out) == {n.name for n in nodes}
-    seeds = [out[n.name][0]["seed"] for n in nodes]
+    seeds = [out[n.name].plan.train.seed for n in nodes]
     assert len(set(seeds)) == len(nodes)
     for n in nodes:
-        plan, tensors = out[n.name]
-        assert tensors is state
+        plan, tensors = out[n.name].plan, out[n.name].tensors
+        assert tensors is state and out[n.name].choices == {}
         # apart from the seed every node gets the global plan
-        expected = {k: v for k, v in s.global_plan().items() if k != "seed"}
-        assert {k: v for k, v in plan.items() if k != "seed"} == expected
+        g = s.global_plan()
+        assert replace(plan, train=replace(plan.train, seed=0)) == replace(g, train=replace(g.train, seed=0))
     # seeds depend on the round as well: no node repeats its randomness across rounds
     out3 = s.configure(3, nodes, state)
-    assert not set(seeds) & {out3[n.name][0]["seed"] for n in nodes}
+    assert not set(seeds) & {out3[n.name].plan.train.seed for n in nodes}
 
 
 def test_configure_seed_depends_on_scenario_seed():
     a = FedLoRA({}, _ctx(seed=1)).configure(1, _nodes(2), {})
     b = FedLoRA({}, _ctx(seed=2)).configure(1, _nodes(2), {})
-    assert a["n0"][0]["seed"] != b["n0"][0]["seed"]
+    assert a["n0"].plan.train.seed != b["n0"].plan.train.seed
 
 
 def test_aggregate_is_weighted_average():
     s = FedLoRA({}, _ctx())
     state = {"w": np.zeros(2, np.float32)}
-    new = s.aggregate(1, [_u("a", 1, w=[4, 0]), _u("b", 3, w=[0, 4])], state)
+    new, metrics = s.aggregate(1, [_u("a", 1, w=[4, 0]), _u("b", 3, w=[0, 4])], state)
     np.testing.assert_allclose(new["w"], [1, 3])
+    assert metrics == {}
 
 
 @pytest.mark.parametrize("cls, params, field", [
