@@ -39,9 +39,11 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 from emulation.hostmem import PeakSampler, used_mb  # noqa: E402
+from emulation.launch import Launcher  # noqa: E402
+from node.plan import LoraSpec, Plan, TrainSpec  # noqa: E402
 
-PLAN = {"method": "lora", "blocks": [0, 1, 2, 3, 4, 5], "lora": {"r": 8, "alpha": 16}, "head": True,
-        "local_steps": 1, "batch_size": 16, "max_len": 32, "lr": 0.005, "seed": 0}
+PLAN = Plan("lora", (0, 1, 2, 3, 4, 5), lora=LoraSpec(r=8, alpha=16),
+            train=TrainSpec(local_steps=1, batch_size=16, max_len=32, lr=0.005, seed=0))
 
 
 def node_uss(backend, names) -> list[float]:
@@ -84,8 +86,9 @@ def measure(n: int, backend_name: str, zygote: bool, wave: int, base, tensors) -
             agg = Aggregator(run_id, {x: profile.name for x in names}, welcome,
                              bind=backend.bind_address("127.0.0.1"))
             endpoint = f"tcp://{backend.connect_address(agg.bind)}:{agg.port}"
+            launcher = Launcher(run_id, endpoint, 1.0)
             for name in names:
-                backend.start(name, profile, endpoint, 1.0)
+                backend.start(launcher.launch(name, profile))
             ready = agg.wait_ready(set(names), 1800, backend.alive)
             register_s = time.monotonic() - t0
             if ready != set(names):
@@ -97,7 +100,7 @@ def measure(n: int, backend_name: str, zygote: bool, wave: int, base, tensors) -
             for i in range(0, n, wave):
                 start = peak.reset()
                 group = names[i:i + wave]
-                out = agg.run_round(1 + i // wave, "bench", {x: (PLAN, tensors) for x in group}, 1800,
+                out = agg.run_round(1 + i // wave, "bench", {x: (PLAN.to_dict(), tensors) for x in group}, 1800,
                                     backend.alive, lambda *a: None)
                 ok = sum(1 for r in out.records.values() if r.status == "ok")
                 if ok != len(group):

@@ -103,13 +103,40 @@ class Shaping:
     delay_ms: float    # applied only where netem exists
 
 
-@dataclass
-class VethLink:
-    """host_if (on the bridge, host side) <-> node_if (inside the node's namespace)."""
-    host_if: str
-    node_if: str
-    ns: Namespace
-    address: str       # node side, with prefix
+class Link:
+    """A node's link as two interfaces: `node_if` inside the node's network namespace (reached
+    with the command prefix `node_prefix`: `ip netns exec NS`, `nsenter -t PID -n`, or `docker
+    exec ID`) and its veth peer `host_if` on this host, where this host can reach it (None: the
+    downlink is then left to the node's transport)."""
+
+    def __init__(self, node_if: str, node_prefix: list[str], host_if: str | None = None):
+        self.node_if, self.node_prefix, self.host_if = node_if, list(node_prefix), host_if
+
+    def shape(self, uplink: Shaping, downlink: Shaping, netem: bool) -> None:
+        """Uplink on the node side's egress, downlink on the host side's egress (towards the node)."""
+        _shape(self.node_prefix, self.node_if, uplink, netem)
+        if self.host_if is not None:
+            _shape([], self.host_if, downlink, netem)
+
+    def set_up(self, up: bool) -> None:
+        """Carrier on or off: with the host end down nothing crosses the link (a cut cable)."""
+        if self.host_if is None:
+            raise NetError(f"the host side of {self.node_if} is not reachable from here")
+        sh("ip", "link", "set", self.host_if, "up" if up else "down")
+
+    def qdiscs(self) -> dict[str, str]:
+        """`tc qdisc show` of both ends, for tests and the manifest."""
+        up = sh(*self.node_prefix, "tc", "qdisc", "show", "dev", self.node_if).stdout
+        down = sh("tc", "qdisc", "show", "dev", self.host_if).stdout if self.host_if else ""
+        return {"uplink": up.strip(), "downlink": down.strip()}
+
+
+class VethLink(Link):
+    """host_if (on the bridge, host side) <-> node_if (inside the node's namespace): made and removed here."""
+
+    def __init__(self, host_if: str, node_if: str, ns: Namespace, address: str):
+        super().__init__(node_if, ns.exec_prefix(), host_if)
+        self.ns, self.address = ns, address  # node side, with prefix
 
     def create(self, bridge: Bridge) -> None:
         sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.node_if, "netns", self.ns.name)
@@ -120,21 +147,6 @@ class VethLink:
 
     def delete(self) -> None:
         sh("ip", "link", "del", self.host_if, check=False)  # removes both ends
-
-    def shape(self, uplink: Shaping, downlink: Shaping, netem: bool) -> None:
-        """Uplink on the node side's egress, downlink on the host side's egress (towards the node)."""
-        _shape(["ip", "netns", "exec", self.ns.name], self.node_if, uplink, netem)
-        _shape([], self.host_if, downlink, netem)
-
-    def set_up(self, up: bool) -> None:
-        """Carrier on or off: with the host end down nothing crosses the link (a cut cable)."""
-        sh("ip", "link", "set", self.host_if, "up" if up else "down")
-
-    def qdiscs(self) -> dict[str, str]:
-        """`tc qdisc show` of both ends, for tests and the manifest."""
-        up = sh("ip", "netns", "exec", self.ns.name, "tc", "qdisc", "show", "dev", self.node_if).stdout
-        down = sh("tc", "qdisc", "show", "dev", self.host_if).stdout
-        return {"uplink": up.strip(), "downlink": down.strip()}
 
 
 GSO_MAX = "1514"  # one Ethernet frame

@@ -24,24 +24,27 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import shlex
 import statistics
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-TRAIN = {"local_steps": 5, "batch_size": 16, "max_len": 32, "lr": 0.005, "seed": 0}
+from node.plan import LoraSpec, Plan, TrainSpec
+
+TRAIN = TrainSpec(local_steps=5, batch_size=16, max_len=32, lr=0.005, seed=0)
 
 
-def plans(num_blocks: int, steps: int) -> dict[str, dict]:
-    top = list(range(max(0, num_blocks - 2), num_blocks))
+def plans(num_blocks: int, steps: int) -> dict[str, Plan]:
+    one_step = replace(TRAIN, local_steps=1)
     return {
-        "compute": {"method": "lora", "blocks": list(range(num_blocks)), "lora": {"r": 8, "alpha": 16}, "head": True,
-                    **TRAIN, "local_steps": steps},
-        "small": {"method": "full", "blocks": [], "head": True, **TRAIN, "local_steps": 1},
-        "large": {"method": "full", "blocks": top, "head": True, **TRAIN, "local_steps": 1},
+        "compute": Plan("lora", tuple(range(num_blocks)), lora=LoraSpec(r=8, alpha=16),
+                        train=replace(TRAIN, local_steps=steps)),
+        "small": Plan("full", (), train=one_step),
+        "large": Plan("full", tuple(range(max(0, num_blocks - 2), num_blocks)), train=one_step),
     }
 
 
@@ -54,6 +57,7 @@ def calibrate(name: str, bind: str = "127.0.0.1", port: int = 0, *, model: str =
               say=print) -> dict:
     """Run the calibration against the device that joins as `name`; returns the profile dict
     (fields of emulation.profiles.Profile) and the raw measurements."""
+    from emulation.launch import option
     from node import trainer
     from node.data import load_dataset
 
@@ -72,7 +76,8 @@ def calibrate(name: str, bind: str = "127.0.0.1", port: int = 0, *, model: str =
 
     agg = Aggregator(run_id, {name: "calibrate"}, welcome, bind=bind, port=port)
     try:
-        say(f"start the device: python -m node --connect {agg.endpoint} --name {name}")
+        say(f"start the device: python -m node {shlex.quote(option('connect', agg.endpoint))} "
+            f"{shlex.quote(option('name', name))}")
         if agg.wait_ready({name}, timeout_s, lambda _: True) != {name}:
             raise CalibrationError(f"no device joined as {name!r} within {timeout_s:g} s at {agg.endpoint}")
         caps = dict(agg.peers[name].hello.get("capabilities") or {})
@@ -81,7 +86,7 @@ def calibrate(name: str, bind: str = "127.0.0.1", port: int = 0, *, model: str =
         rnd = 0
         for kind in ("compute", "compute", *(["small", "large"] * repeats)):
             rnd += 1
-            out = agg.run_round(rnd, "calibrate", {name: (ps[kind], states[kind])}, timeout_s, lambda _: True,
+            out = agg.run_round(rnd, "calibrate", {name: (ps[kind].to_dict(), states[kind])}, timeout_s, lambda _: True,
                                 lambda *a: None)
             r = out.records[name]
             if r.status != "ok":

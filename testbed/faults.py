@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +98,7 @@ class Injector:
         self._seq = 0
         self.strategy = None
         self.agg = None
-        self.endpoint = ""
+        self.launcher = None  # emulation.launch.Launcher: how a restarted or switched node starts
         self.round, self.round_elapsed, self._t0 = 0, 0.0, time.monotonic()
 
     @property
@@ -123,8 +123,8 @@ class Injector:
         return {n for n in ok if n not in self.trace or any(lo <= elapsed < hi for lo, hi in self.trace[n])}
 
     # -- the clock ---------------------------------------------------------------------------
-    def begin_strategy(self, strategy: str, agg, endpoint: str) -> None:
-        self.strategy, self.agg, self.endpoint = strategy, agg, endpoint
+    def begin_strategy(self, strategy: str, agg, launcher) -> None:
+        self.strategy, self.agg, self.launcher = strategy, agg, launcher
         self.queue = []
         for i, ev in enumerate(self.events):
             if ev.at_s is not None and self._applies(ev):
@@ -235,7 +235,7 @@ class Injector:
             self.lost[node] = "killed by a fault event"
         elif action == "restart":
             self.agg.forget(node)
-            b.restart(node, self.current[node], self.endpoint, self.dilation)
+            b.restart(self.launcher.launch(node, self.current[node]))
             self.killed.discard(node)
             self.paused.discard(node)
             self.cut.discard(node)   # a fresh sandbox: its link is up and shaped by its profile
@@ -257,7 +257,7 @@ class Injector:
         elif action == "link":
             new = back or self.current[node].with_overrides(
                 **{k: getattr(ev, k) for k in ("uplink_mbit", "downlink_mbit", "latency_ms") if getattr(ev, k) is not None})
-            b.reshape(node, new, self.dilation)
+            b.reshape(self.launcher.launch(node, new))
             self.current[node] = new
             return f"up {new.uplink_mbit:g} Mbit/s, down {new.downlink_mbit:g} Mbit/s, latency {new.latency_ms:g} ms"
         elif action == "profile":
@@ -265,7 +265,7 @@ class Injector:
         return None
 
     def _set(self, node: str, profile: Profile) -> str:
-        how = self.backend.set_profile(node, profile, self.endpoint, self.dilation)
+        how = self.backend.set_profile(self.launcher.launch(node, profile))
         if how.startswith("restarted"):
             self.agg.forget(node)
             self.paused.discard(node)
@@ -292,18 +292,23 @@ class Injector:
 
     # -- checkpoints -------------------------------------------------------------------------
     def snapshot(self) -> dict:
-        return {"queue": list(self.queue), "seq": self._seq, "current": dict(self.current),
+        """The faults in force and still due, as plain data (for the run's checkpoint)."""
+        return {"queue": [{**asdict(d), "prev": d.prev and d.prev.as_dict()} for d in self.queue], "seq": self._seq,
+                "current": {n: p.as_dict() for n, p in self.current.items()},
                 "paused": sorted(self.paused), "cut": sorted(self.cut), "killed": sorted(self.killed),
                 "injected": self.injected, "not_applied": self.not_applied}
 
-    def restore(self, snap: dict, strategy: str, agg, endpoint: str) -> list[dict]:
+    def restore(self, snap: dict, strategy: str, agg, launcher) -> list[dict]:
         """Resume a strategy: the fleet is fresh, so the faults in force at the checkpoint are
         applied again (the same nodes dead, paused, cut off or switched), and the queue goes on."""
-        self.strategy, self.agg, self.endpoint = strategy, agg, endpoint
-        self.queue, self._seq = list(snap["queue"]), snap["seq"]
+        self.strategy, self.agg, self.launcher = strategy, agg, launcher
+        self.queue = [replace(Due(**{**d, "prev": None}), prev=d["prev"] and Profile(**d["prev"]))
+                      for d in snap["queue"]]
+        self._seq = snap["seq"]
         heapq.heapify(self.queue)
         self.injected, self.not_applied = snap["injected"], snap["not_applied"]
-        for n, p in snap["current"].items():
+        for n, d in snap["current"].items():
+            p = Profile(**d)
             if p != self.base[n]:
                 self._do("profile", n, None, p)
         for n in snap["killed"]:

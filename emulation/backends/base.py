@@ -1,18 +1,21 @@
 """The backend interface: how one node of a scenario becomes a running, limited sandbox.
 
-A backend maps nodes one-to-one onto OS objects (a process; later a namespace + cgroup, or a
-container), starts the node program inside, and removes everything it made in `teardown`,
-which must be safe to call twice and after a crash.
+A backend maps nodes one-to-one onto OS objects (a process, a namespace + cgroup, or a
+container), starts the node program inside from its `Launch` (emulation/launch.py: arguments,
+environment and the dilated limits, built once by the runner), and removes everything it made
+in `teardown`, which must be safe to call twice and after a crash.
 """
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from ..launch import RUN_ENV, Launch  # noqa: F401  (RUN_ENV: re-exported for cleanup)
 from ..profiles import Profile
 
-RUN_ENV = "TESTBED_RUN"  # every process the testbed starts carries its run id here (for `clean`)
+THIS_HOST = "this host"  # the key of this machine in core_demands()
 
 
 def log_message(msg: str) -> None:
@@ -34,14 +37,8 @@ class Backend(ABC):
         self.run_id = run_id
         self.workdir = Path(workdir)
         self.caps = caps
-        self.keys = None  # testbed.auth.RunKeys: each node gets its own CURVE key, as a real device does
+        self.cores = int(caps.get("cores") or os.cpu_count() or 1)
         self.say = log_message  # the runner points this at its progress display
-
-    def auth_args(self) -> list[str]:
-        return self.keys.join_args() if self.keys is not None else []
-
-    def auth_env(self, name: str) -> dict[str, str]:
-        return self.keys.join_env(name) if self.keys is not None else {}
 
     def bind_address(self, requested: str) -> str:
         """Where the aggregator must listen so this backend's nodes reach it (default: as the scenario says)."""
@@ -51,9 +48,27 @@ class Backend(ABC):
         """The address nodes of this backend dial to reach an aggregator bound at `bind`."""
         return bind
 
+    def attach(self, agg, requested: str) -> dict[str, str]:
+        """Make the aggregator listen wherever this backend's nodes need it beyond its main
+        address; {place: endpoint} of each such address (none for a single-host backend)."""
+        return {}
+
+    def engine_info(self) -> dict[str, dict]:
+        """The docker engines on which this backend runs nodes, for the manifest (none here)."""
+        return {}
+
+    def on_this_host(self, name: str) -> bool:
+        """Does this machine hold the node's CPU and memory (not another host's engine)?"""
+        return True
+
     def cpu_demand(self, profile: Profile) -> float:
         """Host cores this node uses while training (a quota caps it at cpu_share)."""
         return min(float(profile.threads), profile.cpu_share)
+
+    def core_demands(self, profiles: dict[str, Profile]) -> dict[str, tuple[int, list[float]]]:
+        """Per host that runs these nodes (name -> profile): its cores and each node's CPU demand
+        while training; the time dilation is sized from it."""
+        return {THIS_HOST: (self.cores, [self.cpu_demand(p) for p in profiles.values()])}
 
     def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
         """What this backend cannot honour for these profiles, said plainly for the manifest."""
@@ -72,8 +87,8 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
-        """Start node `name` with its profile's limits, dialling `endpoint`."""
+    def start(self, launch: Launch) -> None:
+        """Start the node `launch` describes, with its limits, dialling its endpoint."""
 
     @abstractmethod
     def alive(self, name: str) -> bool:
@@ -87,10 +102,10 @@ class Backend(ABC):
         """{limit_mb, peak_mb} if the kernel killed the node for exceeding its memory limit."""
         return None
 
-    def restart(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+    def restart(self, launch: Launch) -> None:
         """Replace a node's sandbox with a fresh one (a dead device, or one still busy with old work)."""
-        self.stop(name)
-        self.start(name, profile, endpoint, dilation)
+        self.stop(launch.name)
+        self.start(launch)
 
     # -- faults (scenario events); a backend that cannot do one raises FaultUnsupported -----
     def kill(self, name: str) -> None:
@@ -112,14 +127,14 @@ class Backend(ABC):
     def restore_link(self, name: str) -> None:
         raise FaultUnsupported(f"the {self.name} backend cannot restore a link")
 
-    def reshape(self, name: str, profile: Profile, dilation: float) -> None:
-        """Apply the link fields of `profile` (rates, latency) to the running node."""
+    def reshape(self, launch: Launch) -> None:
+        """Apply the link limits of `launch` (rates, latency) to the running node."""
         raise FaultUnsupported(f"the {self.name} backend emulates links inside the node's transport: "
                                "link faults need the netns or docker backend (as root)")
 
-    def set_profile(self, name: str, profile: Profile, endpoint: str, dilation: float) -> str:
+    def set_profile(self, launch: Launch) -> str:
         """Switch a running node to another device profile; returns how ("live" or "restarted")."""
-        self.restart(name, profile, endpoint, dilation)
+        self.restart(launch)
         return f"restarted: the {self.name} backend cannot change a running node's limits"
 
     @abstractmethod

@@ -39,9 +39,9 @@ from pathlib import Path
 
 from .. import netns as N
 from ..hostmem import OOM_SCORE_ADJ
+from ..launch import Emulate, Launch, Limits
 from ..profiles import Profile
-from .base import RUN_ENV, Backend, FaultUnsupported
-from .process import node_command
+from .base import THIS_HOST, Backend, FaultUnsupported
 
 LABEL_RUN = "fedge.run"      # on every container and network the backend makes: `clean` finds them by it
 LABEL_NODE = "fedge.node"
@@ -49,7 +49,7 @@ LABEL_ENGINE = "fedge.engine"  # the scenario's name of the engine (engines:), o
 NAME_PREFIX = "fedge-"
 MIN_CPUS = 0.01              # docker refuses smaller NanoCpus
 STOP_GRACE_S = 3.0
-IDLE_NODE_MB = 300           # one interpreter with torch+transformers+peft imported (DESIGN.md: 279 MB)
+IDLE_NODE_MB = 300           # one interpreter with torch+transformers+peft imported (279-290 MB measured)
 log = logging.getLogger("emulation.docker")
 
 
@@ -181,7 +181,6 @@ class DockerBackend(Backend):
         self.netem = bool(self.caps.get("netem")) and here  # another host's kernel is not probed
         self.root = here and os.geteuid() == 0 and bool(shutil.which("nsenter")) and bool(shutil.which("tc"))
         self.exec_tc = not self.root and bool(shutil.which("docker"))  # uplink via `docker exec tc`
-        self.cores = int(self.caps.get("cores") or os.cpu_count() or 1)
         self.memory_mb = int(self.caps.get("memory_mb") or 0)
         self.engine_info: dict = {}
         if engine is not None:
@@ -199,7 +198,7 @@ class DockerBackend(Backend):
         self.gateway: str | None = None
         self.containers: dict = {}
         self.profiles: dict[str, Profile] = {}
-        self.host_ifs: dict[str, str] = {}
+        self.links: dict[str, N.Link] = {}  # the links shaped from here (root) or by `docker exec tc`
         self.logs = self.workdir / "logs"
         self._states: dict[str, str] = {}
         self._states_at = 0.0
@@ -277,64 +276,54 @@ class DockerBackend(Backend):
                          f"host's {host // 1024} GB; fewer nodes or the netns backend may be needed")
         return notes
 
+    def on_this_host(self, name: str) -> bool:
+        return self.engine is None or self.engine.same_host
+
+    def core_demands(self, profiles: dict[str, Profile]) -> dict[str, tuple[int, list[float]]]:
+        where = THIS_HOST if self.engine is None or self.engine.same_host else self.engine.url
+        return {where: (self.cores, [self.cpu_demand(p) for p in profiles.values()])}
+
     # -- nodes -----------------------------------------------------------------------------
-    def _command(self, name: str, profile: Profile, endpoint: str, dilation: float) -> list[str]:
-        up, down = self._transport_links()
-        full = node_command(name, profile, endpoint, dilation, shape_in_transport=False)
-        assert full[1:3] == ["-m", "node"], full
-        cmd = full[3:]  # the image's entrypoint is `python -m node`
-        cmd[cmd.index("--cpu-share") + 1] = "1"  # the kernel quota does it
-        if up and profile.uplink_mbit > 0:
-            cmd += ["--uplink-mbit", f"{profile.uplink_mbit / dilation:.6g}"]
-        if down and profile.downlink_mbit > 0:
-            cmd += ["--downlink-mbit", f"{profile.downlink_mbit / dilation:.6g}"]
-        if not self.netem and profile.latency_ms > 0:
-            cmd += ["--latency-ms", f"{profile.latency_ms * dilation:.6g}"]
-        return cmd
+    def _emulated(self) -> Emulate:
+        """What the node's transport emulates: the links this backend cannot shape from here."""
+        return Emulate(uplink=not self.root and not self.exec_tc, downlink=not self.root, latency=not self.netem)
 
-    def _transport_links(self) -> tuple[bool, bool]:
-        """(uplink, downlink) emulated in the node's transport rather than by tc."""
-        if self.root:
-            return False, False
-        return (not self.exec_tc), True
-
-    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+    def start(self, launch: Launch) -> None:
         self._ensure_network()
-        cpus = min(float(self.cores), max(MIN_CPUS, profile.cpu_share / dilation))
-        mem = f"{int(profile.memory_mb)}m"
+        name, lim = launch.name, launch.limits
+        cpus = min(float(self.cores), max(MIN_CPUS, lim.cpus))
+        mem = f"{lim.memory_mb}m"
         safe = re.sub(r"[^a-zA-Z0-9_.-]", "_", name)
-        env = {RUN_ENV: self.run_id, "OMP_NUM_THREADS": str(profile.threads), "MKL_NUM_THREADS": str(profile.threads),
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONUNBUFFERED": "1", **self.auth_env(name)}
         container = self.client.containers.run(
-            self.image, [*self._command(name, profile, endpoint, dilation), *self.auth_args()], name=f"{NAME_PREFIX}{self.hash}-{safe}",
-            hostname=safe[:63], detach=True, init=True, network=self.network.name, environment=env,
+            self.image, launch.argv(self._emulated()), name=f"{NAME_PREFIX}{self.hash}-{safe}",
+            hostname=safe[:63], detach=True, init=True, network=self.network.name,
+            environment={**launch.env, "PYTHONUNBUFFERED": "1"},
             labels={**self.labels, LABEL_NODE: name}, nano_cpus=int(round(cpus * 1e9)), mem_limit=mem,
             memswap_limit=mem, oom_score_adj=OOM_SCORE_ADJ, cap_add=["NET_ADMIN"], stdin_open=False)
         self.containers[name] = container
-        self.profiles[name] = profile
+        self.profiles[name] = launch.profile
         self._states_at = 0.0
-        self._shape(name, container, profile, dilation)
+        self._shape(name, container, lim)
 
-    def _shape(self, name: str, container, profile: Profile, dilation: float, force: bool = False) -> None:
-        delay = profile.latency_ms * dilation if self.netem else 0.0
-        up = N.Shaping(profile.uplink_mbit / dilation, delay)
-        down = N.Shaping(profile.downlink_mbit / dilation, delay)
+    def _shape(self, name: str, container, lim: Limits, force: bool = False) -> None:
+        delay = lim.latency_ms if self.netem else 0.0
+        up, down = N.Shaping(lim.uplink_mbit, delay), N.Shaping(lim.downlink_mbit, delay)
         if not (up.rate_mbit or down.rate_mbit or delay or force):
             return
-        container.reload()
-        pid = container.attrs["State"].get("Pid") or 0
-        if not pid:  # died at once: nothing to shape; exit_reason() tells why
-            return
-        if self.root:
-            inside = ["nsenter", "-t", str(pid), "-n"]
-            host_if = self._host_veth(inside)
-            self.host_ifs[name] = host_if
-            N._shape(inside, "eth0", up, self.netem)
-            N._shape([], host_if, down, self.netem)
-        elif self.exec_tc:
-            cli = self.engine.cli() if self.engine is not None else ["docker"]
-            N._shape([*cli, "exec", container.id], "eth0", up, self.netem)
+        if name not in self.links:
+            container.reload()
+            pid = container.attrs["State"].get("Pid") or 0
+            if not pid:  # died at once: nothing to shape; exit_reason() tells why
+                return
+            if self.root:
+                inside = ["nsenter", "-t", str(pid), "-n"]
+                self.links[name] = N.Link("eth0", inside, self._host_veth(inside))
+            elif self.exec_tc:  # the uplink only: the host side is out of reach
+                cli = self.engine.cli() if self.engine is not None else ["docker"]
+                self.links[name] = N.Link("eth0", [*cli, "exec", container.id])
+            else:
+                return
+        self.links[name].shape(up, down, self.netem)
 
     @staticmethod
     def _host_veth(inside: list[str]) -> str:
@@ -358,9 +347,10 @@ class DockerBackend(Backend):
         pid = c.attrs["State"].get("Pid") or 0
         if self.root and pid:
             out["uplink"] = _tc_show(["nsenter", "-t", str(pid), "-n"], "eth0")
-        if name in self.host_ifs:
-            out["host_if"] = self.host_ifs[name]
-            out["downlink"] = _tc_show([], self.host_ifs[name])
+        host_if = self.links[name].host_if if name in self.links else None
+        if host_if:
+            out["host_if"] = host_if
+            out["downlink"] = _tc_show([], host_if)
         return out
 
     def _refresh(self, max_age: float = 0.5) -> dict[str, str]:
@@ -428,25 +418,27 @@ class DockerBackend(Backend):
         self.containers[name].unpause()
         self._states_at = 0.0
 
-    def _host_if(self, name: str) -> str:
-        if not self.root or name not in self.host_ifs:
+    def _host_link(self, name: str) -> N.Link:
+        link = self.links.get(name)
+        if not self.root or link is None or link.host_if is None:
             raise FaultUnsupported(f"{self.label} cuts a link at the container's host-side veth, which needs "
                                    "root (nsenter), an engine on this host and a shaped node")
-        return self.host_ifs[name]
+        return link
 
     def cut_link(self, name: str) -> None:
-        N.sh("ip", "link", "set", self._host_if(name), "down")
+        self._host_link(name).set_up(False)
 
     def restore_link(self, name: str) -> None:
-        N.sh("ip", "link", "set", self._host_if(name), "up")
+        self._host_link(name).set_up(True)
 
-    def reshape(self, name: str, profile: Profile, dilation: float) -> None:
-        if not (self.root or self.exec_tc) or (not self.root and profile.downlink_mbit > 0):
+    def reshape(self, launch: Launch) -> None:
+        name = launch.name
+        if not (self.root or self.exec_tc) or (not self.root and launch.limits.downlink_mbit > 0):
             raise FaultUnsupported("without root the downlink is emulated in the node's transport and "
                                    "cannot change while it runs")
-        if not self.netem and profile.latency_ms != self.profiles[name].latency_ms:
+        if not self.netem and launch.profile.latency_ms != self.profiles[name].latency_ms:
             raise FaultUnsupported("no netem in this kernel: a running node's latency is fixed in its transport")
-        self._shape(name, self.containers[name], profile, dilation, force=True)
+        self._shape(name, self.containers[name], launch.limits, force=True)
 
     def _save_log(self, name: str, container) -> None:
         try:
@@ -467,7 +459,7 @@ class DockerBackend(Backend):
             if "already in progress" not in str(exc):
                 raise
         self.containers.pop(name, None)
-        self.host_ifs.pop(name, None)
+        self.links.pop(name, None)
         self._states_at = 0.0
 
     def stop(self, name: str) -> None:

@@ -6,6 +6,7 @@ dial the aggregator where that engine can reach it (`attach` makes the aggregato
 """
 from __future__ import annotations
 
+from ..launch import Launch
 from ..profiles import Profile
 from .base import Backend
 
@@ -24,16 +25,7 @@ class Fleet(Backend):
     def members(self) -> list[Backend]:
         return [self.main, *self.engines.values()]
 
-    # keys and the message hook reach every member backend
-    @property
-    def keys(self):
-        return self.main.keys
-
-    @keys.setter
-    def keys(self, value) -> None:
-        for b in self.members:
-            b.keys = value
-
+    # the message hook reaches every member backend
     @property
     def say(self):
         return self.main.say
@@ -48,9 +40,10 @@ class Fleet(Backend):
         engine = self.placement.get(name)
         return self.engines[engine] if engine else self.main
 
-    def _endpoint(self, name: str, endpoint: str) -> str:
-        engine = self.placement.get(name)
-        return self.endpoints[engine] if engine else endpoint
+    def _dialling(self, launch: Launch) -> Launch:
+        """The launch as its owner runs it: an engine's nodes dial the aggregator where they reach it."""
+        engine = self.placement.get(launch.name)
+        return launch.dialling(self.endpoints[engine]) if engine else launch
 
     def _names(self, engine: str | None) -> list[str]:
         return [n for n, e in self.placement.items() if e == engine]
@@ -82,8 +75,18 @@ class Fleet(Backend):
                        "endpoint": self.endpoints.get(name)} for name, b in self.engines.items()}
 
     # -- what the runner asks of a backend ---------------------------------------------------
-    def cpu_demand(self, profile: Profile) -> float:
-        return self.main.cpu_demand(profile)
+    def on_this_host(self, name: str) -> bool:
+        return self.owner(name).on_this_host(name)
+
+    def core_demands(self, profiles: dict[str, Profile]) -> dict[str, tuple[int, list[float]]]:
+        """Each member's demands for the nodes it runs, merged per host (engines on this machine
+        share its cores with the main backend)."""
+        out: dict[str, tuple[int, list[float]]] = {}
+        for engine, b in [(None, self.main), *self.engines.items()]:
+            mine = {n: profiles[n] for n in self._names(engine) if n in profiles}
+            for host, (cores, demands) in b.core_demands(mine).items():
+                out.setdefault(host, (cores, []))[1].extend(demands)
+        return out
 
     def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
         """Each member's notes for the nodes it runs (the fleet knows its nodes' profiles)."""
@@ -105,14 +108,14 @@ class Fleet(Backend):
     def zygote_info(self) -> dict | None:
         return self.main.zygote_info()
 
-    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
-        self.owner(name).start(name, profile, self._endpoint(name, endpoint), dilation)
+    def start(self, launch: Launch) -> None:
+        self.owner(launch.name).start(self._dialling(launch))
 
-    def restart(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
-        self.owner(name).restart(name, profile, self._endpoint(name, endpoint), dilation)
+    def restart(self, launch: Launch) -> None:
+        self.owner(launch.name).restart(self._dialling(launch))
 
-    def set_profile(self, name: str, profile: Profile, endpoint: str, dilation: float) -> str:
-        return self.owner(name).set_profile(name, profile, self._endpoint(name, endpoint), dilation)
+    def set_profile(self, launch: Launch) -> str:
+        return self.owner(launch.name).set_profile(self._dialling(launch))
 
     def alive(self, name: str) -> bool:
         return self.owner(name).alive(name)
@@ -138,8 +141,8 @@ class Fleet(Backend):
     def restore_link(self, name: str) -> None:
         self.owner(name).restore_link(name)
 
-    def reshape(self, name: str, profile: Profile, dilation: float) -> None:
-        self.owner(name).reshape(name, profile, dilation)
+    def reshape(self, launch: Launch) -> None:
+        self.owner(launch.name).reshape(launch)
 
     def stop(self, name: str) -> None:
         self.owner(name).stop(name)

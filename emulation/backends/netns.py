@@ -14,9 +14,11 @@ from pathlib import Path
 from .. import netns as N
 from ..cgroups import CGroup
 from ..cgroups import leftovers as cgroup_leftovers, remove_empty_parents
+from ..launch import Emulate, Launch, Limits
+from ..lifetime import node_preexec
 from ..profiles import Profile
 from .base import Backend, FaultUnsupported
-from .process import ProcessBackend, _node_preexec, node_command
+from .process import ProcessBackend
 
 
 MIN_OWN_MB = 64  # the least memory of its own a forked node's cgroup gets
@@ -63,8 +65,9 @@ class NetnsBackend(ProcessBackend):
         return notes
 
     # -- nodes -----------------------------------------------------------------------------
-    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
+    def start(self, launch: Launch) -> None:
         self._ensure_bridge()
+        name = launch.name
         if name not in self._slots:  # a restarted node keeps its interface names and address
             self._slots[name] = (self._index, next(self._hosts))
             self._index += 1
@@ -73,30 +76,25 @@ class NetnsBackend(ProcessBackend):
         link = N.VethLink(f"{N.IF_PREFIX}{self.tag}h{i}", f"{N.IF_PREFIX}{self.tag}n{i}", ns,
                           f"{host}/{self.subnet.prefixlen}")
         cg = CGroup(self.run_id, name, self.cg_version, self.v2_root)
-        self.sandboxes[name] = (ns, link, cg, profile)
+        self.sandboxes[name] = (ns, link, cg, launch.profile)
         ns.create()
         link.create(self.bridge)
-        self._shape_link(link, profile, dilation)
-        cg.create(profile.cpu_share / dilation, self._own_memory_mb(profile))
-        cmd = node_command(name, profile, endpoint, dilation, shape_in_transport=False)
-        cmd[cmd.index("--cpu-share") + 1] = "1"     # the kernel quota does it
-        if not self.netem and profile.latency_ms > 0:  # latency only, in the transport
-            cmd += ["--latency-ms", f"{profile.latency_ms * dilation:.6g}"]
+        self._shape(link, launch.limits)
+        cg.create(launch.limits.cpus, self._own_memory_mb(launch.limits))
+        argv = launch.argv(Emulate(latency=not self.netem))  # the kernel does the rest
         if self.zygote is not None:  # enters its cgroup and namespace itself, right after fork
-            self.logs.mkdir(parents=True, exist_ok=True)
-            self._fork(name, cmd, profile.threads, cg.procs_files(), ns.path)
+            self._spawn(launch, argv, cgroup_procs=cg.procs_files(), netns=ns.path)
             return
 
         def enter_sandbox():
-            _node_preexec()
+            node_preexec()
             cg.add(os.getpid())  # before exec: everything the node runs is limited
 
-        self._spawn(name, [*ns.exec_prefix(), *cmd], profile.threads, preexec=enter_sandbox)
+        self._spawn(launch, argv, preexec=enter_sandbox, prefix=ns.exec_prefix())
 
-    def _shape_link(self, link: N.VethLink, profile: Profile, dilation: float) -> None:
-        delay = profile.latency_ms * dilation if self.netem else 0.0
-        link.shape(N.Shaping(profile.uplink_mbit / dilation, delay), N.Shaping(profile.downlink_mbit / dilation, delay),
-                   self.netem)
+    def _shape(self, link: N.Link, lim: Limits) -> None:
+        delay = lim.latency_ms if self.netem else 0.0
+        link.shape(N.Shaping(lim.uplink_mbit, delay), N.Shaping(lim.downlink_mbit, delay), self.netem)
 
     # -- faults ----------------------------------------------------------------------------
     def pause(self, name: str) -> None:
@@ -113,31 +111,32 @@ class NetnsBackend(ProcessBackend):
     def restore_link(self, name: str) -> None:
         self.sandboxes[name][1].set_up(True)
 
-    def reshape(self, name: str, profile: Profile, dilation: float) -> None:
-        if not self.netem and profile.latency_ms != self.sandboxes[name][3].latency_ms:
+    def reshape(self, launch: Launch) -> None:
+        if not self.netem and launch.profile.latency_ms != self.sandboxes[launch.name][3].latency_ms:
             raise FaultUnsupported("no netem in this kernel: the latency of a running node is fixed in its "
                                    "transport; only rates can change")
-        self._shape_link(self.sandboxes[name][1], profile, dilation)
+        self._shape(self.sandboxes[launch.name][1], launch.limits)
 
-    def set_profile(self, name: str, profile: Profile, endpoint: str, dilation: float) -> str:
+    def set_profile(self, launch: Launch) -> str:
         """Live, as a device switching power mode: new quota, memory limit and link, same process.
         (Threads are fixed at start: a profile with another thread count restarts the node.)"""
-        ns, link, cg, old = self.sandboxes[name]
-        if profile.threads != old.threads or (not self.netem and profile.latency_ms != old.latency_ms):
-            self.restart(name, profile, endpoint, dilation)
+        ns, link, cg, old = self.sandboxes[launch.name]
+        new = launch.profile
+        if new.threads != old.threads or (not self.netem and new.latency_ms != old.latency_ms):
+            self.restart(launch)
             return "restarted: thread count or transport latency changed"
-        cg.set_limits(profile.cpu_share / dilation, self._own_memory_mb(profile))
-        self._shape_link(link, profile, dilation)
-        self.sandboxes[name] = (ns, link, cg, profile)
+        cg.set_limits(launch.limits.cpus, self._own_memory_mb(launch.limits))
+        self._shape(link, launch.limits)
+        self.sandboxes[launch.name] = (ns, link, cg, new)
         return "live"
 
     def _shared_mb(self) -> float:
         return self.zygote.shared_mb if self.zygote is not None else 0.0
 
-    def _own_memory_mb(self, profile: Profile) -> int:
+    def _own_memory_mb(self, limits: Limits) -> int:
         """A forked node's shared pages (libraries, weights) stay charged to the zygote, so its
         cgroup may hold only the rest of the device's memory."""
-        return max(MIN_OWN_MB, int(profile.memory_mb - self._shared_mb()))
+        return max(MIN_OWN_MB, int(limits.memory_mb - self._shared_mb()))
 
     def zygote_notes(self, profiles: list[Profile]) -> list[str]:
         if self.zygote is None:

@@ -7,57 +7,32 @@ Each node runs in its own session with PDEATHSIG, so nodes never outlive the run
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
-from ..hostmem import kill_me_first
+from ..launch import EVERYTHING, Launch, base_env
+from ..lifetime import node_preexec
 from ..profiles import Profile
-from .base import RUN_ENV, Backend
+from .base import Backend
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _node_preexec() -> None:
-    """In a node before exec: it dies with the runner, and is the first the host's OOM killer takes."""
-    _die_with_parent()
-    kill_me_first()
-
-
-def node_command(name: str, profile: Profile, endpoint: str, dilation: float, shape_in_transport: bool = True) -> list[str]:
-    """The `python -m node` command line for a profile; link rates divided by dilation.
-
-    cpu_share is NOT divided: stretching is relative to the compute time the node measures,
-    which host contention has already inflated by about the dilation factor.
-    """
-    cmd = [sys.executable, "-m", "node", "--connect", endpoint, "--name", name, "--profile", profile.name,
-           "--threads", str(profile.threads), "--cpu-share", f"{min(1.0, profile.cpu_share):.6g}"]
-    if shape_in_transport:
-        cmd += ["--uplink-mbit", f"{profile.uplink_mbit / dilation:.6g}",
-                "--downlink-mbit", f"{profile.downlink_mbit / dilation:.6g}",
-                "--latency-ms", f"{profile.latency_ms * dilation:.6g}"]
-    return cmd
+def process_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A node program's whole environment on this host: ours, `env`, and this code on its path."""
+    out = {**os.environ, **env}
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return out
 
 
 def node_env(run_id: str, threads: int) -> dict[str, str]:
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env.update({RUN_ENV: run_id, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)})
-    return env
+    """The environment of a node program of run `run_id` (no key): also the zygote's."""
+    return process_env(base_env(run_id, threads))
 
 
 class ProcessBackend(Backend):
@@ -97,29 +72,24 @@ class ProcessBackend(Backend):
             notes.append(f"profiles faster than one host core cannot be emulated by stretching: {', '.join(fast)}")
         return notes
 
-    def start(self, name: str, profile: Profile, endpoint: str, dilation: float) -> None:
-        self._spawn(name, node_command(name, profile, endpoint, dilation), profile.threads)
+    def start(self, launch: Launch) -> None:
+        self._spawn(launch, launch.argv(EVERYTHING))  # nothing is enforced: the node emulates it all
 
-    def _spawn(self, name: str, cmd: list[str], threads: int, preexec=_node_preexec) -> None:
-        """Start a node program in its own session, output to logs/<name>.log."""
+    def _spawn(self, launch: Launch, argv: list[str], preexec=node_preexec, prefix: list[str] = (),
+               cgroup_procs: list[str] = (), netns: str | None = None) -> None:
+        """Start `python -m node ARGV` in its own session, output to logs/<name>.log: exec'd (after
+        `prefix`, e.g. `ip netns exec NS`, and `preexec`), or forked from the zygote, which moves it
+        into `cgroup_procs` and the namespace `netns` itself."""
         self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{launch.name}.log"
         if self.zygote is not None:
-            self._fork(name, cmd, threads)
+            self.procs[launch.name] = self.zygote.spawn(argv, dict(launch.env), log, cgroup_procs, netns)
             return
-        with open(self.logs / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen([*cmd, *self.auth_args()],
-                                                env={**node_env(self.run_id, threads), **self.auth_env(name)},
-                                                stdin=subprocess.DEVNULL,
-                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                                preexec_fn=preexec)
-
-    def _fork(self, name: str, cmd: list[str], threads: int, cgroup_procs: list[str] = (),
-              netns: str | None = None) -> None:
-        """The same node program forked from the zygote: `cmd` is `python -m node ARGS`."""
-        assert cmd[1:3] == ["-m", "node"], cmd
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **self.auth_env(name)}
-        self.procs[name] = self.zygote.spawn([*cmd[3:], *self.auth_args()], env, self.logs / f"{name}.log",
-                                             cgroup_procs, netns)
+        with open(log, "ab") as fh:
+            self.procs[launch.name] = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "node", *argv], env=process_env(launch.env),
+                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=preexec)
 
     def alive(self, name: str) -> bool:
         p = self.procs.get(name)

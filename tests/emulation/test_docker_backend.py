@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from emulation import image
+from emulation.launch import Launcher
 from emulation.profiles import Profile
 from tests.runs import run_scenario, write_scenario
 
@@ -128,7 +129,7 @@ def test_container_limits_network_shaping_and_teardown(backend):
 
     prof = Profile("t", cpu_share=0.5, threads=1, memory_mb=512, uplink_mbit=20.0, downlink_mbit=40.0,
                    latency_ms=5.0, source="test")
-    backend.start("n0", prof, f"tcp://{gw}:9", dilation=2.0)  # dummy endpoint: the node keeps retrying
+    backend.start(Launcher(backend.run_id, f"tcp://{gw}:9", 2.0).launch("n0", prof))  # dummy endpoint: the node keeps retrying
     assert backend.alive("n0") and backend.exit_reason("n0") is None and backend.oom("n0") is None
     c = CLIENT.containers.get(backend.containers["n0"].id)
     hc = c.attrs["HostConfig"]
@@ -141,8 +142,9 @@ def test_container_limits_network_shaping_and_teardown(backend):
     assert c.image.tags and TAG in c.image.tags
     assert list(c.attrs["NetworkSettings"]["Networks"]) == [net.name]
     cmd = c.attrs["Config"]["Cmd"]
-    assert cmd[cmd.index("--cpu-share") + 1] == "1" and "--uplink-mbit" not in cmd and "--downlink-mbit" not in cmd
-    assert ("--latency-ms" in cmd) == (not backend.netem)
+    options = {a.split("=", 1)[0] for a in cmd}
+    assert "--cpu-share=1" in cmd and "--uplink-mbit" not in options and "--downlink-mbit" not in options
+    assert ("--latency-ms" in options) == (not backend.netem)
 
     lim = backend.limits("n0")
     host_if = lim["host_if"]
@@ -191,7 +193,7 @@ def test_link_rates_are_enforced_both_ways(backend):
     gw = backend.bind_address("127.0.0.1")
     up_mbit, down_mbit = 8.0, 16.0
     prof = Profile("t", 1.0, 1, 1024, up_mbit, down_mbit, 0.0, "test")
-    backend.start("n0", prof, f"tcp://{gw}:9", 1.0)
+    backend.start(Launcher(backend.run_id, f"tcp://{gw}:9", 1.0).launch("n0", prof))
     c = backend.containers["n0"]
     c.reload()
     ip = c.attrs["NetworkSettings"]["Networks"][backend.network.name]["IPAddress"]
@@ -234,7 +236,7 @@ def test_link_rates_are_enforced_both_ways(backend):
 @needs_image
 def test_out_of_memory_is_reported(backend):
     gw = backend.bind_address("127.0.0.1")
-    backend.start("small", Profile("tiny", 0.5, 1, 64, 0.0, 0.0, 0.0, "test"), f"tcp://{gw}:9", 1.0)
+    backend.start(Launcher(backend.run_id, f"tcp://{gw}:9", 1.0).launch("small", Profile("tiny", 0.5, 1, 64, 0.0, 0.0, 0.0, "test")))
     deadline = time.monotonic() + 90
     while backend.alive("small") and time.monotonic() < deadline:  # importing torch needs far more than 64 MB
         time.sleep(0.5)
@@ -251,7 +253,7 @@ def test_clean_removes_what_a_crashed_run_left(host_caps, tmp_path):
     run_id = f"pytest-crash-{uuid.uuid4().hex[:6]}"
     b = DockerBackend(run_id, tmp_path, host_caps)
     try:
-        b.start("n0", Profile("t", 0.2, 1, 256, 0.0, 0.0, 0.0, "test"), f"tcp://{b.bind_address('x')}:9", 1.0)
+        b.start(Launcher(b.run_id, f"tcp://{b.bind_address('x')}:9", 1.0).launch("n0", Profile("t", 0.2, 1, 256, 0.0, 0.0, 0.0, "test")))
         assert sorted(x.split()[0] for x in leftovers(run_id)) == ["container", "network"]
         assert clean("pytest-other-run") == [] and len(leftovers(run_id)) == 2  # only the run asked for
         removed = clean(run_id)
@@ -318,10 +320,10 @@ def test_without_root_uplink_is_shaped_inside_and_downlink_in_transport(backend)
     """A docker-group user cannot touch the host side: tc runs in the container (NET_ADMIN)."""
     backend.root, backend.exec_tc = False, True  # what __init__ decides for a non-root user with the CLI
     gw = backend.bind_address("127.0.0.1")
-    backend.start("n0", Profile("t", 0.5, 1, 512, 6.0, 12.0, 0.0, "test"), f"tcp://{gw}:9", 1.0)
+    backend.start(Launcher(backend.run_id, f"tcp://{gw}:9", 1.0).launch("n0", Profile("t", 0.5, 1, 512, 6.0, 12.0, 0.0, "test")))
     c = backend.containers["n0"]
     cmd = c.attrs["Config"]["Cmd"]
-    assert cmd[cmd.index("--downlink-mbit") + 1] == "12" and "--uplink-mbit" not in cmd
+    assert "--downlink-mbit=12" in cmd and not any(a.startswith("--uplink-mbit") for a in cmd), cmd
     inside = c.exec_run(["tc", "class", "show", "dev", "eth0"])
     assert inside.exit_code == 0 and b"rate 6Mbit" in inside.output, inside.output
     assert any("not root" in n for n in backend.fidelity([Profile("t", 0.5, 1, 512, 6.0, 12.0, 0.0, "t")], 1.0))

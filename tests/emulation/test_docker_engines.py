@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from emulation import image
+from emulation.launch import Launcher
 from emulation.profiles import Profile
 from tests.runs import run_scenario, run_testbed, write_scenario
 
@@ -161,7 +162,7 @@ def test_same_host_engine_limits_and_shaping(second_engine, host_caps, tmp_path)
         gw = b.bind_address("127.0.0.1")
         net = e2.networks.get(b.network.name)
         assert net.attrs["Internal"] is True and net.attrs["Labels"]["fedge.engine"] == "e2"
-        b.start("n0", PROFILE, f"tcp://{gw}:9", dilation=1.0)  # dummy endpoint: the node keeps retrying
+        b.start(Launcher(b.run_id, f"tcp://{gw}:9", 1.0).launch("n0", PROFILE))  # dummy endpoint: the node keeps retrying
         assert b.alive("n0")
         c = e2.containers.get(b.containers["n0"].id)
         assert c.attrs["HostConfig"]["NanoCpus"] == 500_000_000
@@ -184,10 +185,10 @@ def test_engine_on_another_host_is_shaped_inside_and_dials_connect(second_engine
     try:
         assert b.bind_address("127.0.0.1") == CONNECT == b.connect_address(CONNECT)
         assert e2.networks.get(b.network.name).attrs["Internal"] is False, "it must route to this host"
-        b.start("n0", PROFILE, f"tcp://{CONNECT}:9", dilation=2.0)
+        b.start(Launcher(b.run_id, f"tcp://{CONNECT}:9", 2.0).launch("n0", PROFILE))
         c = b.containers["n0"]
         cmd = c.attrs["Config"]["Cmd"]
-        assert cmd[cmd.index("--downlink-mbit") + 1] == "6" and "--uplink-mbit" not in cmd
+        assert "--downlink-mbit=6" in cmd and not any(a.startswith("--uplink-mbit") for a in cmd), cmd
         inside = c.exec_run(["tc", "class", "show", "dev", "eth0"])
         assert inside.exit_code == 0 and b"rate 3Mbit" in inside.output, inside.output
         notes = b.fidelity([PROFILE], 2.0)
@@ -251,7 +252,7 @@ def test_clean_sweeps_every_engine_a_run_used(second_engine, host_caps, tmp_path
     """A run that crashed leaves containers on another engine: `testbed clean --run` finds them."""
     b = make_backend(second_engine, host_caps, tmp_path, name="e2")
     gw = b.bind_address("127.0.0.1")
-    b.start("n0", PROFILE, f"tcp://{gw}:9", dilation=1.0)
+    b.start(Launcher(b.run_id, f"tcp://{gw}:9", 1.0).launch("n0", PROFILE))
     e2 = second_engine["client"]
     assert len(labelled(e2, b.run_id)) == 2  # the container and the network
     r = run_testbed("clean", "--run", b.run_id, timeout=120)

@@ -10,6 +10,7 @@ import pytest
 from emulation import cgroups, netns
 from emulation.backends.netns import NetnsBackend
 from emulation.cleanup import clean, tagged_processes
+from emulation.launch import Launcher
 from emulation.profiles import get_profile
 
 pytestmark = pytest.mark.emulation
@@ -35,7 +36,7 @@ def test_limits_are_in_force_and_removed(backend, netns_caps):
     ip = backend.bind_address("127.0.0.1")
     assert ip.startswith(netns.NET_BASE + ".")
     profile = get_profile("rpi4").with_overrides(uplink_mbit=5.0, downlink_mbit=20.0, memory_mb=1500)
-    backend.start("n0", profile, f"tcp://{ip}:1", dilation=2.0)  # nobody listens: the node keeps retrying
+    backend.start(Launcher(backend.run_id, f"tcp://{ip}:1", 2.0).launch("n0", profile))  # nobody listens: it retries
     assert backend.alive("n0")
     lim = backend.limits("n0")
     assert lim["cpu_share"] == pytest.approx(0.18 / 2.0, rel=0.02)
@@ -76,7 +77,7 @@ def test_node_reaches_aggregator_through_the_bridge(backend):
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port(f"tcp://{ip}")
     try:
-        backend.start("n1", get_profile("host"), f"tcp://{ip}:{port}", dilation=1.0)
+        backend.start(Launcher(backend.run_id, f"tcp://{ip}:{port}", 1.0).launch("n1", get_profile("host")))
         assert router.poll(120_000), "no HELLO from the node inside its namespace"
         frames = router.recv_multipart()
         msg = P.decode(frames[1:])
@@ -90,7 +91,7 @@ def test_clean_removes_leftovers_of_a_crashed_run(netns_caps, tmp_path, zygote):
     b = NetnsBackend(f"crash-{uuid.uuid4().hex[:6]}", tmp_path, netns_caps)
     b.prepare(SPEC, "rotten_tomatoes", zygote=zygote)
     ip = b.bind_address("127.0.0.1")
-    b.start("n0", get_profile("host"), f"tcp://{ip}:1", dilation=1.0)
+    b.start(Launcher(b.run_id, f"tcp://{ip}:1", 1.0).launch("n0", get_profile("host")))
     time.sleep(0.5)
     # the runner "crashes": no teardown; the safety net must find everything by run id
     removed = clean(run_id=b.run_id)

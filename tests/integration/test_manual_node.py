@@ -105,10 +105,11 @@ def test_hand_started_node_joins_and_trains(backend, tmp_path, procs, request):
         pytest.fail("the run printed no join command:\n" + "".join(lines)[-3000:])
     words = shlex.split(line.split("to join: ", 1)[1])
     env = dict(w.split("=", 1) for w in words[:words.index("python")])
-    assert words[words.index("python"):][:5] == ["python", "-m", "node", "--connect", f"tcp://{bind}:{port}"]
-    assert "--server-key" in words and env.get("FEDGE_NODE_KEY")
+    assert words[words.index("python"):][:4] == ["python", "-m", "node", f"--connect=tcp://{bind}:{port}"]
+    key = [w for w in words if w.startswith("--server-key=")]
+    assert key and env.get("FEDGE_NODE_KEY")
     # a stranger with the right name and address but no key: refused, and it gives up
-    intruder = subprocess.Popen([*prefix, sys.executable, *words[words.index("python") + 1:words.index("--server-key")],
+    intruder = subprocess.Popen([*prefix, sys.executable, *words[words.index("python") + 1:words.index(key[0])],
                                  "--threads", "1", "--max-idle-s", "5"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     procs.append(intruder)

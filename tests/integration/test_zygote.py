@@ -10,6 +10,7 @@ import pytest
 
 from emulation.backends.process import node_env
 from emulation.cleanup import tagged_processes
+from emulation.launch import Launcher
 from emulation.zygote import Zygote, ZygoteError
 from tests.runs import run_scenario, write_scenario
 
@@ -93,7 +94,7 @@ def test_a_node_started_as_its_own_interpreter_is_first_for_the_oom_killer(tmp_p
     from emulation.profiles import get_profile
     b = ProcessBackend(f"zytest-{uuid.uuid4().hex[:6]}", tmp_path)
     try:
-        b.start("n0", get_profile("host"), "tcp://127.0.0.1:1", dilation=1.0)  # nobody listens: it waits
+        b.start(Launcher(b.run_id, "tcp://127.0.0.1:1", 1.0).launch("n0", get_profile("host")))  # nobody listens: it waits
         assert _oom_adj(b.procs["n0"].pid) == "1000"
     finally:
         b.teardown()

@@ -2,11 +2,12 @@
 by tests/integration/test_faults.py)."""
 from __future__ import annotations
 
-import pickle
+import json
 
 import pytest
 
 from emulation.backends import FaultUnsupported
+from emulation.launch import Launch, Launcher
 from testbed.faults import Injector, TraceError, load_trace
 from testbed.scenario import expand_nodes, parse
 
@@ -23,20 +24,24 @@ class Recorder:
     name = "recorder"
 
     def __init__(self, links: bool = True):
-        self.calls, self.links = [], links
+        self.calls, self.links, self.launches = [], links, []
 
     def __getattr__(self, action):
         if action not in ("kill", "pause", "resume", "cut_link", "restore_link", "reshape", "restart"):
             raise AttributeError(action)
 
-        def call(node, *args):
+        def call(node):
             if action in ("cut_link", "restore_link", "reshape") and not self.links:
                 raise FaultUnsupported("links live in the transport here")
+            if isinstance(node, Launch):  # restart and reshape get the node's whole launch
+                self.launches.append(node)
+                node = node.name
             self.calls.append((action, node))
         return call
 
-    def set_profile(self, node, profile, endpoint, dilation):
-        self.calls.append(("set_profile", node, profile.name))
+    def set_profile(self, launch):
+        self.launches.append(launch)
+        self.calls.append(("set_profile", launch.name, launch.profile.name))
         return "live"
 
 
@@ -67,7 +72,7 @@ def make(faults, links=True, dilation=1.0):
     sc = parse({**BASE, "faults": faults})
     backend, agg = Recorder(links), Agg()
     inj = Injector(sc, expand_nodes(sc), backend, dilation)
-    inj.begin_strategy("fedlora", agg, "tcp://x")
+    inj.begin_strategy("fedlora", agg, Launcher("run", "tcp://x", dilation))
     return inj, backend, agg
 
 
@@ -150,6 +155,10 @@ def test_restart_forgets_the_registration_and_profile_changes_are_what_strategie
     assert agg.forgotten == ["pi-0"] and ("restart", "pi-0") in b.calls
     assert inj.current["agx-0"].name == "jetson-tx2"
     assert inj.current["pi-1"].uplink_mbit == 1 and inj.current["pi-1"].downlink_mbit == 80
+    # the backend gets each change as the node's whole launch: the new profile, its dilated limits
+    assert [(x.name, x.profile.name, x.endpoint) for x in b.launches] == [
+        ("pi-0", "rpi5", "tcp://x"), ("agx-0", "jetson-tx2", "tcp://x"), ("pi-1", "rpi5", "tcp://x")]
+    assert b.launches[1].limits.cpus == 0.25 and b.launches[2].limits.uplink_mbit == 1.0
     restored = inj.end_strategy()
     assert {(r["action"], r["node"]) for r in restored} == {("profile", "agx-0"), ("profile", "pi-1")}
     assert inj.current == inj.base
@@ -214,9 +223,9 @@ def test_snapshot_survives_pickling_and_restore_applies_the_faults_in_force(cloc
                                  {"round": 4, "action": "restart", "nodes": ["pi-1"]}]})
     inj.begin_round(1, 0.0)
     inj.end_round()
-    snap = pickle.loads(pickle.dumps(inj.snapshot()))
+    snap = json.loads(json.dumps(inj.snapshot()))  # plain data: what a checkpoint may hold
     fresh, b2, agg2 = make({"events": [e.model_dump() for e in inj.events]})
-    recs = fresh.restore(snap, "fedlora", agg2, "tcp://y")
+    recs = fresh.restore(snap, "fedlora", agg2, Launcher("run", "tcp://y", 1.0))
     assert {(r["action"], r["node"]) for r in recs} == {("pause", "pi-0"), ("kill", "pi-1"), ("profile", "agx-0")}
     assert fresh.current["agx-0"].name == "rpi4" and fresh.killed == {"pi-1"}
     fresh.begin_round(4, 50.0)   # the queue goes on: round 4's restart, and the pause's undo at 100 s

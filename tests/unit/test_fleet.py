@@ -9,6 +9,7 @@ import zmq
 
 from emulation.backends.base import Backend
 from emulation.backends.fleet import Fleet
+from emulation.launch import Launcher
 from emulation.profiles import Profile
 from testbed import scenario as S
 from tests.runs import run_scenario, write_scenario
@@ -30,9 +31,9 @@ class Fake(Backend):
     def bind_address(self, requested):
         return self.bind
 
-    def start(self, name, profile, endpoint, dilation):
-        self.calls.append(("start", name, endpoint))
-        self.running.add(name)
+    def start(self, launch):
+        self.calls.append(("start", launch.name, launch.endpoint))
+        self.running.add(launch.name)
 
     def alive(self, name):
         return name in self.running
@@ -82,8 +83,9 @@ def test_each_node_goes_to_its_backend_and_dials_where_that_engine_reaches_the_a
     eps = f.attach(agg, "127.0.0.1")
     assert eps == {"e2": "tcp://10.0.9.1:5000", "far": "tcp://192.168.1.4:6001"}, "port taken there: another one"
     assert agg.extra == ["tcp://10.0.9.1:5000", "tcp://192.168.1.4:6001"]
+    launcher = Launcher("run", "tcp://10.0.0.1:5000", 1.0)
     for n in ("a-0", "b-0", "c-0", "c-1"):
-        f.start(n, P, "tcp://10.0.0.1:5000", 1.0)
+        f.start(launcher.launch(n, P))
     assert main.calls == [("start", "a-0", "tcp://10.0.0.1:5000")]
     assert e2.calls == [("start", "b-0", "tcp://10.0.9.1:5000")]
     assert [c[1:] for c in far.calls] == [("c-0", "tcp://192.168.1.4:6001"), ("c-1", "tcp://192.168.1.4:6001")]
@@ -93,10 +95,22 @@ def test_each_node_goes_to_its_backend_and_dials_where_that_engine_reaches_the_a
     assert f.fidelity([], 1.0) == ["main: 1 node(s)", "e2: 1 node(s)", "far: 2 node(s)"]
 
 
-def test_keys_and_messages_reach_every_member():
+def test_messages_reach_every_member():
     f, *members = fleet()
-    f.keys, f.say = "KEYS", print
-    assert all(m.keys == "KEYS" and m.say is print for m in members)
+    f.say = print
+    assert all(m.say is print for m in members)
+
+
+def test_cores_and_memory_per_host():
+    """The dilation is sized per host: engines on this machine share its cores, another host has its own."""
+    f, main, e2, far = fleet()
+    main.core_demands = lambda ps: {"this host": (2, [0.5] * len(ps))}
+    e2.core_demands = lambda ps: {"this host": (2, [1.0] * len(ps))}
+    far.core_demands = lambda ps: {"tcp://far": (8, [0.25] * len(ps))}
+    far.on_this_host = lambda name: False
+    assert f.core_demands({n: P for n in ("a-0", "b-0", "c-0", "c-1")}) == {
+        "this host": (2, [0.5, 1.0]), "tcp://far": (8, [0.25, 0.25])}
+    assert [f.on_this_host(n) for n in ("a-0", "b-0", "c-0")] == [True, True, False]
 
 
 def test_teardown_reaches_every_member_even_when_one_fails():
