@@ -1,0 +1,232 @@
+"""The round loop: every round of one strategy, from sampling to the row in rounds.jsonl.
+
+A round: faults due, sample the online idle nodes (the same nodes in round r for every
+strategy), the strategy configures a task per node, the aggregator runs the round, results
+are checked, the strategy aggregates and returns its metrics, the global model is evaluated,
+the round is checkpointed and then written.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from emulation.backends import Backend
+from emulation.launch import Launcher
+from node import protocol as P
+from node.plan import Plan
+
+from .aggregator import Aggregator, RoundOutcome
+from .faults import Injector
+from .hostwatch import HostWatch
+from .progress import Progress
+from .scenario import NodeSpec, Scenario
+from .setup import RunSetup
+from .store import Checkpoint, RunStore
+from .strategies import STRATEGIES, NodeInfo, Strategy, Task, Update
+from .strategies.base import update_counts
+from .workload import Workload
+
+
+def check_result(sent: dict, msg: P.Message) -> str | None:
+    """A result must carry exactly the tensors the node was sent, same shapes, all finite."""
+    got = msg.tensors
+    if set(got) != set(sent):
+        missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
+        return f"tensor names differ from the task (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, v in got.items():
+        if v.shape != np.shape(sent[k]):
+            return f"tensor {k}: shape {v.shape} != {np.shape(sent[k])}"
+        if v.dtype != np.asarray(sent[k]).dtype:
+            return f"tensor {k}: dtype {v.dtype} != {np.asarray(sent[k]).dtype} (as sent)"
+        if v.dtype.kind != "f" or not np.isfinite(v).all():
+            return f"tensor {k}: not finite floats"
+    ns = msg.meta.get("samples")
+    if not isinstance(ns, int) or isinstance(ns, bool) or ns < 0:
+        return "meta.samples must be a non-negative integer"
+    return None
+
+
+@dataclass
+class Position:
+    """Where a strategy stands: its global model, emulated time used, the next round."""
+    state: dict
+    elapsed: float
+    next_round: int
+
+
+class RoundLoop:
+    """Runs the strategies' rounds on a started fleet; one per run."""
+
+    def __init__(self, sc: Scenario, nodes: list[NodeSpec], setup: RunSetup, workload: Workload, store: RunStore,
+                 agg: Aggregator, backend: Backend, injector: Injector, launcher: Launcher, progress: Progress,
+                 host: HostWatch):
+        self.sc, self.nodes, self.setup, self.work, self.store = sc, nodes, setup, workload, store
+        self.agg, self.backend, self.inj, self.launcher, self.progress = agg, backend, injector, launcher, progress
+        self.host = host
+        self.remote = {n.name for n in nodes if n.remote}
+        self.stopped: dict[str, str] = {}   # strategy -> why it ran fewer rounds than the scenario asks
+        self.restarts: list[dict] = []      # devices replaced between strategies, and why
+        self.fault_restores: list[dict] = []
+
+    def alive(self, name: str) -> bool:
+        """Emulated nodes: their sandbox runs. Remote (real) devices: judged by the round deadline."""
+        return name in self.remote or self.backend.alive(name)
+
+    # -- one strategy ----------------------------------------------------------------------
+    def run_strategy(self, index: int, entry, ctx, go_on: Checkpoint | None = None) -> None:
+        """All rounds of one strategy; `go_on` is the checkpoint of an interrupted run to continue."""
+        strat = STRATEGIES[entry.type](entry.params, ctx)
+        gplan = strat.global_plan()
+        self.progress.start_strategy(entry.name, self.sc.training.rounds)
+        if go_on is None:
+            pos, restored = self._round_zero(entry, gplan), []
+        else:
+            strat.load_state_dict(go_on.strategy_state)
+            pos = Position(go_on.state, go_on.elapsed, go_on.round + 1)
+            for row in self.store.rows:
+                if row["strategy"] == entry.name:
+                    self.progress.round_done(row)
+            restored = self.inj.restore(go_on.faults, entry.name, self.agg, self.launcher)
+        budget, last = self.sc.training.time_budget_s, pos.next_round - 1
+        for rnd in range(pos.next_round, self.sc.training.rounds + 1):
+            if budget is not None and pos.elapsed >= budget:
+                self.stopped[entry.name] = (f"time budget {budget:g} s of emulated time used after round {rnd - 1} "
+                                            f"of {self.sc.training.rounds} ({pos.elapsed:.1f} s)")
+                self.progress.message(f"{entry.name}: {self.stopped[entry.name]}")
+                break
+            row = self._round(rnd, entry, strat, gplan, pos, restored)
+            restored = []
+            self._checkpoint(index, entry.name, rnd, pos, strat, row, done=False)
+            self.store.append_row(row)
+            self.progress.round_done(row)
+            self._say_faults(entry.name, rnd, row["events"])
+            last = rnd
+        self.fault_restores += [{**r, "after": entry.name} for r in self.inj.end_strategy()]
+        if self.store.rows and self.store.rows[-1]["strategy"] == entry.name:
+            self._checkpoint(index, entry.name, last, pos, strat, self.store.rows[-1], done=True)
+
+    def _round_zero(self, entry, gplan: Plan) -> Position:
+        state = self.work.initial_state(gplan)
+        ev, eval_s = self.work.evaluate(gplan, state)
+        row = {"strategy": entry.name, "round": 0, "wall_s": 0.0, "elapsed_s": 0.0, **ev, "bytes_up": 0,
+               "bytes_down": 0, "participants": 0, "dropped": 0, "failed": False, "eval_s": eval_s, "nodes": []}
+        self.store.append_row(row)
+        self.progress.round_done(row)
+        self.inj.begin_strategy(entry.name, self.agg, self.launcher)
+        return Position(state, 0.0, 1)
+
+    def _checkpoint(self, index: int, name: str, rnd: int, pos: Position, strat: Strategy, row: dict,
+                    done: bool) -> None:
+        self.store.save_checkpoint(Checkpoint(
+            scenario=self.sc.model_dump(mode="json"), run_id=self.launcher.run_id, strategy_index=index,
+            strategy=name, round=rnd, elapsed=pos.elapsed, done=done, state=pos.state,
+            strategy_state=strat.state_dict(), row=row, stopped=dict(self.stopped), restarts=list(self.restarts),
+            faults=self.inj.snapshot()))
+
+    # -- one round -------------------------------------------------------------------------
+    def _sample(self, rnd: int, elapsed: float) -> tuple[list[str], list[str], set[str]]:
+        """(ready nodes, sampled nodes, online nodes): the same nodes in round r for every strategy."""
+        self.agg.poll(0)                     # registrations that arrived between rounds
+        online = self.inj.online(rnd, elapsed)
+        ready = sorted(n for n in self.agg.ready() if self.alive(n) and n not in self.agg.busy)
+        pool = [n for n in ready if n in online]
+        k = min(self.sc.training.clients_per_round or len(self.nodes), len(pool))
+        rng = np.random.default_rng([self.sc.seed, rnd])
+        return ready, sorted(rng.choice(pool, size=k, replace=False).tolist()) if k else [], online
+
+    def _round(self, rnd: int, entry, strat: Strategy, gplan: Plan, pos: Position, restored: list[dict]) -> dict:
+        f, inj = self.setup.dilation, self.inj
+        inj.begin_round(rnd, pos.elapsed)   # faults due before the round's tasks go out
+        ready, sampled, online = self._sample(rnd, pos.elapsed)
+        tasks = strat.configure(rnd, [NodeInfo(n, inj.current[n], len(self.work.shards[n])) for n in sampled],
+                                pos.state)
+        host, kills0 = self.host.before(entry.name, rnd, {n: t.plan for n, t in tasks.items()})
+        t_round = time.perf_counter()
+        outcome = self.agg.run_round(rnd, entry.name, {n: (t.plan.to_dict(), t.tensors) for n, t in tasks.items()},
+                                     self.sc.training.round_deadline_s * f,
+                                     lambda n: self.alive(n) and n not in inj.lost,
+                                     lambda n, sent, msg: check_result(sent, msg), tick=inj.tick)
+        events = [*restored, *inj.end_round(), *self._explain_losses(rnd, outcome)]
+        self.host.after(rnd, host, kills0, outcome.records, events, self.backend.alive)
+        nodes = {n: self._node_entry(n, tasks[n], outcome) for n in outcome.records}
+        # strategies learn from what happened (LEGEND estimates speed and bandwidth from it)
+        updates = [Update(n, tasks[n].plan, dict(m.tensors), int(m.meta["samples"]), {**m.meta, **nodes[n]})
+                   for n, m in sorted(outcome.results.items())]  # arrival order must not change sums
+        failed = len(updates) < self.sc.training.min_results
+        metrics = {}
+        if not failed:
+            pos.state, metrics = strat.aggregate(rnd, updates, pos.state)
+        wall_s = (time.perf_counter() - t_round) / f
+        pos.elapsed += wall_s
+        ev, eval_s = self.work.evaluate(gplan, pos.state)
+        for d in nodes.values():
+            if d["status"] == "ok":
+                d["wait_s"] = max(0.0, wall_s - d["compute_s"] - d["upload_s"] - d["download_s"])
+        return {"strategy": entry.name, "round": rnd, "wall_s": wall_s, "elapsed_s": pos.elapsed, **ev,
+                "bytes_up": sum(r.bytes_up for r in outcome.records.values()),
+                "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
+                "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
+                "eval_s": eval_s, "update_counts": update_counts(updates), "metrics": metrics, "events": events,
+                "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}
+
+    def _explain_losses(self, rnd: int, outcome: RoundOutcome) -> list[dict]:
+        """Why a node's result is missing: a fault, or the end of its sandbox (an OOM kill is an event)."""
+        events = []
+        for n, rec in outcome.records.items():
+            why = self.inj.why_failed(n) if rec.status != "ok" else None
+            if why:
+                rec.reason = f"{why} ({rec.reason})" if rec.reason else why
+            elif rec.status != "ok" and n not in self.remote and not self.backend.alive(n):
+                rec.reason = self.backend.exit_reason(n) or rec.reason
+                oom = self.backend.oom(n)
+                if oom:
+                    events.append({"type": "oom", "round": rnd, "node": n, **oom})
+        return events
+
+    def _node_entry(self, n: str, task: Task, outcome: RoundOutcome) -> dict:
+        """A node's part in the round, in emulated seconds, with what it was asked to train."""
+        d = asdict(outcome.records[n])
+        d["profile"] = self.inj.current[n].name  # a profile fault may have switched it
+        d["plan"] = {**task.plan.record(), **task.choices}
+        share = outcome.results[n].meta.get("tail_share") if n in outcome.results else None
+        if isinstance(share, float) and np.isfinite(share):  # HetLoRA self-pruning: the device's measure
+            d["tail_share"] = share
+        for key in ("compute_s", "upload_s", "download_s"):
+            d[key] = d[key] / self.setup.dilation  # emulated seconds, as everything the strategy and results see
+        return d
+
+    def _say_faults(self, strategy: str, rnd: int, events: list[dict]) -> None:
+        for e in events:
+            if e.get("type") == "fault" and e.get("applied"):
+                self.progress.message(f"{strategy} round {rnd}: fault {e['action']} {e['node']}"
+                                      + (f" ({e['how']})" if e.get("how") else ""))
+
+    # -- between strategies ----------------------------------------------------------------
+    def fresh_devices(self, strategy: str) -> None:
+        """Every strategy starts from the same fleet: an emulated device that died under the previous
+        strategy (out of memory, crashed) or is still busy with a task its round gave up on is
+        replaced by a fresh one. Otherwise strategy order would decide who takes part."""
+        why = {}
+        for n in self.nodes:
+            if n.remote:
+                continue
+            if not self.backend.alive(n.name):
+                why[n.name] = self.backend.exit_reason(n.name) or "not running"
+            elif n.name in self.agg.busy:
+                why[n.name] = "still busy with a task of the previous strategy"
+        if not why:
+            return
+        profiles = {n.name: n.profile for n in self.nodes}
+        self.progress.message(f"before {strategy}: restarting {len(why)} device(s): "
+                              + "; ".join(f"{k} ({v})" for k, v in list(why.items())[:8]))
+        for name in why:
+            self.agg.forget(name)
+            self.backend.restart(self.launcher.launch(name, profiles[name]))
+        ready = self.agg.wait_ready(set(why), self.sc.aggregator.register_timeout_s, self.alive)
+        self.restarts.append({"before": strategy, "nodes": why, "not_ready": sorted(set(why) - ready)})
+        if ready != set(why):
+            self.progress.message(f"before {strategy}: {len(why) - len(ready)} restarted device(s) did not "
+                                  f"register and sit this strategy out: {', '.join(sorted(set(why) - ready))}",
+                                  style="yellow")

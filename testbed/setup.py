@@ -1,0 +1,82 @@
+"""Before any node starts: what this host can do, which backend runs the nodes, the time
+dilation, and what the host cannot honour. Made once per run and held in one frozen record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from emulation.backends import BACKENDS, Backend, choose
+from emulation.backends.base import THIS_HOST
+from emulation.backends.docker import DockerBackend, Engine
+from emulation.backends.fleet import Fleet
+from emulation.probe import probe
+
+from .scenario import NodeSpec, Scenario
+from .store import RunError
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    caps: dict                    # the probed capabilities of this host (emulation.probe)
+    backend: str                  # the backend that runs the emulated nodes
+    backend_reason: str
+    dilation: float               # every CPU share and link rate divided by it, every time measured / it
+    fidelity: tuple[str, ...]     # what this host cannot honour, said before any node starts
+    here: frozenset[str]          # nodes whose CPU and memory this host holds
+
+
+def auto_dilation(demands: list[float], per_round: int, cores: int) -> float:
+    """Slow everything down by one factor when the concurrently training nodes need more CPU
+    than the host has; otherwise host contention, not the devices, would set the times."""
+    return max(1.0, sum(sorted(demands, reverse=True)[:per_round]) / max(1, cores))
+
+
+def prepare(sc: Scenario, nodes: list[NodeSpec], requested: str, run_id: str, out: Path) -> tuple[RunSetup, Backend]:
+    """Probe the host, make the backend (nothing started yet), size the dilation."""
+    caps = probe()
+    name, reason = choose(requested, caps)
+    backend = make_backend(sc, nodes, name, run_id, out, caps)
+    local = {n.name: n.profile for n in nodes if not n.remote}
+    hosts = backend.core_demands(local)
+    per_round = sc.training.clients_per_round or len(nodes)
+    if sc.dilation == "off":
+        dilation = 1.0
+    elif sc.dilation == "auto":  # the host that is shortest of cores sets the one factor for all
+        dilation = max(auto_dilation(d, per_round, cores) for cores, d in hosts.values())
+    else:
+        dilation = float(sc.dilation)
+    here = frozenset(n for n in local if backend.on_this_host(n))
+    notes = backend.fidelity([p for n, p in local.items() if n in here], dilation)
+    demand = sum(sorted(hosts.get(THIS_HOST, (0, []))[1], reverse=True)[:per_round])
+    if demand > caps["cores"] * dilation * 1.001:
+        notes.append(f"{per_round} concurrent nodes need {demand:g} cores on {caps['cores']} "
+                     f"with dilation {dilation:g}: compute times include host contention (set dilation: auto)")
+    if dilation > 1 and len(local) < len(nodes):
+        notes.append("remote (real) devices run at real speed: their times are divided by the "
+                     f"dilation {dilation:g} like the emulated ones; use dilation: off to compare them")
+    if name == "process" and any(e.action in ("cut_link", "restore_link", "link") for e in sc.faults.events):
+        notes.append("process backend: links live in the node's transport, so the scenario's link "
+                     "faults are recorded as not applied (use the netns or docker backend)")
+    return RunSetup(caps, name, reason, dilation, tuple(notes), here), backend
+
+
+def make_backend(sc: Scenario, nodes: list[NodeSpec], name: str, run_id: str, out: Path, caps: dict) -> Backend:
+    """The scenario's backend on this host; with `engines:`, a Fleet of it and one docker backend
+    per engine the nodes use. An unreachable engine stops the run before any node starts."""
+    main = BACKENDS[name](run_id, out, caps)
+    used = sorted({n.engine for n in nodes if n.engine})
+    if not used:
+        return main
+    engines = {}
+    try:
+        for engine in used:
+            spec = sc.engines[engine]
+            engines[engine] = DockerBackend(run_id, out, caps,
+                                            Engine(engine, spec.url, bool(spec.same_host), spec.connect, spec.tls))
+    except Exception as exc:
+        for b in [*engines.values(), main]:
+            b.teardown()
+        raise RunError(str(exc)) from exc
+    return Fleet(main, engines, {n.name: n.engine for n in nodes if not n.remote},
+                 {n.name: n.profile for n in nodes})

@@ -1,0 +1,67 @@
+"""What the nodes learn and the aggregator measures: the data split and the model.
+
+Every node's shard (indices only: a node reads the same dataset itself), the held-out set the
+aggregator evaluates the global model on, and the frozen pretrained base, loaded once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from node import trainer
+from node.data import load_dataset
+from node.plan import Plan
+
+from . import partition
+from .scenario import NodeSpec, Scenario, model_spec
+
+
+class Workload:
+    def __init__(self, sc: Scenario, nodes: list[NodeSpec]):
+        self.sc = sc
+        self._split(nodes)
+        self.spec = model_spec(sc)
+        self.base, tok = trainer.load_base(self.spec)
+        ds = self.dataset
+        self.test = trainer.Tokenized(tok, [ds.texts[i] for i in self.test_idx], [ds.labels[i] for i in self.test_idx],
+                                      sc.data.max_len)
+        self.num_blocks = trainer.num_blocks(self.base)
+
+    def _split(self, nodes: list[NodeSpec]) -> None:
+        sc = self.sc
+        ds = self.dataset = load_dataset(sc.data.dataset)
+        labels = np.asarray(ds.labels)
+        train, test = partition.train_test_split(len(ds), sc.data.test_size, sc.data.train_size, sc.seed)
+        if sc.data.partition.kind == "iid":
+            parts = partition.iid(len(train), len(nodes), sc.seed)
+        else:
+            parts = partition.dirichlet(labels[train], len(nodes), sc.data.partition.alpha, sc.seed,
+                                        sc.data.partition.min_per_node)
+        self.shards = {node.name: train[p].astype(np.int32) for node, p in zip(nodes, parts)}
+        self.test_idx = test
+        counts = np.bincount(labels[test], minlength=len(ds.classes))
+        self.majority_rate = float(counts.max() / counts.sum())
+        self.shard_labels = {k: np.bincount(labels[v], minlength=len(ds.classes)).tolist()
+                             for k, v in self.shards.items()}
+
+    def welcome(self, name: str) -> tuple[dict, dict]:
+        """A node's WELCOME: the model to build, the data settings and its shard."""
+        meta = {"model": asdict(self.spec), "data": {"dataset": self.sc.data.dataset, "max_len": self.sc.data.max_len}}
+        return meta, {"shard": self.shards[name]}
+
+    def initial_state(self, plan: Plan) -> dict[str, np.ndarray]:
+        """The untrained global model's trainable tensors under `plan`."""
+        return trainer.trainable_state(trainer.build_model(self.base, plan))
+
+    def evaluate(self, plan: Plan, state: dict) -> tuple[dict, float]:
+        """Accuracy and loss of the global model on the held-out set, and the seconds it took."""
+        t = time.perf_counter()
+        res = trainer.evaluate(self.base, plan, state, self.test)
+        return res, time.perf_counter() - t
+
+    def manifest(self) -> dict:
+        return {"data": {"dataset": self.sc.data.dataset, "train": int(sum(len(s) for s in self.shards.values())),
+                         "test": len(self.test_idx), "majority_rate": self.majority_rate},
+                "model": {**asdict(self.spec), "blocks": self.num_blocks}}
