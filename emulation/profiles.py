@@ -4,20 +4,20 @@
 the reference host (the machine the testbed was calibrated on), so a profile maps directly
 onto a CPU quota (cgroup cfs_quota = cpu_share x period) or, without cgroups, onto stretching
 compute time by 1/cpu_share. Nothing here is a datasheet figure for the transformer step
-itself; each number says where it comes from, and `python -m testbed calibrate` (issue 6) is
+itself; each number says where it comes from, and `python -m testbed calibrate` is
 the way to replace an estimate with a measurement of a real device.
 
 Sources of the figures:
-- Relative CPU speed of the Jetsons: STRATEGIES.md's reconstruction of the LEGEND testbed,
+- Relative CPU speed of the Jetsons: the reconstruction of the LEGEND platform (docs/profiles.md),
   TX2 : Xavier NX : AGX Xavier = 1 : 2 : 4, anchored so that AGX Xavier = 1.0 host core.
 - Raspberry Pi 4 / 5: public Geekbench 5 single-core scores (Pi 4 about 250, Pi 5 about 700)
   against about 1400 for a current x86 server core like the reference host: 0.18 and 0.5.
 - Memory: the boards' RAM (Pi 4 4 GB model, Pi 5 8 GB, TX2 8 GB, NX 8 GB, AGX 32 GB), minus
   about 1 GB each for the OS; TX2/NX/AGX share RAM with their GPU.
-- Links: WiFi rates of the LEGEND platform (1-30 Mbit/s, STRATEGIES.md); Pi on 802.11ac
+- Links: WiFi rates of the LEGEND platform (1-30 Mbit/s, docs/profiles.md); Pi on 802.11ac
   typical home uplink/downlink; latency a typical one-hop WiFi RTT/2.
 - CAFF groups strong / medium / weak: budgets 1.0 / 0.66 / 0.33 of full training
-  (CAFF, STRATEGIES.md): cpu share scales with the budget; the memory limit is the process
+  (CAFF, docs/strategies.md): cpu share scales with the budget; the memory limit is the process
   baseline (503 MB) + budget x the training memory of full fine-tuning of the 6-block MiniLM
   (485 MB at batch 32, length 32), both from testbed.costmodel, + 10% headroom.
 """
@@ -47,7 +47,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("rpi4", 0.18, 1, 3072, 20.0, 40.0, 5.0, "Raspberry Pi 4B 4GB; Geekbench 5 single-core ratio"),
     Profile("rpi5", 0.5, 1, 7168, 40.0, 80.0, 5.0, "Raspberry Pi 5 8GB; Geekbench 5 single-core ratio"),
-    Profile("jetson-tx2", 0.25, 1, 7168, 10.0, 10.0, 10.0, "LEGEND TX2 class, speed 1 of 1:2:4 (STRATEGIES.md)"),
+    Profile("jetson-tx2", 0.25, 1, 7168, 10.0, 10.0, 10.0, "LEGEND TX2 class, speed 1 of 1:2:4 (docs/profiles.md)"),
     Profile("xavier-nx", 0.5, 1, 7168, 10.0, 10.0, 10.0, "LEGEND Xavier NX class, speed 2 of 1:2:4"),
     Profile("agx-xavier", 1.0, 1, 31744, 10.0, 10.0, 10.0, "LEGEND AGX Xavier class, speed 4 of 1:2:4"),
     Profile("caff-strong", 1.0, 1, 1086, 20.0, 20.0, 10.0, "CAFF strong group, budget 1.0 of full training"),

@@ -1,4 +1,4 @@
-"""`python -m testbed run | validate | report | calibrate | clean` (the CLI contract of DESIGN.md)."""
+"""`python -m testbed run | validate | report | calibrate | clean` (the CLI contract: docs/architecture.md)."""
 from __future__ import annotations
 
 import argparse
