@@ -183,7 +183,7 @@ def run_n(n_nodes: int, kinds: list[str], rounds: int, warmup: int, train_s: flo
     real_encode, real_decode = P.encode, P.decode
     rows = []
     try:
-        from testbed.runner import check_result  # the runner's real check (slow import: overlaps node start)
+        from testbed.rounds import check_result  # the round loop's real check (slow import: overlaps node start)
         ready = agg.wait_ready(set(names), 60.0, alive)
         if ready != set(names):
             raise RuntimeError(f"only {len(ready)} of {n_nodes} fake nodes registered")

@@ -285,8 +285,10 @@ def header_bytes(arch: Arch, plan: Plan, meta_bytes: int = 600) -> int:
     stands for the message metadata (the plan on the way down, metrics on the way up, a
     few hundred bytes)."""
     import msgpack
+
+    from node.protocol import PROTOCOL_VERSION
     specs = [[name, "float32", list(shape)] for name, shape in trainable_tensors(arch, plan).items()]
-    header = {"type": "RESULT", "version": 1, "run": "r" * 12, "round": 0, "meta": {}, "tensors": specs}
+    header = {"type": "RESULT", "version": PROTOCOL_VERSION, "run": "r" * 12, "round": 0, "meta": {}, "tensors": specs}
     return len(msgpack.packb(header, use_bin_type=True)) + int(meta_bytes)
 
 

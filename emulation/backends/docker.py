@@ -182,16 +182,16 @@ class DockerBackend(Backend):
         self.root = here and os.geteuid() == 0 and bool(shutil.which("nsenter")) and bool(shutil.which("tc"))
         self.exec_tc = not self.root and bool(shutil.which("docker"))  # uplink via `docker exec tc`
         self.memory_mb = int(self.caps.get("memory_mb") or 0)
-        self.engine_info: dict = {}
+        self.engine_facts: dict = {}  # what the engine said of itself (for the manifest)
         if engine is not None:
             info = self.client.info()
-            self.engine_info = {"name": engine.name, "url": engine.url, "same_host": engine.same_host,
-                                "id": info.get("ID"), "host": info.get("Name"), "version": info.get("ServerVersion"),
-                                "cores": info.get("NCPU"), "memory_mb": int((info.get("MemTotal") or 0) / 2**20),
-                                "arch": info.get("Architecture")}
+            self.engine_facts = {"name": engine.name, "url": engine.url, "same_host": engine.same_host,
+                                 "id": info.get("ID"), "host": info.get("Name"), "version": info.get("ServerVersion"),
+                                 "cores": info.get("NCPU"), "memory_mb": int((info.get("MemTotal") or 0) / 2**20),
+                                 "arch": info.get("Architecture")}
             if not engine.same_host:
                 self.cores = int(info.get("NCPU") or 1)
-                self.memory_mb = self.engine_info["memory_mb"]
+                self.memory_mb = self.engine_facts["memory_mb"]
         self.hash = run_hash(run_id)
         self.labels = {LABEL_RUN: run_id, **({LABEL_ENGINE: engine.name} if engine else {})}
         self.network = None
@@ -247,7 +247,7 @@ class DockerBackend(Backend):
                 took = image.copy_image(self.client, say=lambda m: self.say(f"{self.label}: {m}"))
             except image.ImageError as exc:
                 raise RuntimeError(f"{self.label} ({self.engine.url}): {exc}") from exc
-            self.engine_info["image_copied_s"] = None if took is None else round(took, 1)
+            self.engine_facts["image_copied_s"] = None if took is None else round(took, 1)
 
     def fidelity(self, profiles: list[Profile], dilation: float) -> list[str]:
         notes, me = [], self.label

@@ -71,7 +71,7 @@ class Fleet(Backend):
         return dict(self.endpoints)
 
     def engine_info(self) -> dict[str, dict]:
-        return {name: {**getattr(b, "engine_info", {}), "nodes": self._names(name),
+        return {name: {**getattr(b, "engine_facts", {}), "nodes": self._names(name),
                        "endpoint": self.endpoints.get(name)} for name, b in self.engines.items()}
 
     # -- what the runner asks of a backend ---------------------------------------------------

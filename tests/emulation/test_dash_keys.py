@@ -101,7 +101,7 @@ def test_the_join_line_of_a_real_device(keys, tmp_path):
         assert keys.server_public in line
         env = process_env({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
         with open(tmp_path / "device.log", "wb") as log:
-            proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=tmp_path, env=env, stdout=log,
+            proc = subprocess.Popen(["bash", "-c", line], cwd=tmp_path, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         got = agg.wait_ready({NAME}, 180, lambda _: proc.poll() is None)
         assert got == {NAME}, (tmp_path / "device.log").read_text()[-1500:]

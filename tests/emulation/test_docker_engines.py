@@ -172,7 +172,7 @@ def test_same_host_engine_limits_and_shaping(second_engine, host_caps, tmp_path)
         assert re.search(r"rate 6Mbit", lim["uplink"]), lim["uplink"]
         assert re.search(r"rate 12Mbit", lim["downlink"]), lim["downlink"]
         assert e2.info()["DockerRootDir"] != CLIENT.info()["DockerRootDir"]  # really another engine
-        assert e2.containers.get(f"fedge-{b.hash}-n0") and b.engine_info["url"] == second_engine["url"]
+        assert e2.containers.get(f"fedge-{b.hash}-n0") and b.engine_facts["url"] == second_engine["url"]
     finally:
         b.teardown()
     assert labelled(e2, b.run_id) == []

@@ -10,7 +10,7 @@ import zmq
 
 from node import protocol as P
 from testbed.aggregator import Aggregator
-from testbed.runner import check_result  # imports no torch (node.trainer loads it lazily)
+from testbed.rounds import check_result  # imports no torch (node.trainer loads it lazily)
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ def test_error_text_says_what_was_wrong(agg, dealer):
     s = dealer()
     assert "not valid msgpack" in _reply(agg, s, [b"\xc1"]).meta["error"]
     assert "header must be a map" in _reply(agg, s, [msgpack.packb("x")]).meta["error"]
-    bad_dtype = {"type": P.RESULT, "version": 1, "run": RUN, "round": 0, "meta": {},
+    bad_dtype = {"type": P.RESULT, "version": P.PROTOCOL_VERSION, "run": RUN, "round": 0, "meta": {},
                  "tensors": [["w", "object", [1]]]}
     assert "dtype 'object'" in _reply(agg, s, [msgpack.packb(bad_dtype), b"\0" * 8]).meta["error"]
 
@@ -153,7 +153,7 @@ def test_registered_node_wrong_run_and_forbidden_types(agg, dealer):
 
 def test_overflowing_shape_does_not_crash_the_aggregator(agg, dealer):
     s = dealer()
-    hdr = {"type": P.RESULT, "version": 1, "run": RUN, "round": 0, "meta": {},
+    hdr = {"type": P.RESULT, "version": P.PROTOCOL_VERSION, "run": RUN, "round": 0, "meta": {},
            "tensors": [["w", "float32", [65536] * 4]]}
     rep = _reply(agg, s, [msgpack.packb(hdr), b""])
     assert rep.type == P.ERROR

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from node import protocol as P
 from testbed.aggregator import Aggregator
-from testbed.runner import check_result
+from testbed.rounds import check_result
 
 pytestmark = pytest.mark.integration
 RUN = "fuzz-run"

@@ -24,11 +24,12 @@ def test_a_version_1_folder_resumes_where_it_stopped(tmp_path):
     out = tmp_path / "v1-run"
     shutil.copytree(FIXTURES / "v1-run", out)
     before = read_run(out)
+    old_id = before.manifest["run_id"]
     assert [(r["strategy"], r["round"]) for r in before.rounds][-1] == ("legend", 1)
     r = run_scenario(FIXTURES / "v1-resume.yaml", out, timeout=600, resume=True)
     assert r.manifest["status"] == "finished"
     assert r.manifest["resumed"][-1]["checkpoint_version"] == 1
-    assert r.manifest["resumed"][-1]["from_run_id"] == before.manifest["run_id"]
+    assert r.manifest["resumed"][-1]["from_run_id"] == old_id
     assert [(x["strategy"], x["round"]) for x in r.rounds] == [("fedlora", 0), ("fedlora", 1), ("fedlora", 2),
                                                                ("legend", 0), ("legend", 1), ("legend", 2)]
     assert r.rounds[:5] == before.rounds  # the finished rounds are kept as they were
