@@ -57,6 +57,6 @@ def test_no_issue_numbers_in_code_or_docs():
 
 def test_the_checker_catches_what_it_looks_for(tmp_path):
     f = tmp_path / "x.py"
-    f.write_text('"""See DESIGN.md and docs/none.md, not https://example.org/README.md."""\n')
-    assert citations(f) == ["DESIGN.md", "docs/none.md"]
+    f.write_text('"""See PLANNING.md and docs/none.md, not https://example.org/README.md."""\n')
+    assert citations(f) == ["PLANNING.md", "docs/none.md"]
     assert ISSUE.search("as issue 6 says") and ISSUE.search("(the issue's check)") and not ISSUE.search("tissue 6")
