@@ -22,14 +22,19 @@ Reconstructed here (every choice is a parameter):
   different weight change on each device and aggregation would average incompatible things.
   With alpha proportional to r the scaling is alpha_per_rank everywhere: a device with rank
   r_i uses exactly the leading r_i terms of the global update alpha_per_rank x B A.
-- aggregation, two switches (defaults = the testbed brief; `weighting: norm, padding: zeros`
-  = the paper's sparsity-weighted zero-padding):
-  * `weighting`: `samples` (each device weighted by its sample count, as FedAvg) or `norm`
-    (the paper: ||B_i A_i||_F, computed per LoRA module, i.e. per target of every block);
-  * `padding`: `slice` - rank slice j (row j of A, column j of B) is averaged over the devices
-    that trained it (rank > j), so a low-rank device's zero pad does not shrink the slices it
-    never saw; `zeros` - the paper's literal zero-padding: every slice is divided by the total
-    weight of all devices that sent the module, zeros included.
+- aggregation: the default is the paper's sparsity-weighted zero-padding (`weighting: norm`,
+  `padding: zeros`, `norm_scope: device`); the other settings are named variants:
+  * `weighting`: `norm` (the paper: device i weighs ||Delta W_i||_F, the Frobenius norm of its
+    reconstructed update B_i A_i, normalised over the round's devices) or `samples` (each
+    device weighted by its sample count, as FedAvg);
+  * `norm_scope`: `device` - one weight per device, the norm of its whole update (every LoRA
+    module m stacked: sqrt(sum_m ||B_m A_m||_F^2), the paper's Delta W_i for a model of many
+    modules); `module` - a weight per LoRA module (each target of every block) from that
+    module's ||B_m A_m||_F;
+  * `padding`: `zeros` - the paper's zero-padding: every rank slice is divided by the total
+    weight of all devices that sent the module, a low-rank device's zero pad included;
+    `slice` - rank slice j (row j of A, column j of B) is averaged over the devices that
+    trained it (rank > j), so a zero pad does not shrink the slices a device never saw.
   In both, a slice that no device of the round trained keeps its value (the literal formula
   would reset it to zero whenever no high-rank device is sampled, erasing what they learnt).
   The head (pooler + classifier; not in the paper) is averaged by sample count.
@@ -86,8 +91,10 @@ class HetLoRAParams(Params):
     alpha_per_rank: float = Field(2.0, gt=0, description="alpha = alpha_per_rank x r on every device")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
-    weighting: Literal["samples", "norm"] = "samples"
-    padding: Literal["slice", "zeros"] = "slice"
+    weighting: Literal["norm", "samples"] = Field("norm", description="norm: the paper's ||B A||_F weights")
+    norm_scope: Literal["device", "module"] = Field("device", description="one norm weight per device (its "
+                                                    "whole update) or per LoRA module")
+    padding: Literal["zeros", "slice"] = Field("zeros", description="zeros: the paper's zero-padding")
     self_prune: bool = False
     prune_decay: float = Field(0.5, gt=0, lt=1, description="gamma: a pruned rank r becomes ~gamma x r")
     prune_threshold: float = Field(0.05, gt=0, lt=1, description="prune when the last ranks carry less "
@@ -196,20 +203,31 @@ class HetLoRA(Strategy):
                              f"(expected A (r, in), B (out, r), r <= {self.r_max})")
         return np.asarray(a, np.float64), np.asarray(b, np.float64)
 
+    def device_norm(self, u: Update) -> float:
+        """||Delta W_u||_F of a whole update: sqrt(sum_m ||B_m A_m||_F^2) over its LoRA modules."""
+        return math.sqrt(sum(float(np.linalg.norm(b @ a)) ** 2 for a, b in
+                             (self._pairs(u, m) for m in sorted({module_of(k) for k in u.tensors if is_lora(k)}))))
+
+    def _weights(self, holders: list[Update], pairs, per_device: dict[str, float]) -> np.ndarray:
+        if self.p.weighting == "samples":
+            return np.array([u.num_samples for u in holders], dtype=np.float64)
+        if self.p.norm_scope == "device":
+            return np.array([per_device[u.node] for u in holders])
+        return np.array([np.linalg.norm(b @ a) for a, b in pairs])
+
     def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
         other = {k: v for k, v in state.items() if not is_lora(k)}
         new = dict(state)
         new.update(weighted_average(updates, other))      # head: by sample count
+        per_device = ({u.node: self.device_norm(u) for u in updates}
+                      if self.p.weighting == "norm" and self.p.norm_scope == "device" else {})
         modules = sorted({module_of(k) for k in state if is_lora(k)})
         for m in modules:
             holders = [u for u in updates if m + _A in u.tensors or m + _B in u.tensors]
             if not holders:
                 continue
             pairs = [self._pairs(u, m) for u in holders]
-            if self.p.weighting == "norm":
-                w = np.array([np.linalg.norm(b @ a) for a, b in pairs])
-            else:
-                w = np.array([u.num_samples for u in holders], dtype=np.float64)
+            w = self._weights(holders, pairs, per_device)
             if not w.sum() > 0:
                 w = np.ones(len(holders))
             gA, gB = state[m + _A], state[m + _B]
@@ -230,11 +248,13 @@ class HetLoRA(Strategy):
             a_new[trained] = num_a[trained] / norm[trained, None]
             b_new[:, trained] = num_b[:, trained] / norm[trained]
             new[m + _A], new[m + _B] = a_new.astype(gA.dtype), b_new.astype(gB.dtype)
+        total = sum(per_device.values())
+        metrics = {"norm_weights": {n: v / total for n, v in sorted(per_device.items())}} if total > 0 else {}
         if not self.p.self_prune:
-            return new, {}
+            return new, metrics
         for u in updates:
             self._maybe_prune(u)
-        return new, {"rank_caps": dict(sorted(self.prune_cap.items()))}
+        return new, {**metrics, "rank_caps": dict(sorted(self.prune_cap.items()))}
 
     def tail_share(self, u: Update, keep: int) -> float:
         """Share of u's LoRA update norm in its rank slices keep.. (summed over its modules)."""

@@ -129,12 +129,41 @@ def _two_node_round(params, samples=(1, 3)):
     ups = [_update("weak", tasks["weak"].plan, ret["weak"], samples[0]),
            _update("strong", tasks["strong"].plan, ret["strong"], samples[1])]
     new, metrics = s.aggregate(1, ups, state)
-    assert metrics == {}  # no self-pruning: nothing to report
-    return s, state, ret, new
+    assert "rank_caps" not in metrics  # no self-pruning
+    return s, state, ret, new, metrics
+
+
+def _device_norm(tensors):
+    """||Delta W||_F of a device's whole update: every (block, target) module's B A stacked."""
+    sq = 0.0
+    for b in range(2):
+        for t in ("query", "value"):
+            sq += np.linalg.norm(tensors[Q.format(b, t, "B")].astype(np.float64) @ tensors[Q.format(b, t, "A")]) ** 2
+    return np.sqrt(sq)
+
+
+def test_hetlora_default_is_the_papers_sparsity_weighted_zero_padding():
+    """One weight per device, ||B A||_F of its whole update over the round's sum; every rank
+    slice divided by the total weight, the low-rank device's zero pad included."""
+    s, state, ret, new, metrics = _two_node_round({})
+    assert (s.p.weighting, s.p.norm_scope, s.p.padding) == ("norm", "device", "zeros")
+    nw, ns = _device_norm(ret["weak"]), _device_norm(ret["strong"])
+    pw, ps = nw / (nw + ns), ns / (nw + ns)
+    assert metrics["norm_weights"] == pytest.approx({"weak": pw, "strong": ps}, rel=1e-9)
+    for b in range(2):
+        for t in ("query", "value"):
+            ka, kb = Q.format(b, t, "A"), Q.format(b, t, "B")
+            A_w, A_s, B_w, B_s = ret["weak"][ka], ret["strong"][ka], ret["weak"][kb], ret["strong"][kb]
+            np.testing.assert_allclose(new[ka][:2], pw * A_w + ps * A_s[:2], rtol=1e-5)
+            np.testing.assert_allclose(new[ka][2:], ps * A_s[2:], rtol=1e-5)     # the zero pad counts
+            np.testing.assert_allclose(new[kb][:, :2], pw * B_w + ps * B_s[:, :2], rtol=1e-5)
+            np.testing.assert_allclose(new[kb][:, 2:], ps * B_s[:, 2:], rtol=1e-5)
+    for k in HEAD:                                    # the head (not in the paper): by sample count
+        np.testing.assert_allclose(new[k], 0.25 * ret["weak"][k] + 0.75 * ret["strong"][k], rtol=1e-6)
 
 
 def test_hetlora_slice_aggregation_by_samples():
-    s, state, ret, new = _two_node_round({})          # defaults: weighting samples, padding slice
+    s, state, ret, new, _ = _two_node_round({"weighting": "samples", "padding": "slice"})
     w, st = 1 / 4, 3 / 4
     for b in range(2):
         for t in ("query", "value"):
@@ -150,8 +179,8 @@ def test_hetlora_slice_aggregation_by_samples():
     assert not any(np.shares_memory(new[k], state[k]) for k in state if "lora" in k)
 
 
-def test_hetlora_paper_sparsity_weighted_zero_padding():
-    s, state, ret, new = _two_node_round({"weighting": "norm", "padding": "zeros"})
+def test_hetlora_per_module_norm_weights_with_zero_padding():
+    s, state, ret, new, _ = _two_node_round({"norm_scope": "module"})
     for b in range(2):
         for t in ("query", "value"):
             ka, kb = Q.format(b, t, "A"), Q.format(b, t, "B")
@@ -167,8 +196,8 @@ def test_hetlora_paper_sparsity_weighted_zero_padding():
         np.testing.assert_allclose(new[k], 0.25 * ret["weak"][k] + 0.75 * ret["strong"][k], rtol=1e-6)
 
 
-def test_hetlora_norm_weighting_with_slice_padding():
-    s, state, ret, new = _two_node_round({"weighting": "norm"})
+def test_hetlora_per_module_norm_weights_with_slice_padding():
+    s, state, ret, new, _ = _two_node_round({"norm_scope": "module", "padding": "slice"})
     ka, kb = Q.format(1, "value", "A"), Q.format(1, "value", "B")
     nw = np.linalg.norm(ret["weak"][kb].astype(np.float64) @ ret["weak"][ka])
     ns = np.linalg.norm(ret["strong"][kb].astype(np.float64) @ ret["strong"][ka])
@@ -178,7 +207,7 @@ def test_hetlora_norm_weighting_with_slice_padding():
 
 @pytest.mark.parametrize("padding", ["slice", "zeros"])
 def test_hetlora_slices_no_one_trained_keep_their_value(padding):
-    s = HetLoRA({"ranks": {"rpi4": 2}, "rank_max": 4, "padding": padding}, _ctx(2))
+    s = HetLoRA({"ranks": {"rpi4": 2}, "rank_max": 4, "padding": padding, "weighting": "samples"}, _ctx(2))
     state = _state(2, 4)
     tasks = s.configure(1, [_node("a", "rpi4", 2), _node("b", "rpi4", 6)], state)
     ret = {n: {k: v + (1.0 if n == "a" else 3.0) for k, v in tasks[n].tensors.items()} for n in ("a", "b")}
@@ -221,7 +250,7 @@ def test_hetlora_self_pruning_measured_by_the_server_without_a_report():
     ups = [_update(n, tasks[n].plan, ret[n], 5) for n in ("quiet", "busy")]
     assert s.tail_share(ups[0], 2) < 0.05 < s.tail_share(ups[1], 2)
     _, metrics = s.aggregate(1, ups, state)
-    assert s.prune_cap == {"quiet": 2} and metrics == {"rank_caps": {"quiet": 2}}
+    assert s.prune_cap == {"quiet": 2} and metrics["rank_caps"] == {"quiet": 2}
     assert s.state_dict() == {"prune_cap": {"quiet": 2}}
     tasks2 = s.configure(2, nodes, state)
     assert tasks2["quiet"].plan.lora.r == 2 and tasks2["busy"].plan.lora.r == 4
