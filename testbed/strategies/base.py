@@ -135,8 +135,9 @@ def blocks_of(state: State, blocks) -> State:
     return {k: v for k, v in state.items() if block_of(k) is None or block_of(k) in keep}
 
 
-def weighted_average(updates: list[Update], state: State) -> State:
-    """Each tensor averaged over the updates that carry it, weighted by their sample counts.
+def weighted_average(updates: list[Update], state: State, equal: bool = False) -> State:
+    """Each tensor averaged over the updates that carry it, weighted by their sample counts
+    (`equal`: a plain mean over them).
 
     A tensor no update carries keeps its current value. This one rule is FedAvg when every
     node trains everything, and per-layer averaging when nodes train different blocks.
@@ -146,7 +147,7 @@ def weighted_average(updates: list[Update], state: State) -> State:
         holders = [u for u in updates if name in u.tensors]
         if not holders:
             continue
-        w = np.array([u.num_samples for u in holders], dtype=np.float64)
+        w = np.array([1.0 if equal else u.num_samples for u in holders], dtype=np.float64)
         w = w / w.sum() if w.sum() > 0 else np.full(len(holders), 1 / len(holders))
         acc = np.zeros(state[name].shape, dtype=np.float64)
         for wi, u in zip(w, holders):

@@ -23,9 +23,11 @@ Reconstructed / different here (every choice is a parameter):
 - allocation: each device's n_i distinct blocks drawn uniformly without replacement, from one
   RNG seeded by (scenario seed, round), devices taken in name order, so the matrix is
   reproducible and differs from round to round; nothing forces every block to be covered.
-- one LoRA rank on every block and device (`rank`, alpha default 2 x rank, query and value),
-  head (pooler + classifier) trained by every device; each tensor averaged over the devices
-  that trained it, weighted by sample count; a block no device trained keeps its value.
+- one LoRA rank on every block and device (`rank` 8, `alpha` default = rank: the official
+  code's r 8, alpha 8; query and value here), head (pooler + classifier) trained by every
+  device; each tensor is the plain mean over the devices that trained it in the round
+  (`weighting: mean`, the official code's per-block average; `samples` weights by sample
+  count); a block no device trained keeps its value.
 - each device's choices (rounds.jsonl) are `fedra_blocks` (its row of M) and `fedra_capacity` (n_i).
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ _SALT = 0xFED7A  # keeps this RNG stream apart from the runner's node sampling (
 
 class FedRAParams(Params):
     rank: int = Field(8, ge=1, le=384)
-    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default 2 x rank")
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default = rank (the "
+                                "official code: r 8, alpha 8)")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     capacity_from: Literal["cpu_share", "memory_mb", "fixed"] = "cpu_share"
@@ -55,6 +58,8 @@ class FedRAParams(Params):
                                "'sampled' (strongest sampled device) or 'all' (strongest of the scenario)")
     fixed_blocks: int | dict[str, int] | None = Field(None, description="capacity_from fixed: n, or profile -> n")
     min_blocks: int = Field(1, ge=1)
+    weighting: Literal["mean", "samples"] = Field("mean", description="mean: each tensor the plain mean over "
+                                                  "the devices that trained it (the official code)")
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "FedRAParams":
@@ -127,7 +132,7 @@ class FedRA(Strategy):
     # -- plans -----------------------------------------------------------------------------
     def plan_for(self, blocks: list[int], rnd: int = 0, index: int = 0) -> Plan:
         p = self.p
-        lora = LoraSpec(r=p.rank, alpha=p.alpha or 2 * p.rank, dropout=p.dropout, target_modules=tuple(p.target_modules))
+        lora = LoraSpec(r=p.rank, alpha=p.alpha or p.rank, dropout=p.dropout, target_modules=tuple(p.target_modules))
         return Plan("lora", tuple(blocks), lora=lora, train=self.train_spec(rnd, index))
 
     def global_plan(self) -> Plan:
@@ -140,4 +145,4 @@ class FedRA(Strategy):
                 for i, n in enumerate(nodes)}
 
     def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
-        return weighted_average(updates, state), {}
+        return weighted_average(updates, state, equal=self.p.weighting == "mean"), {}

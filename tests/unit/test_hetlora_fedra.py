@@ -355,7 +355,7 @@ def test_fedra_configure_sends_exactly_allocated_blocks_and_head():
         plan, sent, choices = tasks[n.name].plan, tasks[n.name].tensors, tasks[n.name].choices
         blocks = alloc[n.name]
         assert list(plan.blocks) == blocks == choices["fedra_blocks"] and choices["fedra_capacity"] == len(blocks)
-        assert plan.to_dict()["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"],
+        assert plan.to_dict()["lora"] == {"r": 4, "alpha": 4, "dropout": 0.0, "target_modules": ["query", "value"],
                                           "rank_pattern": {}, "alpha_pattern": {}}
         assert plan.head.train is True and all(isinstance(k, str) for k in plan.to_dict())
         expected = {k for k in state if block_of(k) in blocks} | set(HEAD)
@@ -364,8 +364,11 @@ def test_fedra_configure_sends_exactly_allocated_blocks_and_head():
     assert len({tasks[n.name].plan.train.seed for n in nodes}) == len(nodes)
 
 
-def test_fedra_aggregate_per_block_over_its_trainers():
-    s = FedRA({"capacity_from": "fixed", "fixed_blocks": 2}, _ctx(6))
+@pytest.mark.parametrize("weighting, both", [("mean", (4 + 8) / 2),                # the official code
+                                             ("samples", (4 * 1 + 8 * 3) / 4)])   # the variant
+def test_fedra_aggregate_per_block_over_its_trainers(weighting, both):
+    s = FedRA({"capacity_from": "fixed", "fixed_blocks": 2, "weighting": weighting}, _ctx(6))
+    assert FedRA({}, _ctx(6)).p.weighting == "mean"
     state = _state(6, 4)
     nodes = [_node("a", "rpi4", 1), _node("b", "rpi4", 3)]
     tasks = s.configure(1, nodes, state)
@@ -375,7 +378,7 @@ def test_fedra_aggregate_per_block_over_its_trainers():
     for k in state:
         blk = block_of(k)
         if blk is None or (blk in ba and blk in bb):
-            np.testing.assert_allclose(new[k], state[k] + (4 * 1 + 8 * 3) / 4, rtol=1e-6)
+            np.testing.assert_allclose(new[k], state[k] + both, rtol=1e-6)
         elif blk in ba:
             np.testing.assert_allclose(new[k], state[k] + 4, rtol=1e-6)
         elif blk in bb:
