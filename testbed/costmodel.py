@@ -641,7 +641,8 @@ def estimate(arch: Arch, plan: Plan, runtime_mb: float | None = None, *, allocat
     breakdown = {
         "flops": {"forward": ps.fwd, "backward": ps.bwd, "optimizer": opt_flops,
                   "tokens_per_step": p.batch_size * p.max_len, "lowest_backprop_part": ps.lowest},
-        "memory_mb": {"runtime": runtime_mb, "model_copy": mb(mem["model_copy"]), "received": mb(mem["received"]),
+        "memory_mb": {"runtime": runtime_mb, "weights": arch.weights_mb,  # every weight of the model, float32
+                      "model_copy": mb(mem["model_copy"]), "received": mb(mem["received"]),
                       "activations": mb(mem["activations"]), "gradients": mb(mem["gradients"]),
                       "optimizer": mb(mem["optimizer"]), "transient": mb(mem["transient"]),
                       "retained": mb(mem["retained"]), "peak_phase": mem["peak_phase"],

@@ -33,7 +33,7 @@ def test_a_profile_of_the_scenario_takes_per_profile_parameters():
     assert ctx.num_blocks == 2 and ctx.model_config["num_hidden_layers"] == 2  # from config.json, no weights
     assert s["hetlora"].rank_of(nodes["a-0"]) == 4
     assert s["fedra"].capacities(list(nodes.values())) == {"a-0": 1, "b-0": 2}
-    assert s["caff"].budget(nodes["a-0"]) == 0.5
+    assert s["caff"].budgets.fraction(nodes["a-0"].profile) == 0.5
     assert [len(t.plan.blocks) for t in s["legend"].configure(1, [nodes["a-0"]], {}).values()] == [2]
 
 
