@@ -13,13 +13,19 @@ Reconstructed here (the paper's text was not available; every choice is a parame
   earlier rounds (exponential moving average, weight `ema`), in emulated seconds;
 - a first calibration: a device with no history trains at `calibration_depth` (default: all
   blocks, memory permitting) so its speed is measured on the largest plan;
-- deadline T: the predicted round time of the fastest sampled device at full depth
-  (`deadline: fastest_full`), or a quantile of all sampled devices' full-depth times;
+- deadline T (`deadline`): `straggler` (default) - the unavoidable straggler bound, the
+  largest predicted time at `min_depth` among the sampled devices with history: no round can
+  end sooner than its slowest device at the shallowest plan, so every faster device gets the
+  deepest LoRA it can finish by then and the devices finish together; `fastest_full` - the
+  fastest device's predicted time at full depth (the forward pass through all blocks is a
+  fixed cost, so every device more than ~1.75x slower than the fastest falls to min_depth);
+  `quantile` - a quantile (`deadline_quantile`) of the devices' full-depth times;
 - greedy: for each device, the largest d in [min_depth, L] whose predicted time is <= T and
   whose predicted peak memory (cost model) fits the profile's memory; a device that cannot
-  meet T even at min_depth trains at min_depth (it is the straggler the deadline tolerates);
+  meet T even at min_depth trains at min_depth;
 - the default rank distribution doubles every two blocks toward the output (2,2,4,4,8,8 on 6
-  blocks), scaling alpha = alpha_per_rank x r so all blocks keep the same LoRA scaling;
+  blocks), scaling alpha = alpha_per_rank x r so all blocks keep the same LoRA scaling; it is
+  the same for every device (the paper chooses it per device with the depth: not done here);
 - aggregation: each LoRA tensor averaged over the devices that trained it, weighted by samples
   (ranks per block are the same on every device, so no padding is needed).
 """
@@ -39,7 +45,8 @@ class LegendParams(Params):
     rank_distribution: list[int] | None = Field(None, description="rank of each block, input to output")
     alpha_per_rank: float = Field(2.0, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
-    deadline: Literal["fastest_full", "quantile"] = "fastest_full"
+    deadline: Literal["straggler", "fastest_full", "quantile"] = Field(
+        "straggler", description="straggler: the slowest sampled device's time at min_depth")
     deadline_quantile: float = Field(0.5, ge=0, le=1)
     min_depth: int = Field(1, ge=1)
     calibration_depth: int | None = Field(None, ge=1, description="depth before a device has history; default all")
@@ -118,6 +125,13 @@ class Legend(Strategy):
     def _fits(self, info: NodeInfo, depth: int) -> bool:
         return self._cost(depth).peak_memory_mb <= info.profile.memory_mb
 
+    def _deadline(self, names: list[str]) -> float:
+        """T: the round time the greedy fits every device's depth to (emulated seconds)."""
+        if self.p.deadline == "straggler":
+            return max(self.predict_s(n, self.p.min_depth) for n in names)
+        full = [self.predict_s(n, self.ctx.num_blocks) for n in names]
+        return min(full) if self.p.deadline == "fastest_full" else float(np.quantile(full, self.p.deadline_quantile))
+
     def choose_depths(self, nodes: list[NodeInfo]) -> dict[str, int]:
         """The greedy: per device, the deepest LoRA that meets the round deadline and its memory."""
         L, lo = self.ctx.num_blocks, self.p.min_depth
@@ -125,9 +139,7 @@ class Legend(Strategy):
         depths: dict[str, int] = {}
         self.deadline_s = None
         if known:
-            full = [self.predict_s(n.name, L) for n in known]
-            deadline = min(full) if self.p.deadline == "fastest_full" else float(np.quantile(full, self.p.deadline_quantile))
-            self.deadline_s = float(deadline)
+            deadline = self.deadline_s = self._deadline([n.name for n in known])
         for n in nodes:
             if n.name not in self.speed:  # calibration: measure on the deepest plan that fits
                 d = self.p.calibration_depth or L

@@ -7,6 +7,8 @@ import pytest
 from emulation.profiles import get_profile
 from testbed.scenario import TrainingConfig
 from testbed.strategies.base import Context, NodeInfo, Update
+from node.plan import LoraSpec, Plan, TrainSpec
+from testbed import costmodel as cm
 from testbed.strategies.legend import Legend, default_ranks
 
 
@@ -38,24 +40,68 @@ def test_first_round_calibrates_at_full_depth(ctx):
     assert {n: t.plan.blocks for n, t in tasks.items()} == {"a": tuple(range(6)), "b": tuple(range(6))}
 
 
-def test_slow_devices_get_shallower_lora_and_meet_the_deadline(ctx):
+RANKS = (2, 2, 4, 4, 8, 8)
+
+
+def closed_form(base, d):
+    """(FLOPs, bytes down, bytes up) of a round of LoRA on the top d blocks, from the cost model
+    for a plan built here (ranks 2,2,4,4,8,8 toward the output, 5 steps of batch 16, length 32)."""
+    blocks = tuple(range(6 - d, 6))
+    lora = LoraSpec(r=8, alpha=16, rank_pattern={b: RANKS[b] for b in blocks})
+    c = cm.estimate(cm.Arch.from_config(base.config), Plan("lora", blocks, lora=lora,
+                                                            train=TrainSpec(local_steps=5, batch_size=16, max_len=32)))
+    return c.flops_per_round, c.download_bytes, c.upload_bytes
+
+
+def expected_depths(base, devices, rule):
+    """devices: name -> (FLOP/s, downlink bit/s, uplink bit/s). The round time of a device at depth d
+    is FLOPs(d) / speed + 8 bytes_down(d) / downlink + 8 bytes_up(d) / uplink."""
+    cost = {d: closed_form(base, d) for d in range(1, 7)}
+    t = {n: {d: f / s + 8 * bd / dn + 8 * bu / up for d, (f, bd, bu) in cost.items()}
+         for n, (s, dn, up) in devices.items()}
+    T = max(t[n][1] for n in t) if rule == "straggler" else min(t[n][6] for n in t)
+    return {n: max([d for d in range(1, 7) if t[n][d] <= T * (1 + 1e-9)], default=1) for n in t}, T
+
+
+FAST_LINK = 1e12  # bit/s: the link takes no time
+
+
+@pytest.mark.parametrize("rule, want", [("straggler", {"fast": 6, "mid": 6, "slow": 1}),
+                                        ("fastest_full", {"fast": 6, "mid": 1, "slow": 1})])
+def test_depths_follow_the_deadline_rule_for_devices_of_given_speed(ctx, base, rule, want):
+    """Speeds 4:2:1, links that take no time. FLOPs at depth 1 are about 0.57 of depth 6, so under
+    the straggler bound T = t_slow(1) = 4 F(1) / S both faster devices fit all 6 blocks; under
+    fastest_full T = F(6) / S and a device half as fast fits nothing above depth 1."""
+    S = 2e10
+    devices = {"fast": (S, FAST_LINK, FAST_LINK), "mid": (S / 2, FAST_LINK, FAST_LINK),
+               "slow": (S / 4, FAST_LINK, FAST_LINK)}
+    expected, T = expected_depths(base, devices, rule)
+    assert expected == want
+    f1, f6 = closed_form(base, 1)[0], closed_form(base, 6)[0]
+    assert 0.5 < f1 / f6 < 0.65
+    s = Legend({"deadline": rule}, ctx)
+    s.speed = {n: v[0] for n, v in devices.items()}
+    s.bw_down = {n: v[1] for n, v in devices.items()}
+    s.bw_up = {n: v[2] for n, v in devices.items()}
+    assert s.choose_depths(nodes(("fast", "agx-xavier", {}), ("mid", "xavier-nx", {}), ("slow", "jetson-tx2", {}))) == want
+    assert s.deadline_s == pytest.approx(T, rel=1e-9)
+
+
+def test_a_slow_link_makes_the_straggler_and_sets_the_deadline(ctx, base):
+    """a and b compute equally fast, c at 2/3 of their speed; b's links are 2 Mbit/s, the others'
+    50. b is the straggler at depth 1 (its transfers dominate), and a and c get the deepest depth
+    whose compute and fast transfers fit b's time."""
+    S = 2e10
+    devices = {"a": (S, 50e6, 50e6), "b": (S, 2e6, 2e6), "c": (S / 1.5, 50e6, 50e6)}
+    expected, T = expected_depths(base, devices, "straggler")
     s = Legend({}, ctx)
-    infos = nodes(("fast", "agx-xavier", {}), ("mid", "xavier-nx", {}), ("slow", "jetson-tx2", {}))
-    full = s.plan_for(6)
-    c = s._cost(6)
-    # measured at full depth: compute 10 / 20 / 40 s (speed 4:2:1), links fast
-    for name, t in (("fast", 10.0), ("mid", 20.0), ("slow", 40.0)):
-        s.observe(report(s, name, full, t, 0.1, 0.1, c.upload_bytes, c.download_bytes))
-    depths = s.choose_depths(infos)
-    assert depths["fast"] == 6
-    assert depths["fast"] >= depths["mid"] >= depths["slow"] >= 1
-    assert depths["slow"] < 6
-    deadline = s.predict_s("fast", 6)
-    for n in ("mid", "slow"):
-        d = depths[n]
-        assert s.predict_s(n, d) <= deadline * (1 + 1e-9) or d == s.p.min_depth
-        if d < 6:
-            assert s.predict_s(n, d + 1) > deadline  # greedy: the next deeper plan would be late
+    assert s.p.deadline == "straggler"  # the default
+    s.speed = {n: v[0] for n, v in devices.items()}
+    s.bw_down = {n: v[1] for n, v in devices.items()}
+    s.bw_up = {n: v[2] for n, v in devices.items()}
+    got = s.choose_depths(nodes(("a", "agx-xavier", {}), ("b", "agx-xavier", {}), ("c", "agx-xavier", {})))
+    assert got == expected and got["b"] == 1 and got["a"] > got["c"] >= 1
+    assert s.deadline_s == pytest.approx(T, rel=1e-9)
 
 
 def test_slow_link_lowers_depth(ctx):
