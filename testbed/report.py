@@ -86,6 +86,9 @@ def _strategy_summary(rows: list[dict], target: float) -> dict:
         "total_wall_s": sum(float(r.get("wall_s") or 0) for r in rows),
         "total_bytes_up": sum(int(r.get("bytes_up") or 0) for r in rows),
         "total_bytes_down": sum(int(r.get("bytes_down") or 0) for r in rows),
+        # tensor bytes both ways: the blocks (LoRA adapters or whole blocks) and the task head
+        "payload_bytes": {part: sum(int((r.get("payload") or {}).get(f"{part}_{way}", 0)) for r in rows
+                                    for way in ("up", "down")) for part in ("blocks", "head")},
         "speedup": None,
         "accuracy_at_baseline_time": None,
     }
@@ -292,6 +295,13 @@ def _faults_table(manifest: dict, groups: dict) -> list[str]:
     return out
 
 
+def _split(payload: dict | None) -> str:
+    """Tensor megabytes of the blocks and of the head, both ways (n/a for runs before the split)."""
+    if not payload or not any(payload.values()):
+        return "n/a"
+    return f"{payload.get('blocks', 0) / MB:.2f} / {payload.get('head', 0) / MB:.2f}"
+
+
 def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
     scen = manifest.get("scenario") or {}
     host = manifest.get("host") or {}
@@ -312,8 +322,9 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
         lines += [f"- {name}: {why}" for name, why in manifest["stopped_early"].items()]
     lines += ["", "## Strategies", "",
               "| strategy | rounds | final acc | best acc | time to target (s) | bytes to target (MB) "
-              "| total time (s) | wall (s) | MB up | MB down | speedup | acc at baseline time |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| total time (s) | wall (s) | MB up | MB down | of which blocks / head (MB) | speedup "
+              "| acc at baseline time |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     strategies = summary.get("strategies") or {}
     for name, s in strategies.items():
         rows = groups.get(name) or []
@@ -325,6 +336,7 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
             f"| {_fmt(total, '.1f')} | {_fmt(s.get('total_wall_s'), '.1f')} "
             f"| {_fmt((s.get('total_bytes_up') or 0) / MB, '.2f')} "
             f"| {_fmt((s.get('total_bytes_down') or 0) / MB, '.2f')} "
+            f"| {_split(s.get('payload_bytes'))} "
             f"| {_fmt(s.get('speedup'), '.2f')} | {_fmt(s.get('accuracy_at_baseline_time'))} |")
     lines += ["", f"Times are emulated seconds. Speedup = baseline ({summary.get('baseline')}) "
                   "time-to-target / strategy time-to-target; above 1 means the strategy reached "

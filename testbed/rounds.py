@@ -15,7 +15,7 @@ import numpy as np
 from emulation.backends import Backend
 from emulation.launch import Launcher
 from node import protocol as P
-from node.plan import Plan
+from node.plan import Plan, block_of
 
 from .aggregator import Aggregator, RoundOutcome
 from .faults import Injector
@@ -46,6 +46,18 @@ def check_result(sent: dict, msg: P.Message) -> str | None:
     if not isinstance(ns, int) or isinstance(ns, bool) or ns < 0:
         return "meta.samples must be a non-negative integer"
     return None
+
+
+def payload(tasks: dict[str, Task], outcome: RoundOutcome) -> dict[str, int]:
+    """The tensor bytes of the round, split into the task head (and anything else outside the
+    blocks) and the blocks (LoRA adapters or whole blocks): sent with the tasks, and in the
+    results accepted (protocol headers not included)."""
+    out = {"blocks_down": 0, "head_down": 0, "blocks_up": 0, "head_up": 0}
+    parts = [("down", t.tensors) for t in tasks.values()] + [("up", m.tensors) for m in outcome.results.values()]
+    for way, tensors in parts:
+        for name, v in tensors.items():
+            out[f"{'head' if block_of(name) is None else 'blocks'}_{way}"] += int(np.asarray(v).nbytes)
+    return out
 
 
 @dataclass
@@ -167,6 +179,7 @@ class RoundLoop:
         return {"strategy": entry.name, "round": rnd, "wall_s": wall_s, "elapsed_s": pos.elapsed, **ev,
                 "bytes_up": sum(r.bytes_up for r in outcome.records.values()),
                 "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
+                "payload": payload(tasks, outcome),
                 "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
                 "eval_s": eval_s, "update_counts": update_counts(updates), "metrics": metrics, "events": events,
                 "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 
-from node.plan import Plan, TrainSpec, block_of
+from node.plan import HeadSpec, Plan, TrainSpec, block_of
 
 State = dict[str, np.ndarray]
 
@@ -28,6 +28,15 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lr: float | None = Field(None, gt=0, description="overrides training.lr for this strategy")
     local_steps: int | None = Field(None, ge=1, description="overrides training.local_steps")
+
+
+class HeadParams(Params):
+    """Parameters of a strategy that trains LoRA adapters and the task head."""
+    pooler: bool = Field(False, description="train and send the BERT pooler with the classifier (peft's "
+                         "sequence-classification task saves the classifier alone)")
+
+    def head(self) -> HeadSpec:
+        return HeadSpec(train=True, pooler=self.pooler)
 
 
 def context(info: ValidationInfo) -> "Context | None":

@@ -1,8 +1,8 @@
 """FedLoRA: LoRA with one rank on every block of every node, FedAvg of A and B.
 
 The common LoRA baseline of LEGEND, CAFF, HetLoRA and FedRA: adapters on the attention
-query and value projections of all blocks, the pooler and classifier trained in full (the
-classifier is new for the task), and only those tensors cross the network. Averaging A and B
+query and value projections of all blocks, the classifier trained in full (it is new for the
+task; `pooler: true` trains the BERT pooler too), and only those tensors cross the network. Averaging A and B
 separately is what these papers' FedLoRA does (it is not the average of the products B·A).
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pydantic import Field
 
 from node.plan import LoraSpec, Plan
 
-from .base import NodeInfo, Params, State, Strategy, Task, Update, weighted_average
+from .base import HeadParams, NodeInfo, State, Strategy, Task, Update, weighted_average
 
 
-class FedLoRAParams(Params):
+class FedLoRAParams(HeadParams):
     rank: int = Field(8, ge=1, le=384)
     alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default 2 x rank")
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -32,7 +32,8 @@ class FedLoRA(Strategy):
         return LoraSpec(r=p.rank, alpha=p.alpha or 2 * p.rank, dropout=p.dropout, target_modules=tuple(p.target_modules))
 
     def global_plan(self) -> Plan:
-        return Plan("lora", tuple(range(self.ctx.num_blocks)), lora=self.lora_spec(), train=self.train_spec(0))
+        return Plan("lora", tuple(range(self.ctx.num_blocks)), head=self.p.head(), lora=self.lora_spec(),
+                    train=self.train_spec(0))
 
     def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
         plan = self.global_plan()

@@ -24,8 +24,9 @@ Reconstructed / different here (every choice is a parameter):
   RNG seeded by (scenario seed, round), devices taken in name order, so the matrix is
   reproducible and differs from round to round; nothing forces every block to be covered.
 - one LoRA rank on every block and device (`rank` 8, `alpha` default = rank: the official
-  code's r 8, alpha 8; query and value here), head (pooler + classifier) trained by every
-  device; each tensor is the plain mean over the devices that trained it in the round
+  code's r 8, alpha 8; query and value here), the task head (the classifier; `pooler: true`
+  adds the pooler) trained by every device; each tensor is the plain mean over the devices
+  that trained it in the round
   (`weighting: mean`, the official code's per-block average; `samples` weights by sample
   count); a block no device trained keeps its value.
 - each device's choices (rounds.jsonl) are `fedra_blocks` (its row of M) and `fedra_capacity` (n_i).
@@ -40,13 +41,13 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from node.plan import LoraSpec, Plan
 
-from .base import (NodeInfo, Params, State, Strategy, Task, Update, blocks_of, check_profile_keys, context,
+from .base import (HeadParams, NodeInfo, State, Strategy, Task, Update, blocks_of, check_profile_keys, context,
                    weighted_average)
 
 _SALT = 0xFED7A  # keeps this RNG stream apart from the runner's node sampling ([seed, round])
 
 
-class FedRAParams(Params):
+class FedRAParams(HeadParams):
     rank: int = Field(8, ge=1, le=384)
     alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default = rank (the "
                                 "official code: r 8, alpha 8)")
@@ -133,7 +134,7 @@ class FedRA(Strategy):
     def plan_for(self, blocks: list[int], rnd: int = 0, index: int = 0) -> Plan:
         p = self.p
         lora = LoraSpec(r=p.rank, alpha=p.alpha or p.rank, dropout=p.dropout, target_modules=tuple(p.target_modules))
-        return Plan("lora", tuple(blocks), lora=lora, train=self.train_spec(rnd, index))
+        return Plan("lora", tuple(blocks), head=p.head(), lora=lora, train=self.train_spec(rnd, index))
 
     def global_plan(self) -> Plan:
         return self.plan_for(list(range(self.ctx.num_blocks)))

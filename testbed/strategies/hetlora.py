@@ -37,7 +37,8 @@ Reconstructed here (every choice is a parameter):
     trained it (rank > j), so a zero pad does not shrink the slices a device never saw.
   In both, a slice that no device of the round trained keeps its value (the literal formula
   would reset it to zero whenever no high-rank device is sampled, erasing what they learnt).
-  The head (pooler + classifier; not in the paper) is averaged by sample count.
+  The task head (the classifier, `pooler: true` adds the pooler; not in the paper) is
+  averaged by sample count.
 - self-pruning (`self_prune`), on the device as in the paper: with k = the allowed rank at or
   below prune_decay x r_i, the plan of a device whose rank can still shrink (k < r_i) carries
   `rank_penalty: {keep: k, weight: prune_penalty}`, so its local loss adds
@@ -58,7 +59,8 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from node.plan import LoraSpec, Plan, RankPenalty
 
-from .base import NodeInfo, Params, State, Strategy, Task, Update, check_profile_keys, context, weighted_average
+from .base import (HeadParams, NodeInfo, State, Strategy, Task, Update, check_profile_keys, context,
+                   weighted_average)
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
@@ -81,7 +83,7 @@ def truncate(name: str, value: np.ndarray, r: int) -> np.ndarray:
     return value
 
 
-class HetLoRAParams(Params):
+class HetLoRAParams(HeadParams):
     ranks: dict[str, int] = Field(default_factory=dict, description="profile name -> rank; others use the rule")
     rank_min: int = Field(2, ge=1, le=384)
     rank_max: int = Field(16, ge=1, le=384, description="rank of the global modules (r_max)")
@@ -176,7 +178,7 @@ class HetLoRA(Strategy):
     def plan_for(self, r: int, rnd: int = 0, index: int = 0) -> Plan:
         p = self.p
         lora = LoraSpec(r=int(r), alpha=p.alpha_per_rank * r, dropout=p.dropout, target_modules=tuple(p.target_modules))
-        return Plan("lora", tuple(range(self.ctx.num_blocks)), lora=lora, train=self.train_spec(rnd, index))
+        return Plan("lora", tuple(range(self.ctx.num_blocks)), head=p.head(), lora=lora, train=self.train_spec(rnd, index))
 
     def global_plan(self) -> Plan:
         return self.plan_for(self.r_max)

@@ -38,10 +38,10 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from node.plan import LoraSpec, Plan
 
-from .base import NodeInfo, Params, State, Strategy, Task, Update, blocks_of, context, weighted_average
+from .base import HeadParams, NodeInfo, State, Strategy, Task, Update, blocks_of, context, weighted_average
 
 
-class LegendParams(Params):
+class LegendParams(HeadParams):
     rank_distribution: list[int] | None = Field(None, description="rank of each block, input to output")
     alpha_per_rank: float = Field(2.0, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
@@ -105,7 +105,7 @@ class Legend(Strategy):
         lora = LoraSpec(r=top, alpha=k * top, target_modules=tuple(self.p.target_modules),
                         rank_pattern={b: self.ranks[b] for b in blocks},
                         alpha_pattern={b: k * self.ranks[b] for b in blocks})
-        return Plan("lora", blocks, lora=lora, train=self.train_spec(rnd, index))
+        return Plan("lora", blocks, head=self.p.head(), lora=lora, train=self.train_spec(rnd, index))
 
     def global_plan(self) -> Plan:
         return self.plan_for(self.ctx.num_blocks)

@@ -26,13 +26,13 @@ def _train(B, T, steps):
     return TrainSpec(local_steps=steps, batch_size=B, max_len=T, lr=1e-3, seed=0)
 
 
-def lora(blocks=None, r=8, B=16, T=32, steps=2, head=True, **kw):
+def lora(blocks=None, r=8, B=16, T=32, steps=2, head=True, pooler=True, **kw):
     lo = LoraSpec(**{"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": ("query", "value"), **kw})
-    return Plan("lora", blocks, head=HeadSpec(head), lora=lo, train=_train(B, T, steps))
+    return Plan("lora", blocks, head=HeadSpec(head, pooler), lora=lo, train=_train(B, T, steps))
 
 
-def full(blocks=None, B=16, T=32, steps=2, emb=False, head=True):
-    return Plan("full", blocks, head=HeadSpec(head), train_embeddings=emb, train=_train(B, T, steps))
+def full(blocks=None, B=16, T=32, steps=2, emb=False, head=True, pooler=True):
+    return Plan("full", blocks, head=HeadSpec(head, pooler), train_embeddings=emb, train=_train(B, T, steps))
 
 
 def sized(plan, B, T):
@@ -158,6 +158,10 @@ REAL_PLANS = {
     "lora q,k,v,dense ranks 3:2, no head": lora([1, 3], target_modules=("query", "key", "value", "dense"),
                                                 rank_pattern={3: 2}, head=False),
     "lora output.dense dropout": lora([0, 5], target_modules=("output.dense",), dropout=0.1),
+    "lora all r8, classifier only": lora(pooler=False),
+    "lora top2, classifier only": lora([4, 5], rank_pattern={5: 8, 4: 4}, pooler=False),
+    "full last1 + classifier": last(1, pooler=False),
+    "classifier only": full([], pooler=False),
 }
 
 
@@ -239,7 +243,7 @@ def test_saved_activations_without_dropout(base):
 
 # -- peak memory of the real node ---------------------------------------------------------------
 MEMORY_PLANS = {
-    "lora r8 all blocks, batch 16, len 32": lora(B=16, T=32),
+    "lora r8 all blocks, classifier, b16 t32": lora(B=16, T=32, pooler=False),  # the LoRA strategies' default
     "full last 2 blocks, batch 32, len 64": last(2, B=32, T=64),
     "full with embeddings, batch 16, len 64": full(emb=True, B=16, T=64),
 }

@@ -7,7 +7,7 @@ import pytest
 from emulation.profiles import get_profile
 from testbed.scenario import TrainingConfig
 from testbed.strategies.base import Context, NodeInfo, Update
-from node.plan import LoraSpec, Plan, TrainSpec
+from node.plan import HeadSpec, LoraSpec, Plan, TrainSpec
 from testbed import costmodel as cm
 from testbed.strategies.legend import Legend, default_ranks
 
@@ -45,10 +45,11 @@ RANKS = (2, 2, 4, 4, 8, 8)
 
 def closed_form(base, d):
     """(FLOPs, bytes down, bytes up) of a round of LoRA on the top d blocks, from the cost model
-    for a plan built here (ranks 2,2,4,4,8,8 toward the output, 5 steps of batch 16, length 32)."""
+    for a plan built here (ranks 2,2,4,4,8,8 toward the output, the classifier as the head, 5
+    steps of batch 16, length 32)."""
     blocks = tuple(range(6 - d, 6))
     lora = LoraSpec(r=8, alpha=16, rank_pattern={b: RANKS[b] for b in blocks})
-    c = cm.estimate(cm.Arch.from_config(base.config), Plan("lora", blocks, lora=lora,
+    c = cm.estimate(cm.Arch.from_config(base.config), Plan("lora", blocks, lora=lora, head=HeadSpec(pooler=False),
                                                             train=TrainSpec(local_steps=5, batch_size=16, max_len=32)))
     return c.flops_per_round, c.download_bytes, c.upload_bytes
 
@@ -88,11 +89,11 @@ def test_depths_follow_the_deadline_rule_for_devices_of_given_speed(ctx, base, r
 
 
 def test_a_slow_link_makes_the_straggler_and_sets_the_deadline(ctx, base):
-    """a and b compute equally fast, c at 2/3 of their speed; b's links are 2 Mbit/s, the others'
+    """a and b compute equally fast, c at 2/3 of their speed; b's links are 0.1 Mbit/s, the others'
     50. b is the straggler at depth 1 (its transfers dominate), and a and c get the deepest depth
     whose compute and fast transfers fit b's time."""
     S = 2e10
-    devices = {"a": (S, 50e6, 50e6), "b": (S, 2e6, 2e6), "c": (S / 1.5, 50e6, 50e6)}
+    devices = {"a": (S, 50e6, 50e6), "b": (S, 0.1e6, 0.1e6), "c": (S / 1.5, 50e6, 50e6)}
     expected, T = expected_depths(base, devices, "straggler")
     s = Legend({}, ctx)
     assert s.p.deadline == "straggler"  # the default
@@ -100,7 +101,7 @@ def test_a_slow_link_makes_the_straggler_and_sets_the_deadline(ctx, base):
     s.bw_down = {n: v[1] for n, v in devices.items()}
     s.bw_up = {n: v[2] for n, v in devices.items()}
     got = s.choose_depths(nodes(("a", "agx-xavier", {}), ("b", "agx-xavier", {}), ("c", "agx-xavier", {})))
-    assert got == expected and got["b"] == 1 and got["a"] > got["c"] >= 1
+    assert got == expected and got["b"] == 1 and got["a"] >= got["c"] > 1
     assert s.deadline_s == pytest.approx(T, rel=1e-9)
 
 

@@ -26,7 +26,7 @@ def test_construction_normalises_what_the_wire_cannot_keep():
     assert Plan("full", [3, 1, 3]).blocks == (1, 3)
     d = LORA.to_dict()
     assert d["lora"]["rank_pattern"] == {"4": 2, "5": 8} and d["blocks"] == [4, 5]
-    assert d["rank_penalty"] == {"keep": 2, "weight": 0.1} and d["head"] == {"train": True}
+    assert d["rank_penalty"] == {"keep": 2, "weight": 0.1} and d["head"] == {"train": True, "pooler": True}
 
 
 def test_the_rank_pattern_key_format_is_peft_s_and_reaches_attention_projections_only():

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from node import trainer  # noqa: E402
 from node.data import load_dataset  # noqa: E402
-from node.plan import LoraSpec, Plan, RankPenalty, TrainSpec  # noqa: E402
+from node.plan import HeadSpec, LoraSpec, Plan, RankPenalty, TrainSpec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,10 @@ def base():
     return model, data
 
 
-def lora_plan(blocks=None, lora=None, rank_penalty=None, **train):
+def lora_plan(blocks=None, lora=None, rank_penalty=None, head=None, **train):
     t = {"local_steps": 2, "batch_size": 8, "lr": 1e-2, "seed": 1, **train}
-    return Plan("lora", blocks, lora=lora or LoraSpec(r=4, alpha=8), train=TrainSpec(**t), rank_penalty=rank_penalty)
+    return Plan("lora", blocks, head=head or HeadSpec(), lora=lora or LoraSpec(r=4, alpha=8), train=TrainSpec(**t),
+                rank_penalty=rank_penalty)
 
 
 def full_plan(blocks, **kw):
@@ -51,6 +52,16 @@ def test_lora_plan_trains_and_sends_only_adapters_and_head(base):
     assert not any("layer.0." in k for k in state)
     assert state["base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"].shape == (4, 384)
     assert sum(v.size for v in state.values()) < 0.05 * sum(p.numel() for p in model.parameters())
+
+
+def test_the_classifier_alone_is_the_head_without_the_pooler(base):
+    model, _ = base
+    for plan in (lora_plan(blocks=[1], head=HeadSpec(pooler=False)), full_plan([1], head=HeadSpec(pooler=False))):
+        state = trainer.trainable_state(trainer.build_model(model, plan))
+        assert any("classifier" in k for k in state) and not any("pooler" in k for k in state), sorted(state)
+    with_pooler = trainer.trainable_state(trainer.build_model(model, lora_plan(blocks=[1])))
+    assert {k for k in with_pooler if "pooler" in k} == {"base_model.model.bert.pooler.dense.weight",
+                                                          "base_model.model.bert.pooler.dense.bias"}
 
 
 def test_full_plan_unfreezes_only_chosen_blocks(base):
@@ -101,14 +112,17 @@ def test_evaluate_reports_accuracy(base):
     full_plan([0, 1], train_embeddings=True),
     full_plan([]),
     lora_plan(blocks=[1]),
-], ids=["full-top", "full-all-emb", "head-only", "lora"])
+    replace(lora_plan(blocks=[1]), head=HeadSpec(pooler=False)),
+    full_plan([1], head=HeadSpec(pooler=False)),
+], ids=["full-top", "full-all-emb", "head-only", "lora", "lora-classifier", "full-top-classifier"])
 def test_frozen_weights_are_shared_and_the_base_is_never_written(base, plan):
     model, data = base
     m = trainer.build_model(model, plan)
     base_ids = {id(p): k for k, p in model.named_parameters()}
     for name, p in m.named_parameters():
         key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        if p.requires_grad or key.startswith(trainer.HEAD_PREFIXES) or ".original_module." in name:
+        own_head = bool(trainer.head_prefixes(plan.head)) and key.startswith(trainer.head_prefixes(plan.head))
+        if p.requires_grad or own_head or ".original_module." in name:
             assert id(p) not in base_ids, f"{name} trains (or is the head): it must be the model's own copy"
         else:
             assert base_ids.get(id(p)) == key, f"{name} is frozen: it must be the base's tensor, not a copy"
