@@ -62,26 +62,7 @@ from node.plan import LoraSpec, Plan, RankPenalty
 from .base import (HeadParams, NodeInfo, State, Strategy, Task, Update, check_profile_keys, context,
                    weighted_average)
 
-_A, _B = ".lora_A.weight", ".lora_B.weight"
-
-
-def is_lora(name: str) -> bool:
-    return name.endswith(_A) or name.endswith(_B)
-
-
-def module_of(name: str) -> str:
-    """The LoRA module a lora_A/lora_B tensor belongs to (its name without the suffix)."""
-    return name[: -len(_A)] if name.endswith(_A) else name[: -len(_B)]
-
-
-def truncate(name: str, value: np.ndarray, r: int) -> np.ndarray:
-    """The leading r rank slices of a LoRA tensor (A: rows, B: columns); other tensors as they are."""
-    if name.endswith(_A):
-        return np.ascontiguousarray(value[:r, :])
-    if name.endswith(_B):
-        return np.ascontiguousarray(value[:, :r])
-    return value
-
+from .padded import A, is_lora, module_of, padded_average, pair, truncate
 
 class HetLoRAParams(HeadParams):
     ranks: dict[str, int] = Field(default_factory=dict, description="profile name -> rank; others use the rule")
@@ -197,59 +178,26 @@ class HetLoRA(Strategy):
 
     # -- aggregation -----------------------------------------------------------------------
     def _pairs(self, u: Update, module: str) -> tuple[np.ndarray, np.ndarray]:
-        a, b = u.tensors.get(module + _A), u.tensors.get(module + _B)
-        if a is None or b is None:
-            raise ValueError(f"hetlora: {u.node} sent only one of lora_A/lora_B of {module}")
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] > self.r_max:
-            raise ValueError(f"hetlora: {u.node} sent {module} with A {a.shape}, B {b.shape} "
-                             f"(expected A (r, in), B (out, r), r <= {self.r_max})")
-        return np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return pair(u, module, self.r_max, "hetlora")
 
     def device_norm(self, u: Update) -> float:
         """||Delta W_u||_F of a whole update: sqrt(sum_m ||B_m A_m||_F^2) over its LoRA modules."""
         return math.sqrt(sum(float(np.linalg.norm(b @ a)) ** 2 for a, b in
                              (self._pairs(u, m) for m in sorted({module_of(k) for k in u.tensors if is_lora(k)}))))
 
-    def _weights(self, holders: list[Update], pairs, per_device: dict[str, float]) -> np.ndarray:
-        if self.p.weighting == "samples":
-            return np.array([u.num_samples for u in holders], dtype=np.float64)
-        if self.p.norm_scope == "device":
-            return np.array([per_device[u.node] for u in holders])
-        return np.array([np.linalg.norm(b @ a) for a, b in pairs])
-
     def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
-        other = {k: v for k, v in state.items() if not is_lora(k)}
-        new = dict(state)
-        new.update(weighted_average(updates, other))      # head: by sample count
         per_device = ({u.node: self.device_norm(u) for u in updates}
                       if self.p.weighting == "norm" and self.p.norm_scope == "device" else {})
-        modules = sorted({module_of(k) for k in state if is_lora(k)})
-        for m in modules:
-            holders = [u for u in updates if m + _A in u.tensors or m + _B in u.tensors]
-            if not holders:
-                continue
-            pairs = [self._pairs(u, m) for u in holders]
-            w = self._weights(holders, pairs, per_device)
-            if not w.sum() > 0:
-                w = np.ones(len(holders))
-            gA, gB = state[m + _A], state[m + _B]
-            num_a = np.zeros(gA.shape, np.float64)
-            num_b = np.zeros(gB.shape, np.float64)
-            den = np.zeros(self.r_max, np.float64)    # weight of the devices that trained each slice
-            for wi, (a, b) in zip(w, pairs):
-                r = a.shape[0]
-                if a.shape[1] != gA.shape[1] or b.shape[0] != gB.shape[0]:
-                    raise ValueError(f"hetlora: {m}: A {a.shape}/B {b.shape} do not fit "
-                                     f"the global {gA.shape}/{gB.shape}")
-                num_a[:r] += wi * a
-                num_b[:, :r] += wi * b
-                den[:r] += wi
-            trained = den > 0
-            norm = den if self.p.padding == "slice" else np.where(trained, w.sum(), 0.0)
-            a_new, b_new = gA.astype(np.float64), gB.astype(np.float64)
-            a_new[trained] = num_a[trained] / norm[trained, None]
-            b_new[:, trained] = num_b[:, trained] / norm[trained]
-            new[m + _A], new[m + _B] = a_new.astype(gA.dtype), b_new.astype(gB.dtype)
+
+        def weights(module, holders, pairs) -> np.ndarray:
+            if self.p.weighting == "samples":
+                return np.array([u.num_samples for u in holders], dtype=np.float64)
+            if self.p.norm_scope == "device":
+                return np.array([per_device[u.node] for u in holders])
+            return np.array([np.linalg.norm(b @ a) for a, b in pairs])
+
+        new = padded_average(updates, state, weights, self.p.padding, "hetlora")
+        new.update(weighted_average(updates, {k: v for k, v in state.items() if not is_lora(k)}))  # head: samples
         total = sum(per_device.values())
         metrics = {"norm_weights": {n: v / total for n, v in sorted(per_device.items())}} if total > 0 else {}
         if not self.p.self_prune:
@@ -268,7 +216,7 @@ class HetLoRA(Strategy):
         return tail / total if total > 0 else 0.0
 
     def _maybe_prune(self, u: Update) -> None:
-        ranks = [v.shape[0] for k, v in u.tensors.items() if k.endswith(_A)]
+        ranks = [v.shape[0] for k, v in u.tensors.items() if k.endswith(A)]
         if not ranks:
             return
         r = max(ranks)
