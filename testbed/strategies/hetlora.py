@@ -61,7 +61,6 @@ from node.plan import LoraSpec, Plan, RankPenalty
 
 from .base import (HeadParams, NodeInfo, State, Strategy, Task, Update, check_profile_keys, context,
                    weighted_average)
-
 from .padded import A, is_lora, module_of, padded_average, pair, truncate
 
 class HetLoRAParams(HeadParams):
