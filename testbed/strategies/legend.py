@@ -23,11 +23,20 @@ Reconstructed here (the paper's text was not available; every choice is a parame
 - greedy: for each device, the largest d in [min_depth, L] whose predicted time is <= T and
   whose predicted peak memory (cost model) fits the profile's memory; a device that cannot
   meet T even at min_depth trains at min_depth;
-- the default rank distribution doubles every two blocks toward the output (2,2,4,4,8,8 on 6
-  blocks), scaling alpha = alpha_per_rank x r so all blocks keep the same LoRA scaling; it is
-  the same for every device (the paper chooses it per device with the depth: not done here);
-- aggregation: each LoRA tensor averaged over the devices that trained it, weighted by samples
-  (ranks per block are the same on every device, so no padding is needed).
+- the rank distribution: `rank_distribution` is the global (largest) rank of each block,
+  doubling every two blocks toward the output by default (2,2,4,4,8,8 on 6 blocks); with
+  `rank_scaling: capability` (default) device i trains block b at rank
+  max(rank_min, floor(c_i x r_b)), c_i = min(speed_i / the fastest sampled device's speed,
+  link_i / the best sampled link), link = the harmonic mean of a device's up- and downlink
+  rates (1 for a device with no history): a rank budget from the device's capability, spread
+  over its depth so that it grows toward the output, and chosen jointly with the depth (the
+  greedy prices each depth with the device's ranks); `rank_scaling: none` gives every device
+  the global ranks; alpha = alpha_per_rank x r on every block and device, so a device's
+  leading rank slices mean the same on every device;
+- aggregation, per layer: each LoRA module zero-padded to its global rank (`padding: zeros`,
+  or `slice`: each rank slice over the devices that trained it), weighted by sample count;
+  a device receives the leading slices of the global modules (truncation); the head is
+  averaged by sample count.
 """
 from __future__ import annotations
 
@@ -36,9 +45,10 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, model_validator
 
-from node.plan import LoraSpec, Plan
+from node.plan import LoraSpec, Plan, block_of
 
 from .base import HeadParams, NodeInfo, State, Strategy, Task, Update, blocks_of, context, weighted_average
+from .padded import is_lora, padded_average, truncate
 
 
 class LegendParams(HeadParams):
@@ -51,6 +61,11 @@ class LegendParams(HeadParams):
     min_depth: int = Field(1, ge=1)
     calibration_depth: int | None = Field(None, ge=1, description="depth before a device has history; default all")
     ema: float = Field(0.5, gt=0, le=1, description="weight of the newest measurement in the estimates")
+    rank_scaling: Literal["capability", "none"] = Field("capability", description="each device's ranks: the "
+                                                        "global ones scaled by its capability, or the global ones")
+    rank_min: int = Field(1, ge=1)
+    padding: Literal["zeros", "slice"] = Field("zeros", description="heterogeneous ranks: zero-padding (zeros) "
+                                               "or per rank slice over its trainers (slice)")
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "LegendParams":
@@ -88,7 +103,7 @@ class Legend(Strategy):
         self.bw_up: dict[str, float] = {}     # bit per emulated second
         self.bw_down: dict[str, float] = {}
         self.deadline_s: float | None = None  # the round time the last greedy aimed at
-        self._costs: dict[int, object] = {}
+        self._costs: dict[tuple, object] = {}
 
     def state_dict(self) -> dict:
         return {"speed": dict(self.speed), "bw_up": dict(self.bw_up), "bw_down": dict(self.bw_down)}
@@ -98,75 +113,93 @@ class Legend(Strategy):
             setattr(self, key, {str(n): float(v) for n, v in state.get(key, {}).items()})
 
     # -- plans -----------------------------------------------------------------------------
-    def plan_for(self, depth: int, rnd: int = 0, index: int = 0) -> Plan:
+    def plan_for(self, depth: int, ranks: list[int] | None = None, rnd: int = 0, index: int = 0) -> Plan:
+        """LoRA on the top `depth` blocks, block b at rank ranks[b] (default: the global ranks)."""
         L, k = self.ctx.num_blocks, self.p.alpha_per_rank
+        ranks = self.ranks if ranks is None else ranks
         blocks = tuple(range(L - depth, L))
-        top = max(self.ranks)
+        top = max(ranks[b] for b in blocks)
         lora = LoraSpec(r=top, alpha=k * top, target_modules=tuple(self.p.target_modules),
-                        rank_pattern={b: self.ranks[b] for b in blocks},
-                        alpha_pattern={b: k * self.ranks[b] for b in blocks})
+                        rank_pattern={b: ranks[b] for b in blocks}, alpha_pattern={b: k * ranks[b] for b in blocks})
         return Plan("lora", blocks, head=self.p.head(), lora=lora, train=self.train_spec(rnd, index))
 
     def global_plan(self) -> Plan:
         return self.plan_for(self.ctx.num_blocks)
 
-    def _cost(self, depth: int):
-        """Cost-model figures of the plan at `depth` (the same for every device and round)."""
-        if depth not in self._costs:
+    def _cost(self, depth: int, ranks: list[int] | None = None):
+        """Cost-model figures of LoRA at `depth` with `ranks` (the same for every round)."""
+        key = (depth, tuple(self.ranks if ranks is None else ranks))
+        if key not in self._costs:
             from ..costmodel import estimate
-            self._costs[depth] = estimate(self.arch, self.plan_for(depth))
-        return self._costs[depth]
+            self._costs[key] = estimate(self.arch, self.plan_for(depth, ranks))
+        return self._costs[key]
 
-    def predict_s(self, node: str, depth: int) -> float:
-        c = self._cost(depth)
+    def predict_s(self, node: str, depth: int, ranks: list[int] | None = None) -> float:
+        c = self._cost(depth, ranks)
         return (c.flops_per_round / self.speed[node] + c.download_bytes * 8 / self.bw_down[node]
                 + c.upload_bytes * 8 / self.bw_up[node])
 
-    def _fits(self, info: NodeInfo, depth: int) -> bool:
-        return self._cost(depth).peak_memory_mb <= info.profile.memory_mb
+    def _fits(self, info: NodeInfo, depth: int, ranks: list[int] | None = None) -> bool:
+        return self._cost(depth, ranks).peak_memory_mb <= info.profile.memory_mb
 
-    def _deadline(self, names: list[str]) -> float:
+    def _link(self, node: str) -> float:
+        return 2 / (1 / self.bw_up[node] + 1 / self.bw_down[node])
+
+    def device_ranks(self, node: str, known: list[str]) -> list[int]:
+        """The device's rank of each block: the global ranks scaled by its capability c, the lower
+        of its speed and its link relative to the best of the sampled devices with history."""
+        if self.p.rank_scaling == "none" or node not in self.speed:
+            return list(self.ranks)
+        c = min(self.speed[node] / max(self.speed[n] for n in known),
+                self._link(node) / max(self._link(n) for n in known))
+        return [max(min(self.p.rank_min, r), int(c * r + 1e-9)) for r in self.ranks]
+
+    def _deadline(self, names: list[str], ranks: dict[str, list[int]]) -> float:
         """T: the round time the greedy fits every device's depth to (emulated seconds)."""
         if self.p.deadline == "straggler":
-            return max(self.predict_s(n, self.p.min_depth) for n in names)
-        full = [self.predict_s(n, self.ctx.num_blocks) for n in names]
+            return max(self.predict_s(n, self.p.min_depth, ranks[n]) for n in names)
+        full = [self.predict_s(n, self.ctx.num_blocks, ranks[n]) for n in names]
         return min(full) if self.p.deadline == "fastest_full" else float(np.quantile(full, self.p.deadline_quantile))
 
-    def choose_depths(self, nodes: list[NodeInfo]) -> dict[str, int]:
-        """The greedy: per device, the deepest LoRA that meets the round deadline and its memory."""
+    def choose(self, nodes: list[NodeInfo]) -> dict[str, tuple[int, list[int]]]:
+        """The greedy: per device, its ranks and the deepest LoRA that meets the deadline and its memory."""
         L, lo = self.ctx.num_blocks, self.p.min_depth
-        known = [n for n in nodes if n.name in self.speed]
-        depths: dict[str, int] = {}
-        self.deadline_s = None
-        if known:
-            deadline = self.deadline_s = self._deadline([n.name for n in known])
+        known = [n.name for n in nodes if n.name in self.speed]
+        ranks = {n.name: self.device_ranks(n.name, known) for n in nodes}
+        self.deadline_s = deadline = self._deadline(known, ranks) if known else None
+        out: dict[str, tuple[int, list[int]]] = {}
         for n in nodes:
+            r = ranks[n.name]
             if n.name not in self.speed:  # calibration: measure on the deepest plan that fits
                 d = self.p.calibration_depth or L
-                while d > lo and not self._fits(n, d):
+                while d > lo and not self._fits(n, d, r):
                     d -= 1
             else:
-                d = lo
-                for cand in range(L, lo - 1, -1):
-                    if self.predict_s(n.name, cand) <= deadline * (1 + 1e-9) and self._fits(n, cand):
-                        d = cand
-                        break
-            depths[n.name] = min(L, max(lo, d))
-        return depths
+                d = next((cand for cand in range(L, lo - 1, -1)
+                          if self.predict_s(n.name, cand, r) <= deadline * (1 + 1e-9) and self._fits(n, cand, r)), lo)
+            out[n.name] = (min(L, max(lo, d)), r)
+        return out
 
     def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
-        depths = self.choose_depths(nodes)
+        chosen = self.choose(nodes)
         tasks = {}
         for i, n in enumerate(nodes):
-            plan = self.plan_for(depths[n.name], rnd, i)
-            tasks[n.name] = Task(plan, blocks_of(state, plan.blocks), {"legend_depth": depths[n.name]})
+            depth, ranks = chosen[n.name]
+            plan = self.plan_for(depth, ranks, rnd, i)
+            pattern = dict(plan.lora.rank_pattern)
+            tensors = {k: truncate(k, v, pattern[block_of(k)]) if is_lora(k) else v
+                       for k, v in blocks_of(state, plan.blocks).items()}
+            tasks[n.name] = Task(plan, tensors, {"legend_depth": depth,
+                                                 "legend_ranks": [pattern[b] for b in plan.blocks]})
         return tasks
 
     # -- learning from the round -----------------------------------------------------------
     def observe(self, u: Update) -> None:
         m, a = u.metrics, self.p.ema
-        depth = len(u.plan.blocks)  # LoRA on the top `depth` blocks
-        c = self._cost(depth)
+        ranks = list(self.ranks)
+        for b, r in u.plan.lora.rank_pattern:
+            ranks[b] = r
+        c = self._cost(len(u.plan.blocks), ranks)  # the plan the device trained
         samples = {}
         if m.get("compute_s", 0) > 0:
             samples["speed"] = c.flops_per_round / m["compute_s"]
@@ -186,4 +219,7 @@ class Legend(Strategy):
     def aggregate(self, rnd: int, updates: list[Update], state: State) -> tuple[State, dict]:
         for u in updates:
             self.observe(u)
-        return weighted_average(updates, state), {"deadline_s": self.deadline_s}
+        samples = lambda m, holders, pairs: np.array([u.num_samples for u in holders], dtype=np.float64)  # noqa: E731
+        new = padded_average(updates, state, samples, self.p.padding, "legend")
+        new.update(weighted_average(updates, {k: v for k, v in state.items() if not is_lora(k)}))
+        return new, {"deadline_s": self.deadline_s}
