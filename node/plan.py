@@ -35,6 +35,12 @@ def block_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def renumber(name: str, mapping: dict[int, int]) -> str:
+    """`name` with its block index b replaced by mapping[b] (a name outside the blocks as it is)."""
+    return _BLOCK.sub(lambda m: ("." if m.group(0).startswith(".") else "") + f"layer.{mapping[int(m.group(1))]}.",
+                      name, count=1)
+
+
 def pattern_key(block: int, target: str) -> str:
     """peft's `rank_pattern` / `alpha_pattern` key for LoRA target `target` in block `block`.
 
@@ -173,7 +179,10 @@ class Plan:
     """What one node trains in one round.
 
     blocks: the transformer blocks that train (method full: unfrozen whole; method lora: where
-    the adapters go), in ascending order; None = every block of the model."""
+    the adapters go), in ascending order; None = every block of the model.
+    submodel: the node builds a smaller model of these blocks alone, in order (FedRA's
+    execution): the other blocks cost it nothing; tensors keep their blocks' global names on
+    the wire."""
     method: Method
     blocks: tuple[int, ...] | None = None
     head: HeadSpec = field(default_factory=HeadSpec)
@@ -181,6 +190,7 @@ class Plan:
     lora: LoraSpec | None = None          # method lora only
     train_embeddings: bool = False        # method full only
     rank_penalty: RankPenalty | None = None  # method lora only
+    submodel: bool = False                # method lora only: the node runs a model of `blocks` alone
 
     def __post_init__(self):
         _require(self.method in METHODS, f"plan method {self.method!r} is not one of: {', '.join(METHODS)}")
@@ -193,6 +203,9 @@ class Plan:
             _require(value is None and name in ("lora", "rank_penalty") or isinstance(value, kind),
                      f"plan {name} must be a {kind.__name__}, got {type(value).__name__}")
         _require(isinstance(self.train_embeddings, bool), "plan train_embeddings must be true or false")
+        _require(isinstance(self.submodel, bool), "plan submodel must be true or false")
+        _require(not self.submodel or (self.method == "lora" and self.blocks is not None),
+                 "a submodel plan needs method lora and its blocks listed")
         if self.method == "lora":
             _require(self.lora is not None, "a lora plan needs its lora spec")
             _require(self.blocks is None or len(self.blocks) > 0,
@@ -209,9 +222,15 @@ class Plan:
                  f"plan names blocks {blocks} but the model has blocks 0..{num_blocks - 1}")
         return blocks
 
+    def local_blocks(self) -> dict[int, int]:
+        """Global block -> its index in the model the node runs (the identity unless a submodel)."""
+        return {b: i for i, b in enumerate(self.blocks)} if self.submodel else {}
+
     def record(self) -> dict[str, Any]:
-        """What results keep of the plan: method, blocks and the rank penalty."""
+        """What results keep of the plan: method, blocks, the rank penalty, a submodel."""
         out: dict[str, Any] = {"method": self.method, "blocks": None if self.blocks is None else list(self.blocks)}
+        if self.submodel:
+            out["submodel"] = True
         if self.rank_penalty is not None:
             out["rank_penalty"] = asdict(self.rank_penalty)
         return out

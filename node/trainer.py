@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .plan import Plan, block_of
+from dataclasses import replace
+
+from .plan import Plan, block_of, renumber
 
 MODELS = {
     # name -> (package, function giving the local folder of the HF files)
@@ -152,6 +154,13 @@ def build_model(base, plan: Plan):
     # copy it makes itself (modules_to_save), but the head is kept private here too
     model = _copy_sharing_frozen(base, lambda name: bool(head) and name.startswith(head))
     lo = plan.lora
+    if plan.submodel:  # a model of the plan's blocks alone, renumbered 0..k-1 (FedRA)
+        local = plan.local_blocks()
+        model.bert.encoder.layer = torch.nn.ModuleList(model.bert.encoder.layer[b] for b in blocks)
+        model.config.num_hidden_layers = len(blocks)
+        lo = replace(lo, rank_pattern={local[b]: r for b, r in lo.rank_pattern},
+                     alpha_pattern={local[b]: a for b, a in lo.alpha_pattern})
+        blocks = list(range(len(blocks)))
     rank_pattern, alpha_pattern = lo.peft_patterns()
     with torch.random.fork_rng():
         torch.manual_seed(plan.train.seed)
@@ -160,19 +169,24 @@ def build_model(base, plan: Plan):
                             layers_pattern="layer", rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                             modules_to_save=[m for m, prefix in (("classifier", "classifier."), ("pooler", "bert.pooler."))
                                              if prefix in head] or None)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    model.global_blocks = {i: b for b, i in plan.local_blocks().items()}  # a submodel's names on the wire
+    return model
 
 
 def trainable_state(model) -> dict[str, np.ndarray]:
-    """Only what the plan trains: LoRA tensors + head for peft models, unfrozen params otherwise."""
+    """Only what the plan trains: LoRA tensors + head for peft models, unfrozen params otherwise;
+    named by the blocks of the whole model (a submodel's renumbered blocks mapped back)."""
     import torch
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
         sd = get_peft_model_state_dict(model)
     else:
         sd = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    to_global = getattr(model, "global_blocks", None) or {}
     with torch.no_grad():
-        return {k: v.detach().to(torch.float32).cpu().numpy().copy() for k, v in sd.items()}
+        return {renumber(k, to_global) if to_global else k: v.detach().to(torch.float32).cpu().numpy().copy()
+                for k, v in sd.items()}
 
 
 def load_trainable(model, tensors: dict[str, np.ndarray]) -> None:
@@ -185,7 +199,9 @@ def load_trainable(model, tensors: dict[str, np.ndarray]) -> None:
     for k, v in tensors.items():
         if tuple(v.shape) != own[k].shape:
             raise ValueError(f"tensor {k}: shape {tuple(v.shape)} != model's {own[k].shape}")
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in tensors.items()}
+    to_local = {g: i for i, g in (getattr(model, "global_blocks", None) or {}).items()}
+    state = {renumber(k, to_local) if to_local else k: torch.from_numpy(np.array(v, dtype=np.float32))
+             for k, v in tensors.items()}
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, state)

@@ -87,10 +87,10 @@ bench/bench_costmodel.py):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from node.plan import LoraSpec, Plan, block_of
+from node.plan import LoraSpec, Plan, block_of, renumber
 
 MB = 2 ** 20
 FLOAT = 4  # bytes of a float32
@@ -256,8 +256,24 @@ def _read_plan(arch: Arch, plan: Plan) -> _Plan:
 LORA_PREFIX = "base_model.model."
 
 
+def as_run(arch: Arch, plan: Plan) -> tuple[Arch, Plan, dict[int, int]]:
+    """The model the node runs for `plan`, the plan on that model, and the map from its blocks to
+    the whole model's: a submodel plan runs a model of its blocks alone, renumbered 0..k-1."""
+    if not plan.submodel:
+        return arch, plan, {}
+    local = {b: i for i, b in enumerate(plan.block_list(arch.layers))}
+    lo = replace(plan.lora, rank_pattern={local[b]: r for b, r in plan.lora.rank_pattern},
+                 alpha_pattern={local[b]: a for b, a in plan.lora.alpha_pattern})
+    run = replace(plan, blocks=tuple(range(len(local))), lora=lo, submodel=False)
+    return replace(arch, layers=len(local)), run, {i: b for b, i in local.items()}
+
+
 def trainable_tensors(arch: Arch, plan: Plan) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors `node.trainer.trainable_state` returns for this plan."""
+    """Names and shapes of the tensors `node.trainer.trainable_state` returns for this plan (a
+    submodel's named by the whole model's blocks, as the node sends them)."""
+    arch, plan, back = as_run(arch, plan)
+    if back:
+        return {renumber(name, back): shape for name, shape in trainable_tensors(arch, plan).items()}
     p = _read_plan(arch, plan)
     out: dict[str, tuple[int, ...]] = {}
     if p.method == "full":
@@ -502,7 +518,8 @@ def _walk(arch: Arch, p: _Plan) -> _Pass:
 
 def activation_detail(arch: Arch, plan: Plan) -> list[tuple[Any, str, int]]:
     """What autograd keeps for backward: (part: "embeddings" | block index | "head", tensor, bytes)."""
-    return [(a, b, int(c)) for a, b, c in _walk(arch, _read_plan(arch, plan)).items]
+    arch, plan, back = as_run(arch, plan)
+    return [(back.get(a, a) if isinstance(a, int) else a, b, int(c)) for a, b, c in _walk(arch, _read_plan(arch, plan)).items]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,7 +641,11 @@ def estimate(arch: Arch, plan: Plan, runtime_mb: float | None = None, *, allocat
     DEFAULT_CODE_MB + the base model's weights (measured here: one torch thread).
     allocator: "glibc" (default malloc settings, what the node runs with: freed activation
     buffers stay resident during the round) or "returning" (every large buffer goes back to
-    the OS when freed, e.g. MALLOC_MMAP_THRESHOLD_=131072: the peak is the live memory)."""
+    the OS when freed, e.g. MALLOC_MMAP_THRESHOLD_=131072: the peak is the live memory).
+    A submodel plan is priced on the model the node runs (its blocks alone); the process still
+    holds the whole frozen model (runtime_mb), while `weights` counts the submodel's."""
+    whole, hdr = arch, header_bytes(arch, plan, meta_bytes)  # the wire names the whole model's blocks
+    arch, plan, _ = as_run(arch, plan)
     p = _read_plan(arch, plan)
     shapes = trainable_tensors(arch, plan)
     P = _numel(shapes)
@@ -632,11 +653,10 @@ def estimate(arch: Arch, plan: Plan, runtime_mb: float | None = None, *, allocat
     if ps.lowest is None:
         raise ValueError("the plan trains no parameter (the trainer's backward would fail)")
     payload = P * FLOAT
-    hdr = header_bytes(arch, plan, meta_bytes)
     opt_flops = ADAMW_FLOPS_PER_PARAM * P
     flops_step = ps.fwd + ps.bwd + opt_flops
     if runtime_mb is None:
-        runtime_mb = DEFAULT_FRAMEWORK_MB + DEFAULT_CODE_MB + arch.weights_mb
+        runtime_mb = DEFAULT_FRAMEWORK_MB + DEFAULT_CODE_MB + whole.weights_mb
     mem = _memory(arch, p, ps, shapes, allocator)
     mb = lambda b: b / MB  # noqa: E731
     by_part: dict = {}
@@ -645,7 +665,7 @@ def estimate(arch: Arch, plan: Plan, runtime_mb: float | None = None, *, allocat
     breakdown = {
         "flops": {"forward": ps.fwd, "backward": ps.bwd, "optimizer": opt_flops,
                   "tokens_per_step": p.batch_size * p.max_len, "lowest_backprop_part": ps.lowest},
-        "memory_mb": {"runtime": runtime_mb, "weights": arch.weights_mb,  # every weight of the model, float32
+        "memory_mb": {"runtime": runtime_mb, "weights": arch.weights_mb,  # every weight of the model run, float32
                       "model_copy": mb(mem["model_copy"]), "received": mb(mem["received"]),
                       "activations": mb(mem["activations"]), "gradients": mb(mem["gradients"]),
                       "optimizer": mb(mem["optimizer"]), "transient": mb(mem["transient"]),

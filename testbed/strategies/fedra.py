@@ -7,11 +7,13 @@ From the paper (abstract and its official code; docs/strategies.md):
 - the server averages each block's adapters over the devices that trained it in this round
   (by the current allocation matrix) and writes them into the full model.
 
+From the paper and the official code: a constrained device builds a *smaller* model out of
+its allocated blocks only, in order, and fine-tunes LoRA on all of them (`submodel: true`, the
+default: the node's trainer runs a model of those blocks alone, so the other blocks cost it
+no compute and no activations; the tensors keep their blocks' global names on the wire).
+`submodel: false` runs the whole model with LoRA on the allocated blocks instead.
+
 Reconstructed / different here (every choice is a parameter):
-- In the paper a constrained device builds a *smaller* model out of its allocated blocks only.
-  The node's trainer here cannot drop blocks (a plan only says where LoRA goes), so a device
-  runs the whole model with LoRA on its allocated blocks and the others frozen: traffic and the
-  aggregation rule are FedRA's, but compute and memory savings are smaller than in the paper.
 - capacity n_i (blocks device i trains), `capacity_from`:
   * `cpu_share` or `memory_mb`: n_i = floor(L x x_i / x_ref), clipped to [min_blocks, L], where
     x is that profile field and x_ref is `reference`: `sampled` = the strongest device sampled
@@ -61,6 +63,8 @@ class FedRAParams(HeadParams):
     min_blocks: int = Field(1, ge=1)
     weighting: Literal["mean", "samples"] = Field("mean", description="mean: each tensor the plain mean over "
                                                   "the devices that trained it (the official code)")
+    submodel: bool = Field(True, description="a device runs a model of its allocated blocks alone (the official "
+                           "code); false: the whole model with LoRA on its blocks")
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "FedRAParams":
@@ -131,17 +135,18 @@ class FedRA(Strategy):
         return m
 
     # -- plans -----------------------------------------------------------------------------
-    def plan_for(self, blocks: list[int], rnd: int = 0, index: int = 0) -> Plan:
+    def plan_for(self, blocks: list[int], rnd: int = 0, index: int = 0, submodel: bool = False) -> Plan:
         p = self.p
         lora = LoraSpec(r=p.rank, alpha=p.alpha or p.rank, dropout=p.dropout, target_modules=tuple(p.target_modules))
-        return Plan("lora", tuple(blocks), head=p.head(), lora=lora, train=self.train_spec(rnd, index))
+        return Plan("lora", tuple(blocks), head=p.head(), lora=lora, train=self.train_spec(rnd, index),
+                    submodel=submodel)
 
     def global_plan(self) -> Plan:
         return self.plan_for(list(range(self.ctx.num_blocks)))
 
     def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:
         alloc = self.allocate(rnd, nodes)
-        return {n.name: Task(self.plan_for(alloc[n.name], rnd, i), blocks_of(state, alloc[n.name]),
+        return {n.name: Task(self.plan_for(alloc[n.name], rnd, i, self.p.submodel), blocks_of(state, alloc[n.name]),
                              {"fedra_blocks": list(alloc[n.name]), "fedra_capacity": len(alloc[n.name])})
                 for i, n in enumerate(nodes)}
 

@@ -162,6 +162,8 @@ REAL_PLANS = {
     "lora top2, classifier only": lora([4, 5], rank_pattern={5: 8, 4: 4}, pooler=False),
     "full last1 + classifier": last(1, pooler=False),
     "classifier only": full([], pooler=False),
+    "submodel of blocks 1,4 (FedRA)": replace(lora([1, 4], rank_pattern={4: 4}, pooler=False), submodel=True),
+    "submodel of block 5": replace(lora([5], pooler=False), submodel=True),
 }
 
 

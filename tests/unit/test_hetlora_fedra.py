@@ -1,5 +1,7 @@
 """HetLoRA and FedRA: ranks and allocations, exact truncation / aggregation, and the runner's contract
 (the tensors sent to a node are exactly the ones its plan trains) on the real model."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -430,3 +432,32 @@ def test_fedra_contract_on_real_model(base):
     nodes = [_node("weak", "rpi4"), _node("nx", "xavier-nx"), _node("strong", "agx-xavier")]
     assert s.capacities(nodes) == {"weak": 1, "nx": 1, "strong": 2}
     _check_contract(base, s, nodes)
+
+
+def test_fedra_devices_run_a_submodel_of_their_blocks(base):
+    """The official code's execution: a device's model is its allocated blocks alone, in order.
+    Trained tensors: LoRA A (8, 384) and B (384, 8) on query and value of each allocated block,
+    named by its block in the whole model, and the classifier (2 x 384 + 2)."""
+    from node.trainer import build_model, trainable_state
+    from testbed import costmodel as cm
+    s = FedRA({"capacity_from": "fixed", "fixed_blocks": 1}, _ctx(2))
+    assert s.p.submodel is True
+    task = s.configure(1, [_node("a", "rpi4")], trainable_state(build_model(base, s.global_plan())))["a"]
+    (blk,) = task.choices["fedra_blocks"]
+    assert task.plan.submodel and task.plan.blocks == (blk,)
+    model = build_model(base, task.plan)
+    assert len(model.base_model.model.bert.encoder.layer) == 1          # one block runs, not two
+    state = trainable_state(model)
+    want = {Q.format(blk, t, ab) for t in ("query", "value") for ab in "AB"} | set(HEAD)
+    assert set(state) == want and set(task.tensors) == want
+    assert sum(v.size for v in state.values()) == 2 * (8 * 384 + 384 * 8) + 2 * 384 + 2
+    # what the submodel saves: the forward of the block it does not run (below its LoRA block, so
+    # no backward), per step 2 N (4 d^2 + 2 d f) for the linear layers + 4 B T^2 d for attention
+    arch = cm.Arch.from_config(base.config)
+    sub, whole = cm.estimate(arch, task.plan), cm.estimate(arch, replace(task.plan, submodel=False))
+    t = task.plan.train
+    B, T, d, f = t.batch_size, t.max_len, 384, 1536
+    one_block = 2 * B * T * (4 * d * d + 2 * d * f) + 4 * B * T * T * d
+    assert sub.trained_params == whole.trained_params
+    assert blk == 1  # seed 0 draws the top block, so the block left out lies below it: forward only
+    assert whole.flops_per_round - sub.flops_per_round == pytest.approx(t.local_steps * one_block, rel=1e-9)
