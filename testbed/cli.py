@@ -42,7 +42,13 @@ def cmd_run(args) -> int:
         while (Path("runs") / f"{sc.name}-{i}").exists():
             i += 1
         out = Path("runs") / f"{sc.name}-{i}"
+    seeds = _seeds(args.seeds) if args.seeds else sc.seeds
     try:
+        if seeds:
+            from .seeds import run_seeds
+            run_seeds(sc, out, seeds, backend=args.backend, source=str(args.scenario), resume=bool(args.resume))
+            print(f"results of seeds {', '.join(map(str, seeds))} in {out} (summary.json, report.md)")
+            return 0
         summary = Run(sc, out, backend=args.backend, source=str(args.scenario), resume=bool(args.resume)).execute()
     except (RunError, ValueError) as exc:  # ValueError: a backend this host cannot run, bad data settings
         print(f"error: {exc}", file=sys.stderr)
@@ -54,6 +60,16 @@ def cmd_run(args) -> int:
         f"{name} acc {s['final_accuracy']:.3f}" + (f" speedup {s['speedup']:.2f}x" if s.get("speedup") else "")
         for name, s in summary.get("strategies", {}).items()))
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --seeds {text!r}: a comma-separated list of integers, e.g. 1,2,3") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: --seeds {text!r}: each seed once, at least one")
+    return seeds
 
 
 def cmd_report(args) -> int:
@@ -89,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario field")
     r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last finished "
                    "round (same scenario file and --set options)")
+    r.add_argument("--seeds", metavar="S1,S2,...", help="run the scenario once per seed (repeated trials); "
+                   "OUT/summary.json gives each strategy's mean and 95%% interval (overrides the scenario's seeds:)")
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("validate", help="check scenario files and explain every error")
     v.add_argument("scenarios", nargs="+")

@@ -29,6 +29,13 @@ from .strategies.base import update_counts
 from .workload import Workload
 
 
+def resolved_params(sc: Scenario, ctx) -> dict[str, dict]:
+    """Every strategy's parameters as this version resolves them (defaults filled in): a
+    checkpoint keeps them, so a resume by a version that resolves them otherwise is refused."""
+    return {e.name: STRATEGIES[e.type].Params.model_validate(e.params, context=ctx).model_dump(mode="json")
+            for e in sc.strategies.run}
+
+
 def check_result(sent: dict, msg: P.Message) -> str | None:
     """A result must carry exactly the tensors the node was sent, same shapes, all finite."""
     got = msg.tensors
@@ -89,6 +96,7 @@ class RoundLoop:
     # -- one strategy ----------------------------------------------------------------------
     def run_strategy(self, index: int, entry, ctx, go_on: Checkpoint | None = None) -> None:
         """All rounds of one strategy; `go_on` is the checkpoint of an interrupted run to continue."""
+        self.ctx = ctx
         strat = STRATEGIES[entry.type](entry.params, ctx)
         gplan = strat.global_plan()
         self.progress.start_strategy(entry.name, self.sc.training.rounds)
@@ -135,7 +143,7 @@ class RoundLoop:
             scenario=self.sc.model_dump(mode="json"), run_id=self.launcher.run_id, strategy_index=index,
             strategy=name, round=rnd, elapsed=pos.elapsed, done=done, state=pos.state,
             strategy_state=strat.state_dict(), row=row, stopped=dict(self.stopped), restarts=list(self.restarts),
-            faults=self.inj.snapshot()))
+            faults=self.inj.snapshot(), strategy_params=resolved_params(self.sc, self.ctx)))
 
     # -- one round -------------------------------------------------------------------------
     def _sample(self, rnd: int, elapsed: float) -> tuple[list[str], list[str], set[str]]:

@@ -28,9 +28,9 @@ from .faults import Injector
 from .hostwatch import HostWatch
 from .progress import Progress
 from .report import summarize, write_report
-from .rounds import RoundLoop
-from .scenario import ZYGOTE_AUTO_NODES, NodeSpec, Scenario, expand_nodes, strategy_context
-from .store import Checkpoint, RunError, RunStore
+from .rounds import RoundLoop, resolved_params
+from .scenario import ZYGOTE_AUTO_NODES, NodeSpec, Scenario, expand_nodes, parse, strategy_context
+from .store import Checkpoint, RunError, RunStore, params_changed
 from .workload import Workload
 
 __all__ = ["Run", "RunError", "package_versions"]
@@ -123,12 +123,24 @@ class Run:
             self.store.create()
             return
         self.checkpoint, old = self.store.resume(self.sc.model_dump(mode="json"),
-                                                 [e.name for e in self.sc.strategies.run], self.run_id)
+                                                 [e.name for e in self.sc.strategies.run], self.run_id,
+                                                 normalize=lambda d: parse(d).model_dump(mode="json"),
+                                                 check=self._same_strategies)
         if old:
             from emulation.cleanup import clean
             left = clean(run_id=old)  # whatever the interrupted run left behind
             if left:
                 log.warning("removed %d leftover(s) of the interrupted run %s", len(left), old)
+
+    def _same_strategies(self, ck: Checkpoint) -> None:
+        """A checkpoint of a version that resolves the strategies' parameters otherwise is refused:
+        continuing would mix two strategies in one run."""
+        changed = params_changed(ck.strategy_params, resolved_params(self.sc, strategy_context(self.sc, self.nodes)))
+        if changed:
+            raise RunError(f"{self.out}: this version of the testbed resolves the strategies' parameters "
+                           f"differently from the one that began the run ({'; '.join(changed[:6])}"
+                           f"{'; ...' if len(changed) > 6 else ''}); finish the run with the version that "
+                           "began it, or start it again")
 
     def _prepare_zygote(self) -> None:
         sc, local = self.sc, [n for n in self.nodes if not n.remote]

@@ -298,6 +298,8 @@ class Scenario(Strict):
     name: str
     description: str = ""
     seed: int = 0
+    seeds: list[int] | None = Field(None, min_length=1, description="run the scenario once per seed (repeated "
+                                    "trials); `seed` is then each run's")
     backend: Literal["auto", "process", "netns", "docker"] = "auto"
     zygote: Literal["auto", "on", "off"] = Field("auto", description="fork nodes from one preloaded interpreter "
                                                  f"(process/netns backends; auto: from {ZYGOTE_AUTO_NODES} nodes)")
@@ -342,6 +344,8 @@ class Scenario(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Scenario":
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"@seeds: each seed once, got {self.seeds}")
         groups = [g.group for g in self.nodes]
         dupes = sorted({g for g in groups if groups.count(g) > 1})
         if dupes:

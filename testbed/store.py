@@ -46,6 +46,7 @@ class Checkpoint:
     stopped: dict = field(default_factory=dict)
     restarts: list = field(default_factory=list)
     faults: dict = field(default_factory=dict)  # faults.Injector.snapshot()
+    strategy_params: dict = field(default_factory=dict)  # strategy name -> its parameters as resolved then
     version: int = CHECKPOINT_VERSION
 
 
@@ -116,10 +117,22 @@ _LEGACY_STRATEGY_FIELDS = {"speed": "speed", "bw_up": "bw_up", "bw_down": "bw_do
 def _from_version_1(ck: dict) -> Checkpoint:
     old = _fields(ck["strategy_object"])
     strategy_state = {new: old[key] for key, new in _LEGACY_STRATEGY_FIELDS.items() if key in old}
+    params = {ck["strategy"]: old["p"]} if isinstance(old.get("p"), dict) else {}  # only the running one's
     return Checkpoint(scenario=ck["scenario"], run_id=ck["run_id"], strategy_index=ck["strategy_index"],
                       strategy=ck["strategy"], round=ck["round"], elapsed=ck["elapsed"], done=ck["done"],
                       state=ck["state"], strategy_state=strategy_state, row=ck["row"], stopped=ck["stopped"],
-                      restarts=ck["restarts"], faults=_fields(ck["faults"]), version=1)
+                      restarts=ck["restarts"], faults=_fields(ck["faults"]), strategy_params=params, version=1)
+
+
+def params_changed(then: dict[str, dict], now: dict[str, dict]) -> list[str]:
+    """How this version resolves the strategies' parameters differently from the version that
+    began a run: "strategy: field: then -> now" (a field that version did not have: "(none)")."""
+    out = []
+    for name, old in then.items():
+        for key, value in (now.get(name) or {}).items():
+            if old.get(key, "(none)") != value:
+                out.append(f"{name}: {key}: {old.get(key, '(none)')} -> {value}")
+    return out
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -173,20 +186,28 @@ class RunStore:
             raise RunError(f"{self.out} already holds results ({', '.join(existing)}); "
                            "choose another --out so nothing is overwritten")
 
-    def resume(self, scenario: dict, strategy_order: list[str], run_id: str) -> tuple[Checkpoint, str | None]:
+    def resume(self, scenario: dict, strategy_order: list[str], run_id: str,
+               normalize=lambda d: d, check=lambda ck: None) -> tuple[Checkpoint, str | None]:
         """Continue an interrupted run: its checkpoint, and the old run id (for cleaning up after
         it). rounds.jsonl is cut back to the checkpoint: a round written after it is redone, one
-        checkpointed but not yet written is added."""
+        checkpointed but not yet written is added. `normalize` reads the scenario the run started
+        with as this version does (fields added since take their defaults); `check` may refuse
+        the checkpoint (RunError) before anything in the folder changes."""
         manifest = self._manifest_to_resume()
         ck_path = self.out / CHECKPOINT
         if not ck_path.is_file():
             raise RunError(f"{self.out}: no {CHECKPOINT}, nothing to resume (no round had finished, "
                            "or this is not a run folder)")
         ck = read_checkpoint(ck_path)
-        if ck.scenario != scenario:
-            diff = sorted(k for k in {*scenario, *ck.scenario} if scenario.get(k) != ck.scenario.get(k))
+        try:
+            started = normalize(ck.scenario)
+        except ValueError as exc:
+            raise RunError(f"{ck_path}: the scenario this run started with no longer validates: {exc}") from None
+        if started != scenario:
+            diff = sorted(k for k in {*scenario, *started} if scenario.get(k) != started.get(k))
             raise RunError(f"{self.out}: the scenario differs from the one this run started with (fields: "
                            f"{', '.join(diff)}); resume with the same file and --set options")
+        check(ck)
         order = {name: i for i, name in enumerate(strategy_order)}
         upto = (ck.strategy_index, ck.round)
         rows = [r for r in self._read_rows() if (order.get(r.get("strategy"), 1 << 30), r.get("round", 0)) <= upto]

@@ -135,3 +135,13 @@ def test_resume_cuts_rounds_back_to_the_checkpoint(tmp_path):
     assert store.resumed[-1]["from_run_id"] == "old" and store.resumed[-1]["checkpoint_version"] == 2
     with pytest.raises(RunError, match=r"the scenario differs .*\(fields: name\)"):
         RunStore(tmp_path).resume({"name": "other"}, ["fedlora", "legend"], "new")
+
+
+def test_a_resume_names_every_parameter_this_version_resolves_otherwise():
+    from testbed.store import params_changed
+    then = {"legend": {"deadline": "fastest_full", "ema": 0.5}, "fedlora": {"rank": 8}}
+    now = {"legend": {"deadline": "straggler", "ema": 0.5, "pooler": False}, "fedlora": {"rank": 8},
+           "hetlora": {"rank_max": 16}}  # not begun then: nothing to compare with
+    assert params_changed(then, now) == ["legend: deadline: fastest_full -> straggler",
+                                         "legend: pooler: (none) -> False"]
+    assert params_changed(now, now) == []
