@@ -11,9 +11,9 @@ Naming of the model's parameters is defined here once, too: `block_of` is the on
 "which transformer block does this tensor belong to", and `pattern_key` is the one format of
 peft's per-block rank and alpha pattern keys.
 
-Methods today: `full` (unfreeze whole blocks) and `lora` (adapters on chosen blocks). A new
-method (bottleneck adapters, sub-model execution) is one more optional spec beside `lora`,
-checked in `Plan.__post_init__` like it.
+Methods: `full` (unfreeze whole blocks), `lora` (peft LoRA on chosen blocks, optionally as a
+sub-model of those blocks alone) and `adapter` (bottleneck adapters on chosen blocks). A new
+method is one more optional spec beside `lora` and `adapter`, checked in `Plan.__post_init__`.
 """
 from __future__ import annotations
 
@@ -22,8 +22,13 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
-METHODS = ("full", "lora")
-Method = Literal["full", "lora"]
+METHODS = ("full", "lora", "adapter")
+Method = Literal["full", "lora", "adapter"]
+# bottleneck adapter kind -> the sublayer output modules (paths inside a block) that get one; the
+# adapter is that module's child `adapter` and acts on the output of its `dense` projection
+ADAPTER_PLACES = {"houlsby": ("attention.output", "output"),  # after attention and after the feed-forward
+                  "pfeiffer": ("output",)}                     # after the feed-forward only
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "silu")
 
 _BLOCK = re.compile(r"(?:^|\.)layer\.(\d+)\.")
 
@@ -123,6 +128,38 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """Bottleneck adapters: on the output y of a sublayer's projection, y + up(act(down(y))),
+    down d -> size, up size -> d, before the sublayer's dropout, residual and LayerNorm.
+    `kind` houlsby: after the attention output and the feed-forward output projections
+    (Houlsby et al. 2019); pfeiffer: after the feed-forward output only (Pfeiffer et al. 2021).
+    Both projections start normal(0, init_std) with zero biases, near the identity.
+    `train_layer_norm`: the LayerNorm after each adapted sublayer trains too (Houlsby's
+    recipe)."""
+    size: int = 24
+    kind: Literal["houlsby", "pfeiffer"] = "houlsby"
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    init_std: float = 1e-3
+    train_layer_norm: bool = False
+
+    def __post_init__(self):
+        _int(self.size, "adapter.size", 1)
+        _require(self.kind in ADAPTER_PLACES, f"adapter.kind must be one of {', '.join(ADAPTER_PLACES)}, "
+                 f"got {self.kind!r}")
+        _require(self.activation in ADAPTER_ACTIVATIONS,
+                 f"adapter.activation must be one of {', '.join(ADAPTER_ACTIVATIONS)}, got {self.activation!r}")
+        _require(isinstance(self.init_std, (int, float)) and not isinstance(self.init_std, bool)
+                 and math.isfinite(self.init_std) and self.init_std > 0,
+                 f"adapter.init_std must be a number > 0, got {self.init_std!r}")
+        _require(isinstance(self.train_layer_norm, bool), "adapter.train_layer_norm must be true or false")
+
+    @property
+    def places(self) -> tuple[str, ...]:
+        """The sublayer output modules (paths inside a block) that get an adapter."""
+        return ADAPTER_PLACES[self.kind]
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """The task head (BERT: pooler + classifier). The classifier is new for the task, so it
     usually trains; the pretrained pooler trains with it only when `pooler` is set (peft's
@@ -188,6 +225,7 @@ class Plan:
     head: HeadSpec = field(default_factory=HeadSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     lora: LoraSpec | None = None          # method lora only
+    adapter: AdapterSpec | None = None    # method adapter only
     train_embeddings: bool = False        # method full only
     rank_penalty: RankPenalty | None = None  # method lora only
     submodel: bool = False                # method lora only: the node runs a model of `blocks` alone
@@ -200,13 +238,20 @@ class Plan:
             object.__setattr__(self, "blocks", blocks)
         for name, kind in _SPECS:
             value = getattr(self, name)
-            _require(value is None and name in ("lora", "rank_penalty") or isinstance(value, kind),
+            _require(value is None and name in ("lora", "rank_penalty", "adapter") or isinstance(value, kind),
                      f"plan {name} must be a {kind.__name__}, got {type(value).__name__}")
         _require(isinstance(self.train_embeddings, bool), "plan train_embeddings must be true or false")
         _require(isinstance(self.submodel, bool), "plan submodel must be true or false")
         _require(not self.submodel or (self.method == "lora" and self.blocks is not None),
                  "a submodel plan needs method lora and its blocks listed")
-        if self.method == "lora":
+        _require((self.adapter is not None) == (self.method == "adapter"),
+                 "an adapter plan needs its adapter spec" if self.method == "adapter"
+                 else f"an adapter spec goes with method adapter, not {self.method}")
+        if self.method == "adapter":
+            _require(self.blocks is None or len(self.blocks) > 0, "an adapter plan needs at least one block")
+            _require(not self.train_embeddings and self.lora is None and self.rank_penalty is None,
+                     "an adapter plan trains adapters and the head only")
+        elif self.method == "lora":
             _require(self.lora is not None, "a lora plan needs its lora spec")
             _require(self.blocks is None or len(self.blocks) > 0,
                      "a lora plan needs at least one block; for the head alone use method full with no blocks")
@@ -258,7 +303,8 @@ class Plan:
         return _build(cls, kw, "plan")
 
 
-_SPECS = (("head", HeadSpec), ("train", TrainSpec), ("lora", LoraSpec), ("rank_penalty", RankPenalty))
+_SPECS = (("head", HeadSpec), ("train", TrainSpec), ("lora", LoraSpec), ("rank_penalty", RankPenalty),
+          ("adapter", AdapterSpec))
 
 
 def _build(kind, d: Any, what: str):

@@ -149,6 +149,8 @@ def build_model(base, plan: Plan):
         for name, p in model.named_parameters():
             p.requires_grad = trains(name)
         return model
+    if plan.method == "adapter":
+        return _with_adapters(base, plan, blocks, head)
     from peft import LoraConfig, get_peft_model
     # peft freezes every base weight and adds new adapter tensors; the head it trains is a
     # copy it makes itself (modules_to_save), but the head is kept private here too
@@ -171,6 +173,29 @@ def build_model(base, plan: Plan):
                                              if prefix in head] or None)
         model = get_peft_model(model, config)
     model.global_blocks = {i: b for b, i in plan.local_blocks().items()}  # a submodel's names on the wire
+    return model
+
+
+def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...]):
+    """A copy of `base` with a bottleneck adapter after each planned sublayer projection; the
+    adapters and the head train (and the adapted sublayers' LayerNorms if the spec says so).
+    Adapters are made in block order under the plan's seed, so a plan gives the same initial
+    adapters everywhere."""
+    import torch
+    from .adapters import Bottleneck
+    spec, d = plan.adapter, int(base.config.hidden_size)
+    norms = tuple(f"bert.encoder.layer.{b}.{place}.LayerNorm." for b in blocks for place in spec.places
+                  ) if spec.train_layer_norm else ()
+    trains = head + norms
+    model = _copy_sharing_frozen(base, lambda name: bool(trains) and name.startswith(trains))
+    for name, p in model.named_parameters():
+        p.requires_grad = bool(trains) and name.startswith(trains)
+    with torch.random.fork_rng():
+        torch.manual_seed(plan.train.seed)
+        for b in blocks:
+            layer = model.bert.encoder.layer[b]
+            for place in spec.places:
+                Bottleneck(d, spec.size, spec.activation, spec.init_std).attach(layer.get_submodule(place))
     return model
 
 

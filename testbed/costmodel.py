@@ -24,6 +24,12 @@ bench/bench_costmodel.py):
   ("dense" matches attention.output.dense, intermediate.dense and output.dense); per-block
   ranks reach query/key/value only and other targets keep the default r (`node.plan.pattern_key`,
   `LoraSpec.rank_at`).
+- Bottleneck adapters (plan method `adapter`, node/adapters.py): per adapted sublayer a down
+  (d -> m) and an up (m -> d) linear with biases on the output of its projection, + the
+  sublayer's LayerNorm when it trains; in the walk an adapter is two trained linears and a
+  nonlinearity (ReLU keeps its output, GELU and SiLU their input). Its output requires grad,
+  so every op above it back-propagates; its own input gradient is computed only where the
+  projection's output requires grad (i.e. above the lowest trained part).
 - Bytes: float32 tensors, payload = params x 4 per direction. The node receives the tensors
   of the plan and sends the same set back, so download == upload for every plan here. The
   wire adds one msgpack header (the tensor specs: name, dtype, shape; computed exactly with
@@ -216,6 +222,10 @@ class _Plan:
     train_embeddings: bool
     lora: dict[int, dict[str, int]]   # block -> {module path: rank}
     lora_dropout: float
+    adapters: tuple[str, ...]         # sublayer output modules with an adapter, in every planned block
+    adapter_size: int
+    adapter_activation: str
+    adapter_norms: bool               # the adapted sublayers' LayerNorms train
     batch_size: int
     max_len: int
     local_steps: int
@@ -244,9 +254,13 @@ def _read_plan(arch: Arch, plan: Plan) -> _Plan:
     blocks = plan.block_list(arch.layers)
     t = plan.train
     lora = _lora_ranks(blocks, plan.lora) if plan.method == "lora" else {}
+    ad = plan.adapter
     return _Plan(method=plan.method, blocks=tuple(blocks), head=plan.head.train, pooler=plan.head.trains_pooler,
                  train_embeddings=plan.train_embeddings,
-                 lora=lora, lora_dropout=plan.lora.dropout if plan.lora else 0.0, batch_size=t.batch_size,
+                 lora=lora, lora_dropout=plan.lora.dropout if plan.lora else 0.0,
+                 adapters=ad.places if ad else (), adapter_size=ad.size if ad else 0,
+                 adapter_activation=ad.activation if ad else "", adapter_norms=bool(ad and ad.train_layer_norm),
+                 batch_size=t.batch_size,
                  max_len=t.max_len, local_steps=t.local_steps)
 
 
@@ -281,6 +295,19 @@ def trainable_tensors(arch: Arch, plan: Plan) -> dict[str, tuple[int, ...]]:
             out.update(arch.embedding_shapes())
         for b in p.blocks:
             out.update(arch.block_shapes(b))
+        if p.head:
+            out.update(arch.head_shapes(pooler=p.pooler))
+        return out
+    if p.method == "adapter":
+        d, m = arch.hidden, p.adapter_size
+        for b in p.blocks:
+            for place in p.adapters:
+                name = f"bert.encoder.layer.{b}.{place}.adapter"
+                out.update({f"{name}.down.weight": (m, d), f"{name}.down.bias": (m,),
+                            f"{name}.up.weight": (d, m), f"{name}.up.bias": (d,)})
+                if p.adapter_norms:
+                    norm = f"bert.encoder.layer.{b}.{place}.LayerNorm"
+                    out[f"{norm}.weight"] = out[f"{norm}.bias"] = (d,)
         if p.head:
             out.update(arch.head_shapes(pooler=p.pooler))
         return out
@@ -384,9 +411,28 @@ class _Walk:
         return x_rg or w_trains or bool(rank)
 
 
-def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int], lora_dropout: float) -> bool:
-    """One BERT layer (transformers' BertLayer, sdpa attention) in training mode.
-    Returns whether its output requires grad."""
+def _adapter(w: _Walk, y_rg: bool, d: int, size: int, activation: str) -> bool:
+    """A bottleneck adapter on a projection's output y (node/adapters.py): y + up(act(down(y))).
+    down keeps y for its weight gradient; ReLU keeps its output, which is also the input that
+    up keeps (one storage); GELU and SiLU keep their input, up keeps their output."""
+    n = w.N
+    w.linear(w.fresh("adapter-in"), y_rg, d, size, True)
+    w.alloc(n * size * FLOAT)                          # the activation
+    if activation == "relu":
+        h = w.fresh("adapter-relu-out")
+    else:
+        w.save(w.fresh("adapter-act-in"), n * size * FLOAT)
+        h = w.fresh("adapter-act-out")
+    w.linear(h, True, size, d, True)
+    w.alloc(n * d * FLOAT)                             # y + up(...)
+    return True
+
+
+def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int], lora_dropout: float,
+           adapters: dict[str, tuple[int, str]] | None = None) -> bool:
+    """One BERT layer (transformers' BertLayer, sdpa attention) in training mode, with
+    `adapters` {sublayer output module: (size, activation)}. Returns whether its output
+    requires grad."""
     d, f, H, N, B, T = arch.hidden, arch.intermediate, arch.heads, w.N, w.B, w.T
     u = N * d * FLOAT                                 # one (B, T, d) float32 tensor
     r = ranks.get
@@ -434,6 +480,9 @@ def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int]
             w.save("logsumexp", B * H * T * FLOAT)
             w.save("mask", B * T * T * FLOAT)
     o = w.linear(ctx_key, ctx, d, d, trains, r("attention.output.dense", 0), lora_dropout)
+    adapters = adapters or {}
+    if "attention.output" in adapters:
+        o = _adapter(w, o, d, *adapters["attention.output"])
     drop = arch.hidden_dropout > 0
     w.alloc(u, 4 if drop else 2)                      # (dropout mask, dropped,) + residual, LayerNorm
     w.alloc(2 * N * FLOAT)
@@ -448,6 +497,8 @@ def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int]
     if i:
         w.save("gelu-input", N * f * FLOAT)
     o2 = w.linear("gelu-out", i, f, d, trains, r("output.dense", 0), lora_dropout)
+    if "output" in adapters:
+        o2 = _adapter(w, o2, d, *adapters["output"])
     w.alloc(u, 4 if drop else 2)
     w.alloc(2 * N * FLOAT)
     if o2 and drop:
@@ -493,9 +544,11 @@ def _walk(arch: Arch, p: _Plan) -> _Pass:
         w.where = b
         trains = p.method == "full" and b in p.blocks
         ranks = p.lora.get(b, {}) if p.method == "lora" else {}
-        if lowest is None and (trains or ranks):
+        adapters = p.adapters if b in p.blocks and p.method == "adapter" else ()
+        if lowest is None and (trains or ranks or adapters):
             lowest = b
-        rg = _block(w, arch, rg, trains, ranks, p.lora_dropout)
+        rg = _block(w, arch, rg, trains, ranks, p.lora_dropout,
+                    {place: (p.adapter_size, p.adapter_activation) for place in adapters})
     w.where = "head"
     B, head = w.B, p.head
     # pooler: dense(hidden[:, 0]) -> tanh; the saved first-token view pins the whole last hidden state
@@ -730,6 +783,8 @@ for name, shape in cm.trainable_tensors(arch, plan).items():
         tensors[name] = (rng.standard_normal(shape) * 0.01).astype(np.float32)
     elif "lora_B" in name:
         tensors[name] = np.zeros(shape, np.float32)
+    elif ".adapter." in name:
+        tensors[name] = (rng.standard_normal(shape) * 0.02).astype(np.float32)
     else:
         tensors[name] = state[key].detach().numpy().copy()
 del state

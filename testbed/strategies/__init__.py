@@ -1,12 +1,13 @@
 """Fine-tuning strategies, one module each: the server-side plan and the aggregation rule."""
 from .base import Context, NodeInfo, Strategy, Task, Update
 from .caff import Caff
+from .fedadapter import FedAdapter
 from .fedlora import FedLoRA
 from .fedra import FedRA
 from .full import Full
 from .hetlora import HetLoRA
 from .legend import Legend
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Full, FedLoRA, HetLoRA, FedRA, Legend, Caff)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Full, FedLoRA, FedAdapter, HetLoRA, FedRA, Legend, Caff)}
 
 __all__ = ["STRATEGIES", "Context", "NodeInfo", "Strategy", "Task", "Update"]

@@ -35,7 +35,7 @@ def test_paper_ci_scenario_runs(scenario, extra_key, rounds, tmp_path):
         assert "## Stopped early" in (out / "report.md").read_text()
     for r in (r for r in rows if r["round"] == 1):
         assert r["participants"] >= 1, r
-        assert all(n["plan"]["method"] in ("lora", "full") for n in r["nodes"])
+        assert all(n["plan"]["method"] in ("lora", "full", "adapter") for n in r["nodes"])
     ours = [n for r in rows if r["round"] == 1 and r["strategy"] == extra_key.split("_")[0] for n in r["nodes"]]
     assert ours and all(extra_key in n["plan"] for n in ours)
     # heterogeneity shows: not every device got the same plan

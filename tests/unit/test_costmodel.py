@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from node.plan import HeadSpec, LoraSpec, Plan, TrainSpec
+from node.plan import AdapterSpec, HeadSpec, LoraSpec, Plan, TrainSpec
 from testbed import costmodel as cm
 
 ARCH = cm.MINILM_L6
@@ -33,6 +33,12 @@ def lora(blocks=None, r=8, B=16, T=32, steps=2, head=True, pooler=True, **kw):
 
 def full(blocks=None, B=16, T=32, steps=2, emb=False, head=True, pooler=True):
     return Plan("full", blocks, head=HeadSpec(head, pooler), train_embeddings=emb, train=_train(B, T, steps))
+
+
+def adapter(blocks=None, size=24, kind="houlsby", activation="relu", B=16, T=32, steps=2, head=True, pooler=True,
+            norms=False):
+    return Plan("adapter", blocks, head=HeadSpec(head, pooler),
+                adapter=AdapterSpec(size, kind, activation, train_layer_norm=norms), train=_train(B, T, steps))
 
 
 def sized(plan, B, T):
@@ -56,6 +62,39 @@ def test_minilm_sizes():
     assert cm.Arch.from_config({"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
                                 "num_attention_heads": 12, "vocab_size": 30522, "max_position_embeddings": 512,
                                 "type_vocab_size": 2}) == ARCH
+
+
+def test_adapter_parameters_closed_form():
+    """Houlsby: 2 adapters per block of 2 m d + m + d parameters each; Pfeiffer: 1 per block."""
+    d, m, c = 384, 24, 2
+    per_adapter = m * d + m + d * m + d
+    assert cm.trained_params(ARCH, adapter(pooler=False)) == 6 * 2 * per_adapter + (c * d + c) == 6 * 2 * 18840 + 770
+    assert cm.trained_params(ARCH, adapter([5], kind="pfeiffer", head=False)) == 18840
+    assert cm.trained_params(ARCH, adapter([5], norms=True, head=False)) == 2 * 18840 + 2 * 2 * d  # + 2 LayerNorms
+    names = set(cm.trainable_tensors(ARCH, adapter([2], kind="pfeiffer", pooler=False)))
+    assert names == {"bert.encoder.layer.2.output.adapter.down.weight", "bert.encoder.layer.2.output.adapter.down.bias",
+                     "bert.encoder.layer.2.output.adapter.up.weight", "bert.encoder.layer.2.output.adapter.up.bias",
+                     "classifier.weight", "classifier.bias"}
+
+
+def test_adapter_flops_closed_form():
+    """One Pfeiffer adapter in the last block, nothing else training. Forward: the frozen
+    model's + 2 N (d m + m d). Backward, from the loss down: the frozen classifier's and
+    pooler's input gradients (2 B d c, 2 B d d), then up's weight and input gradients and
+    down's weight gradient (3 x 2 N m d); down's input is the frozen projection's output, so
+    nothing below it computes a gradient."""
+    B, T, m, d, c = 16, 32, 24, 384, 2
+    N = B * T
+    one = cm.estimate(ARCH, adapter([5], kind="pfeiffer", head=False, B=B, T=T)).breakdown["flops"]
+    frozen = cm.estimate(ARCH, full([], B=B, T=T, pooler=False)).breakdown["flops"]   # classifier only
+    assert one["forward"] == frozen["forward"] + 2 * N * (d * m + m * d)
+    assert one["backward"] == 2 * B * d * c + 2 * B * d * d + 3 * 2 * N * m * d
+    two = cm.estimate(ARCH, adapter([4, 5], kind="pfeiffer", head=False, B=B, T=T)).breakdown["flops"]
+    # the block-5 adapter now also needs the gradient of its input, and block 5's frozen
+    # projections (q, k, v, attention output, intermediate, output) their input gradients,
+    # as do the attention matmuls (4 x 2 B T^2 d)
+    block5 = 2 * N * m * d + 2 * N * (4 * d * d + 2 * d * 1536) + 4 * 2 * B * T * T * d
+    assert two["backward"] == one["backward"] + 3 * 2 * N * m * d + block5
 
 
 def test_lora_upload_is_far_below_full_and_download_equals_upload():
@@ -126,7 +165,7 @@ def test_plans_the_trainer_refuses_are_refused():
     with pytest.raises(ValueError, match="trains no parameter"):
         cm.estimate(ARCH, full([], head=False))
     with pytest.raises(ValueError, match="not one of"):
-        cm.estimate(ARCH, Plan("adapter"))
+        cm.estimate(ARCH, Plan("bitfit"))
 
 
 def test_header_bytes_are_the_protocol_header():
@@ -164,6 +203,10 @@ REAL_PLANS = {
     "classifier only": full([], pooler=False),
     "submodel of blocks 1,4 (FedRA)": replace(lora([1, 4], rank_pattern={4: 4}, pooler=False), submodel=True),
     "submodel of block 5": replace(lora([5], pooler=False), submodel=True),
+    "houlsby adapters, all blocks, classifier": adapter(pooler=False),
+    "houlsby adapters gelu + layer norms, top 2": adapter([4, 5], size=8, activation="gelu", norms=True),
+    "pfeiffer adapters silu, blocks 0,3, no head": adapter([0, 3], size=16, kind="pfeiffer", activation="silu",
+                                                           head=False),
 }
 
 
@@ -248,6 +291,7 @@ MEMORY_PLANS = {
     "lora r8 all blocks, classifier, b16 t32": lora(B=16, T=32, pooler=False),  # the LoRA strategies' default
     "full last 2 blocks, batch 32, len 64": last(2, B=32, T=64),
     "full with embeddings, batch 16, len 64": full(emb=True, B=16, T=64),
+    "houlsby adapters, classifier, b16 t32": adapter(B=16, T=32, pooler=False),
 }
 
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 import msgpack
 import pytest
 
-from node.plan import HeadSpec, LoraSpec, Plan, PlanError, RankPenalty, TrainSpec, block_of, pattern_key
+from node.plan import AdapterSpec, HeadSpec, LoraSpec, Plan, PlanError, RankPenalty, TrainSpec, block_of, pattern_key
 
 LORA = Plan("lora", (4, 5), lora=LoraSpec(r=8, alpha=16, rank_pattern={5: 8, 4: 2}, alpha_pattern={"4": 4}),
             train=TrainSpec(local_steps=3, batch_size=8, lr=0.01, max_len=32, seed=7),
@@ -14,7 +14,8 @@ LORA = Plan("lora", (4, 5), lora=LoraSpec(r=8, alpha=16, rank_pattern={5: 8, 4: 
 
 
 @pytest.mark.parametrize("plan", [LORA, Plan("full"), Plan("full", (), head=HeadSpec(train=True)),
-                                  Plan("full", (0, 1), train_embeddings=True), Plan("lora", lora=LoraSpec(4, 8))])
+                                  Plan("full", (0, 1), train_embeddings=True), Plan("lora", lora=LoraSpec(4, 8)),
+                                  Plan("adapter", (2, 5), adapter=AdapterSpec(16, "pfeiffer", "gelu", 0.01, True))])
 def test_a_plan_is_the_same_after_the_wire(plan):
     wire = msgpack.unpackb(msgpack.packb(plan.to_dict(), use_bin_type=True), raw=False, strict_map_key=False)
     assert Plan.from_dict(wire) == plan
@@ -54,7 +55,15 @@ def test_block_of(name, block):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: Plan("adapter"), "method 'adapter' is not one of: full, lora"),
+    (lambda: Plan("bitfit"), "method .bitfit. is not one of: full, lora, adapter"),
+    (lambda: Plan("adapter"), "an adapter plan needs its adapter spec"),
+    (lambda: Plan("full", adapter=AdapterSpec()), "an adapter spec goes with method adapter, not full"),
+    (lambda: AdapterSpec(kind="lora"), "adapter.kind must be one of houlsby, pfeiffer"),
+    (lambda: AdapterSpec(activation="tanh"), "adapter.activation must be one of relu, gelu, silu"),
+    (lambda: AdapterSpec(size=0), "adapter.size must be >= 1"),
+    (lambda: AdapterSpec(init_std=0), "adapter.init_std must be a number > 0"),
+    (lambda: Plan("adapter", (), adapter=AdapterSpec()), "an adapter plan needs at least one block"),
+    (lambda: Plan("adapter", adapter=AdapterSpec(), train_embeddings=True), "trains adapters and the head only"),
     (lambda: Plan("lora"), "a lora plan needs its lora spec"),
     (lambda: Plan("lora", (), lora=LoraSpec(4, 8)), "at least one block"),
     (lambda: Plan("full", lora=LoraSpec(4, 8)), "a lora spec goes with method lora, not full"),

@@ -9,6 +9,7 @@ from emulation.profiles import PROFILES
 from testbed.scenario import TrainingConfig
 from testbed.strategies import STRATEGIES, Context, NodeInfo, Update
 from testbed.strategies.base import block_of, update_counts, weighted_average
+from testbed.strategies.fedadapter import FedAdapter
 from testbed.strategies.fedlora import FedLoRA
 from testbed.strategies.full import Full
 
@@ -108,7 +109,7 @@ def test_update_counts():
 # -- plans --------------------------------------------------------------------------------
 
 def test_registry():
-    assert set(STRATEGIES) == {"full", "fedlora", "hetlora", "fedra", "legend", "caff"}
+    assert set(STRATEGIES) == {"full", "fedlora", "fedadapter", "hetlora", "fedra", "legend", "caff"}
     assert STRATEGIES["full"] is Full and STRATEGIES["fedlora"] is FedLoRA
     assert all(name == cls.name for name, cls in STRATEGIES.items())
 
@@ -165,6 +166,30 @@ def test_configure_every_node_distinct_seed_same_state(cls, params):
     assert not set(seeds) & {out3[n.name].plan.train.seed for n in nodes}
 
 
+MINILM = {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 12,
+          "vocab_size": 30522, "max_position_embeddings": 512, "type_vocab_size": 2}
+
+
+def test_fedadapter_plan_defaults_per_kind():
+    ctx = replace(_ctx(6), model_config=MINILM)
+    houlsby = FedAdapter({}, ctx).global_plan()
+    assert houlsby.method == "adapter" and houlsby.blocks == (0, 1, 2, 3, 4, 5)
+    a = houlsby.adapter
+    assert (a.kind, a.size, a.activation, a.train_layer_norm, a.init_std) == ("houlsby", 384 // 16, "gelu", True, 1e-3)
+    assert houlsby.head.train and not houlsby.head.pooler
+    pf = FedAdapter({"kind": "pfeiffer", "last_blocks": 2, "size": 8}, ctx).global_plan()
+    assert pf.blocks == (4, 5) and (pf.adapter.activation, pf.adapter.size, pf.adapter.train_layer_norm) == ("relu", 8, False)
+    assert FedAdapter({"activation": "relu", "train_layer_norm": False}, ctx).global_plan().adapter.activation == "relu"
+
+
+def test_fedadapter_aggregates_by_samples_or_plain_mean():
+    ctx = replace(_ctx(), model_config=MINILM)
+    ups = [_u("a", 1, w=[4, 0]), _u("b", 3, w=[0, 4])]
+    state = {"w": np.zeros(2, np.float32)}
+    np.testing.assert_allclose(FedAdapter({}, ctx).aggregate(1, ups, state)[0]["w"], [1, 3])
+    np.testing.assert_allclose(FedAdapter({"weighting": "mean"}, ctx).aggregate(1, ups, state)[0]["w"], [2, 2])
+
+
 def test_configure_seed_depends_on_scenario_seed():
     a = FedLoRA({}, _ctx(seed=1)).configure(1, _nodes(2), {})
     b = FedLoRA({}, _ctx(seed=2)).configure(1, _nodes(2), {})
@@ -189,6 +214,9 @@ def test_aggregate_is_weighted_average():
     (Full, {"lr": 0}, "lr"),
     (Full, {"local_steps": 0}, "local_steps"),
     (Full, {"rank": 4}, "rank"),  # a FedLoRA param is unknown to Full
+    (FedAdapter, {"kind": "lora"}, "kind"),
+    (FedAdapter, {"size": 0}, "size"),
+    (FedAdapter, {"activation": "tanh"}, "activation"),
 ])
 def test_bad_params_raise_validation_error(cls, params, field):
     with pytest.raises(ValidationError) as err:

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from node import trainer  # noqa: E402
 from node.data import load_dataset  # noqa: E402
-from node.plan import HeadSpec, LoraSpec, Plan, RankPenalty, TrainSpec  # noqa: E402
+from node.plan import AdapterSpec, HeadSpec, LoraSpec, Plan, RankPenalty, TrainSpec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,11 @@ def lora_plan(blocks=None, lora=None, rank_penalty=None, head=None, **train):
 
 def full_plan(blocks, **kw):
     return Plan("full", blocks, train=TrainSpec(local_steps=2, batch_size=8, lr=1e-2, seed=1), **kw)
+
+
+def adapter_plan(blocks=None, **spec):
+    return Plan("adapter", blocks, head=HeadSpec(pooler=False), adapter=AdapterSpec(**spec),
+                train=TrainSpec(local_steps=2, batch_size=8, lr=1e-2, seed=1))
 
 
 def test_dataset_is_real_labelled_text():
@@ -90,6 +95,40 @@ def test_train_changes_tensors_deterministically_and_leaves_base_frozen(base):
     assert m1["samples"] == 16 and m1["peak_mem_mb"] > 50 and m1["compute_s"] > 0
 
 
+def test_an_adapter_plan_trains_and_sends_adapters_head_and_chosen_layer_norms(base):
+    model, data = base
+    plan = adapter_plan([1], size=4, kind="houlsby", train_layer_norm=True)
+    state = trainer.trainable_state(trainer.build_model(model, plan))
+    p = "bert.encoder.layer.1."
+    expected = {f"{p}{place}.{part}" for place in ("attention.output", "output")
+                for part in ("adapter.down.weight", "adapter.down.bias", "adapter.up.weight", "adapter.up.bias",
+                             "LayerNorm.weight", "LayerNorm.bias")} | {"classifier.weight", "classifier.bias"}
+    assert set(state) == expected
+    assert state[f"{p}output.adapter.down.weight"].shape == (4, 384) and state[f"{p}output.adapter.up.weight"].shape == (384, 4)
+    out, metrics = trainer.train(model, plan, state, data)
+    assert all(not np.array_equal(out[k], state[k]) for k in state if ".up." in k or "classifier" in k)
+    assert metrics["trained_params"] == 2 * (4 * 384 + 4 + 384 * 4 + 384) + 2 * 2 * 384 + 2 * 384 + 2
+
+
+def test_an_adapter_is_y_plus_up_act_down_y_on_the_projection_output(base):
+    """By hand: the adapted projection's output equals W x + b + up(act(down(W x + b)))."""
+    model, _ = base
+    for activation, act in (("relu", torch.relu), ("gelu", torch.nn.functional.gelu)):
+        m = trainer.build_model(model, adapter_plan([1], size=4, kind="pfeiffer", activation=activation,
+                                                   init_std=0.1))
+        dense = model.bert.encoder.layer[1].output.dense            # the base's, unadapted
+        ad = dict(m.named_parameters())
+        p = "bert.encoder.layer.1.output.adapter."
+        x = torch.randn(2, 3, 1536, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            y = x @ dense.weight.T + dense.bias
+            h = act(y @ ad[p + "down.weight"].T + ad[p + "down.bias"])
+            expected = y + h @ ad[p + "up.weight"].T + ad[p + "up.bias"]
+            torch.testing.assert_close(m.bert.encoder.layer[1].output.dense(x), expected)
+            torch.testing.assert_close(m.bert.encoder.layer[0].output.dense(x), model.bert.encoder.layer[0].output.dense(x))
+        assert not hasattr(m.bert.encoder.layer[1].attention.output, "adapter")   # pfeiffer: feed-forward only
+
+
 def test_load_trainable_rejects_foreign_tensors(base):
     model, _ = base
     m = trainer.build_model(model, lora_plan())
@@ -114,7 +153,10 @@ def test_evaluate_reports_accuracy(base):
     lora_plan(blocks=[1]),
     replace(lora_plan(blocks=[1]), head=HeadSpec(pooler=False)),
     full_plan([1], head=HeadSpec(pooler=False)),
-], ids=["full-top", "full-all-emb", "head-only", "lora", "lora-classifier", "full-top-classifier"])
+    adapter_plan([1], train_layer_norm=True),
+    adapter_plan(kind="pfeiffer"),
+], ids=["full-top", "full-all-emb", "head-only", "lora", "lora-classifier", "full-top-classifier",
+        "houlsby-adapters-norms", "pfeiffer-adapters"])
 def test_frozen_weights_are_shared_and_the_base_is_never_written(base, plan):
     model, data = base
     m = trainer.build_model(model, plan)
