@@ -139,8 +139,11 @@ class NetnsBackend(ProcessBackend):
         return max(MIN_OWN_MB, int(limits.memory_mb - self._shared_mb()))
 
     def zygote_notes(self, profiles: list[Profile]) -> list[str]:
-        if self.zygote is None:
-            return []
+        if self.zygote is None:  # memory cgroups charge a page cache page to whoever read it first
+            return ["nodes started one by one: pages of torch's libraries and the model file that another "
+                    "process already read are not charged to a node's cgroup, so a node's RSS can exceed its "
+                    "profile memory by that much before its limit acts; zygote: on charges them (the "
+                    "shared part is taken off every limit)"] if profiles else []
         notes = [f"nodes forked from one zygote: {self._shared_mb():.0f} MB shared copy-on-write and charged to "
                  "the zygote; each node's cgroup limit is its profile memory minus that"]
         small = sorted({p.name for p in profiles if p.memory_mb - self._shared_mb() < MIN_OWN_MB})
