@@ -57,6 +57,59 @@ def _bytes(row: dict) -> int:
     return int(row.get("bytes_up") or 0) + int(row.get("bytes_down") or 0)
 
 
+TOP_CHOICES = 4  # a class's most frequent values of a choice that are listed; the rest are counted
+
+
+def _by_class(rows: list[dict]) -> dict[str, dict]:
+    """Per device class (profile): how its devices fared (ok / dropped / failed / rejected, over
+    all rounds) and what the strategy gave them: for each field of the plan record, how often
+    each value came (the blocks as their number; a number that varies per round as its range)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        for nd in r.get("nodes") or []:
+            c = out.setdefault(str(nd.get("profile", "?")), {"status": {}, "given": {}})
+            c["status"][nd.get("status", "?")] = c["status"].get(nd.get("status", "?"), 0) + 1
+            for key, value in (nd.get("plan") or {}).items():
+                _tally(c["given"], "trained blocks" if key == "blocks" else key,
+                       len(value) if key == "blocks" and isinstance(value, list) else value)
+    return {p: {"status": c["status"], "given": {k: _top(v) for k, v in c["given"].items()}}
+            for p, c in sorted(out.items())}
+
+
+def _tally(given: dict, key: str, value) -> None:
+    if isinstance(value, float):
+        lo, hi = given.get(key, {}).get("range", [value, value])
+        given[key] = {"range": [min(lo, value), max(hi, value)]}
+    else:
+        counts = given.setdefault(key, {})
+        text = value if isinstance(value, str) else json.dumps(value)
+        counts[text] = counts.get(text, 0) + 1
+
+
+def _top(counts: dict) -> dict:
+    if "range" in counts:
+        return counts
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    out = dict(ranked[:TOP_CHOICES])
+    if len(ranked) > TOP_CHOICES:
+        out["(others)"] = sum(n for _, n in ranked[TOP_CHOICES:])
+    return out
+
+
+def given_text(given: dict) -> str:
+    """A class's plan fields in one line: `caff_blocks 2 (30)`, `caff_upload_factor 0.50-0.99`."""
+    parts = []
+    for key, counts in given.items():
+        if key == "method" and len(counts) == 1:
+            continue
+        if "range" in counts:
+            lo, hi = counts["range"]
+            parts.append(f"{key} {lo:.3g}" + (f"-{hi:.3g}" if hi != lo else ""))
+        else:
+            parts.append(f"{key} " + ", ".join(f"{v} ({n})" for v, n in counts.items()))
+    return "; ".join(parts) or "-"
+
+
 def _strategy_summary(rows: list[dict], target: float) -> dict:
     times, accs = _elapsed(rows), [_acc(r) for r in rows]
     known = [a for a in accs if a is not None]
@@ -77,6 +130,7 @@ def _strategy_summary(rows: list[dict], target: float) -> dict:
     return {
         "rounds": sum(1 for r in rows if r.get("round", 0) >= 1),
         "peak_memory_mb": dict(sorted(peaks.items())),
+        "by_class": _by_class(rows),
         "host_peak_used_mb": max(host, default=None),  # this host's memory in use, all its nodes and the aggregator
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(known) if known else None,
@@ -252,9 +306,10 @@ def _profile_table(groups: dict) -> list[str]:
     """Mean compute time and peak memory per device profile: the point of the
     testbed is to see how heterogeneous devices cope with each strategy."""
     out = ["| strategy | profile | node-rounds | dropped/failed | mean compute, ok nodes (s) "
-           "| max peak mem (MB) |",
-           "|---|---|---|---|---|---|"]
+           "| max peak mem (MB) | given (value (node-rounds)) |",
+           "|---|---|---|---|---|---|---|"]
     for name, rows in groups.items():
+        given = {p: c["given"] for p, c in _by_class(rows).items()}
         prof: dict[str, list[dict]] = {}
         for r in rows:
             for nd in r.get("nodes") or []:
@@ -266,7 +321,7 @@ def _profile_table(groups: dict) -> list[str]:
             lost = sum(1 for n in nds if n.get("status", "ok") != "ok")
             out.append(f"| {name} | {p} | {len(nds)} | {lost} | "
                        f"{_fmt(sum(comp) / len(comp) if comp else None, '.2f')} | "
-                       f"{_fmt(max(mem) if mem else None, '.0f')} |")
+                       f"{_fmt(max(mem) if mem else None, '.0f')} | {given_text(given.get(p, {}))} |")
     return out if len(out) > 2 else ["_No per-node data recorded._"]
 
 

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from .report import given_text
 from .scenario import Scenario
 
 SUMMARY, REPORT, PLOT = "summary.json", "report.md", "seeds.png"
@@ -47,9 +48,40 @@ def summarize_seeds(per_seed: dict[int, dict]) -> dict:
     """summary.json of a campaign from each seed's summary.json."""
     first = next(iter(per_seed.values()))
     names = list(dict.fromkeys(n for s in per_seed.values() for n in s.get("strategies", {})))
+    strategies = {}
+    for name in names:
+        runs = [s.get("strategies", {}).get(name, {}) for s in per_seed.values()]
+        strategies[name] = {**{m: spread([r.get(m) for r in runs]) for m in METRICS}, "by_class": _classes(runs)}
     return {"seeds": sorted(per_seed), "baseline": first.get("baseline"), "target_accuracy": first.get("target_accuracy"),
-            "strategies": {name: {m: spread([s.get("strategies", {}).get(name, {}).get(m) for s in per_seed.values()])
-                                  for m in METRICS} for name in names}}
+            "strategies": strategies}
+
+
+def _classes(runs: list[dict]) -> dict:
+    """Per device class over the seeds: its peak memory (the spread of each seed's largest), how
+    its node-rounds ended and what it was given (summed over the seeds)."""
+    profiles = sorted({p for r in runs for p in (r.get("by_class") or r.get("peak_memory_mb") or {})})
+    out = {}
+    for p in profiles:
+        status: dict[str, int] = {}
+        given: dict[str, dict] = {}
+        for r in runs:
+            c = (r.get("by_class") or {}).get(p, {})
+            for k, n in c.get("status", {}).items():
+                status[k] = status.get(k, 0) + n
+            for key, counts in c.get("given", {}).items():
+                _merge(given.setdefault(key, {}), counts)
+        out[p] = {"peak_memory_mb": spread([(r.get("peak_memory_mb") or {}).get(p) for r in runs]),
+                  "status": status, "given": given}
+    return out
+
+
+def _merge(into: dict, counts: dict) -> None:
+    if "range" in counts:
+        lo, hi = into.get("range", counts["range"])
+        into["range"] = [min(lo, counts["range"][0]), max(hi, counts["range"][1])]
+    else:
+        for v, n in counts.items():
+            into[v] = into.get(v, 0) + n
 
 
 def run_seeds(sc: Scenario, out: Path, seeds: list[int], *, backend: str | None = None, source: str | None = None,
@@ -108,6 +140,17 @@ def write_seeds_report(out: Path, summary: dict) -> list[Path]:
     for name, m in rows.items():
         lines.append(f"| {name} | {_cell(m['time_to_target_s'], 1, '.1f')} | {_cell(m['bytes_to_target'], 1e6, '.2f')} "
                      f"| {_cell(m['final_accuracy'])} | {_cell(m['best_accuracy'])} | {_cell(m['speedup'], 1, '.2f')} |")
+    lines += ["", "## Device classes", "",
+              "Peak memory: the mean over the seeds of the largest peak a device of the class reported "
+              "[95% interval]. Node-rounds: how the class's devices ended their rounds, over all seeds. "
+              "Given: each field of the plan records, value (node-rounds).", "",
+              "| strategy | class | peak memory (MB) | node-rounds ok / dropped / failed | given |", "|---|---|---|---|---|"]
+    for name, m in rows.items():
+        for p, c in (m.get("by_class") or {}).items():
+            st = c["status"]
+            lines.append(f"| {name} | {p} | {_cell(c['peak_memory_mb'], 1, '.0f')} | {st.get('ok', 0)} / "
+                         f"{st.get('dropped', 0)} / {st.get('failed', 0) + st.get('rejected', 0)} "
+                         f"| {given_text(c['given'])} |")
     lines += ["", f"![error bars]({PLOT})", "", "Seeds:", ""]
     lines += [f"- [seed {s}](seed-{s}/report.md)" for s in summary["seeds"]]
     (out / REPORT).write_text("\n".join(lines) + "\n")

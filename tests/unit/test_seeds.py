@@ -37,3 +37,38 @@ def test_a_campaign_summary_and_report(tmp_path):
     text = paths[0].read_text()
     assert "| b | 5.0 (1/2) |" in text and "[seed 2](seed-2/report.md)" in text
     assert paths[1].stat().st_size > 1000
+
+
+def _node(profile, status, peak, **plan):
+    return {"node": f"{profile}-x", "profile": profile, "status": status, "peak_mem_mb": peak,
+            "plan": {"method": "full", **plan}}
+
+
+def test_device_classes_over_rounds_and_seeds(tmp_path):
+    """What each class got and how it fared: counted by hand from two seeds of two rounds."""
+    from testbed.report import summarize
+    seed1 = [{"strategy": "caff", "round": 1, "elapsed_s": 1.0, "accuracy": 0.6, "nodes": [
+                 _node("weak", "ok", 500.0, blocks=[4, 5], caff_blocks=2, caff_upload_factor=0.6),
+                 _node("strong", "ok", 900.0, blocks=[0, 1, 2, 3, 4, 5], caff_blocks=6, caff_upload_factor=0.9)]},
+             {"strategy": "caff", "round": 2, "elapsed_s": 2.0, "accuracy": 0.7, "nodes": [
+                 _node("weak", "failed", None, blocks=[4, 5], caff_blocks=2, caff_upload_factor=0.8)]}]
+    seed2 = [{"strategy": "caff", "round": 1, "elapsed_s": 1.0, "accuracy": 0.65, "nodes": [
+                 _node("weak", "ok", 520.0, blocks=[5], caff_blocks=1, caff_upload_factor=0.5),
+                 _node("strong", "dropped", 950.0, blocks=[0, 1, 2, 3, 4, 5], caff_blocks=6, caff_upload_factor=1.0)]}]
+    one = summarize(seed1, "caff", 0.7)["strategies"]["caff"]
+    assert one["by_class"]["weak"] == {"status": {"ok": 1, "failed": 1},
+                                       "given": {"method": {"full": 2}, "trained blocks": {"2": 2},
+                                                 "caff_blocks": {"2": 2}, "caff_upload_factor": {"range": [0.6, 0.8]}}}
+    two = summarize(seed2, "caff", 0.7)["strategies"]["caff"]
+    s = summarize_seeds({1: {"baseline": "caff", "target_accuracy": 0.7, "strategies": {"caff": one}},
+                         2: {"baseline": "caff", "target_accuracy": 0.7, "strategies": {"caff": two}}})
+    weak = s["strategies"]["caff"]["by_class"]["weak"]
+    assert weak["status"] == {"ok": 2, "failed": 1}
+    assert weak["given"]["caff_blocks"] == {"2": 2, "1": 1}
+    assert weak["given"]["caff_upload_factor"] == {"range": [0.5, 0.8]}
+    assert weak["peak_memory_mb"]["mean"] == 510.0 and weak["peak_memory_mb"]["n"] == 2
+    strong = s["strategies"]["caff"]["by_class"]["strong"]
+    assert strong["status"] == {"ok": 1, "dropped": 1} and strong["peak_memory_mb"]["mean"] == 925.0
+    text = write_seeds_report(tmp_path, s)[0].read_text()
+    assert "| caff | weak | 510 [" in text and "| 2 / 0 / 1 |" in text
+    assert "caff_blocks 2 (2), 1 (1)" in text and "caff_upload_factor 0.5-0.8" in text
