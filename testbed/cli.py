@@ -74,8 +74,10 @@ def _seeds(text: str) -> list[int]:
 
 def cmd_report(args) -> int:
     from .report import write_report
+    from .seeds import is_campaign, rewrite_campaign
     try:
-        paths = write_report(args.dir)
+        paths = (rewrite_campaign(args.dir, args.recompute) if is_campaign(args.dir)
+                 else write_report(args.dir, args.recompute))
     except (OSError, ValueError) as exc:
         print(f"error: {args.dir}: {exc}", file=sys.stderr)
         return 1
@@ -112,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("scenarios", nargs="+")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(fn=cmd_validate)
-    p = sub.add_parser("report", help="(re)write report.md and plots of a run folder")
-    p.add_argument("dir")
+    p = sub.add_parser("report", help="(re)write report.md and plots of a run folder or a --seeds campaign")
+    p.add_argument("dir", help="a run folder, or the folder of a --seeds campaign (each seed's report and the "
+                   "campaign's summary and report are rewritten)")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute summary.json from rounds.jsonl (a folder an older version summarized)")
     p.set_defaults(fn=cmd_report)
     from .calibrate import add_parser as add_calibrate
     add_calibrate(sub)

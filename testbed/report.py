@@ -407,13 +407,18 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(dir: str | Path) -> list[Path]:
+def write_report(dir: str | Path, recompute: bool = False) -> list[Path]:
     """Write report.md and the three plots into the run folder; recomputes the
-    summary from rounds.jsonl when summary.json is missing (crashed run)."""
+    summary from rounds.jsonl when summary.json is missing (crashed run), or with
+    `recompute` (a folder an older version summarized: its summary.json is rewritten,
+    keeping the fields only the run knew, such as its status)."""
     d = Path(dir)
     manifest, rounds, summary = load_run(d)
     if summary is None:
         summary = _default_summary(manifest, rounds)
+    elif recompute:
+        summary = {**summary, **_default_summary(manifest, rounds)}
+        (d / SUMMARY).write_text(json.dumps(summary, indent=2))
     groups = _by_strategy(rounds)
     base = summary.get("baseline")
     groups = {k: groups[k] for k in sorted(groups, key=lambda k: k != base)}  # baseline first

@@ -111,6 +111,27 @@ def run_seeds(sc: Scenario, out: Path, seeds: list[int], *, backend: str | None 
     return summary
 
 
+def is_campaign(out: Path) -> bool:
+    return any(Path(out).glob("seed-*/manifest.json"))
+
+
+def rewrite_campaign(out: Path, recompute: bool = False) -> list[Path]:
+    """Rewrite each finished seed's report (and, with `recompute`, its summary) and the
+    campaign's summary.json and report: `testbed report` on a folder of `--seeds`."""
+    from .report import write_report
+    out = Path(out)
+    per_seed, paths = {}, []
+    for d in sorted(out.glob("seed-*"), key=lambda d: int(d.name.split("-", 1)[1])):
+        if _status(d) == "finished":
+            paths += write_report(d, recompute=recompute)
+            per_seed[int(d.name.split("-", 1)[1])] = json.loads((d / "summary.json").read_text())
+    if not per_seed:
+        raise ValueError("no finished seed-<s> folder here")
+    summary = summarize_seeds(per_seed)
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return [out / SUMMARY, *write_seeds_report(out, summary), *paths]
+
+
 def _status(d: Path) -> str | None:
     try:
         return json.loads((d / "manifest.json").read_text()).get("status")

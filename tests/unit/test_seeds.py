@@ -72,3 +72,31 @@ def test_device_classes_over_rounds_and_seeds(tmp_path):
     text = write_seeds_report(tmp_path, s)[0].read_text()
     assert "| caff | weak | 510 [" in text and "| 2 / 0 / 1 |" in text
     assert "caff_blocks 2 (2), 1 (1)" in text and "caff_upload_factor 0.5-0.8" in text
+
+
+def test_report_rewrites_a_campaign_from_its_seed_folders(tmp_path):
+    """`testbed report --recompute DIR` on a --seeds folder that an older version summarized:
+    each finished seed's summary gains the fields it lacked, keeping what only the run knew;
+    an unfinished seed is left out of the campaign's summary."""
+    import json
+    from testbed.cli import main
+    for seed, acc, status in ((1, 0.8, "finished"), (2, 0.6, "finished"), (3, 0.9, "interrupted")):
+        d = tmp_path / f"seed-{seed}"
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({"status": status, "scenario": {
+            "strategies": {"baseline": "a"}, "training": {"target_accuracy": 0.7}}}))
+        rows = [{"strategy": "a", "round": 1, "elapsed_s": 3.0, "accuracy": acc, "bytes_up": 10, "bytes_down": 10,
+                 "nodes": [_node("pi", "ok", 400.0 + seed, blocks=[1])]}]
+        (d / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "summary.json").write_text(json.dumps({"baseline": "a", "target_accuracy": 0.7, "status": status,
+                                                    "strategies": {"a": {"final_accuracy": acc}}}))
+    assert main(["report", "--recompute", str(tmp_path)]) == 0
+    seed1 = json.loads((tmp_path / "seed-1" / "summary.json").read_text())
+    assert seed1["status"] == "finished" and seed1["strategies"]["a"]["by_class"]["pi"]["status"] == {"ok": 1}
+    campaign = json.loads((tmp_path / "summary.json").read_text())
+    assert campaign["seeds"] == [1, 2]
+    a = campaign["strategies"]["a"]
+    assert a["final_accuracy"]["mean"] == pytest.approx(0.7) and a["time_to_target_s"]["n"] == 1
+    assert a["by_class"]["pi"]["peak_memory_mb"]["mean"] == 401.5
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "seed-2" / "report.md").is_file()
+    assert not (tmp_path / "seed-3" / "report.md").exists()
