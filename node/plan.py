@@ -12,8 +12,9 @@ Naming of the model's parameters is defined here once, too: `block_of` is the on
 peft's per-block rank and alpha pattern keys.
 
 Methods: `full` (unfreeze whole blocks), `lora` (peft LoRA on chosen blocks, optionally as a
-sub-model of those blocks alone) and `adapter` (bottleneck adapters on chosen blocks). A new
-method is one more optional spec beside `lora` and `adapter`, checked in `Plan.__post_init__`.
+sub-model of those blocks alone), `adapter` (bottleneck adapters on chosen blocks) and `ia3`
+(peft's (IA)^3 vectors on chosen blocks). A new method is one more optional spec, named in
+`METHOD_SPECS` and checked in `Plan.__post_init__`.
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
-METHODS = ("full", "lora", "adapter")
-Method = Literal["full", "lora", "adapter"]
+METHODS = ("full", "lora", "adapter", "ia3")
+Method = Literal["full", "lora", "adapter", "ia3"]
+# the linear modules of a BERT block, by their path inside it
+BLOCK_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
+                 "attention.output.dense", "intermediate.dense", "output.dense")
 # bottleneck adapter kind -> the sublayer output modules (paths inside a block) that get one; the
 # adapter is that module's child `adapter` and acts on the output of its `dense` projection
 ADAPTER_PLACES = {"houlsby": ("attention.output", "output"),  # after attention and after the feed-forward
@@ -160,6 +164,36 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
+class IA3Spec:
+    """(IA)^3 (Liu et al. 2022, https://arxiv.org/abs/2205.05638) through peft: learned vectors
+    that rescale, in every planned block, the output of the `targets` projections, or their
+    input for the `feedforward` ones (the input of the feed-forward's second layer in the
+    paper). Paths inside a block, exact (peft's suffix matching would also take the attention
+    output's `dense` for `output.dense`)."""
+    targets: tuple[str, ...] = ("attention.self.key", "attention.self.value", "output.dense")
+    feedforward: tuple[str, ...] = ("output.dense",)
+
+    def __post_init__(self):
+        for name in ("targets", "feedforward"):
+            value = getattr(self, name)
+            _require(isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value),
+                     f"ia3.{name} must be a list of block paths")
+            unknown = [t for t in value if t not in BLOCK_LINEARS]
+            _require(not unknown, f"ia3.{name}: {unknown} are not linear modules of a block; allowed: "
+                     f"{', '.join(BLOCK_LINEARS)}")
+            object.__setattr__(self, name, tuple(value))
+        _require(len(self.targets) > 0, "ia3.targets must name at least one projection")
+        _require(set(self.feedforward) <= set(self.targets), "ia3.feedforward must be among ia3.targets")
+
+    def peft_regexes(self, blocks: list[int]) -> tuple[str, str | None]:
+        """peft's target_modules and feedforward_modules, as regexes over full module names."""
+        def rx(paths):
+            alts = "|".join(re.escape(p) for p in paths)
+            return rf".*\.layer\.({'|'.join(map(str, blocks))})\.({alts})"
+        return rx(self.targets), (rx(self.feedforward) if self.feedforward else None)
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """The task head (BERT: pooler + classifier). The classifier is new for the task, so it
     usually trains; the pretrained pooler trains with it only when `pooler` is set (peft's
@@ -226,6 +260,7 @@ class Plan:
     train: TrainSpec = field(default_factory=TrainSpec)
     lora: LoraSpec | None = None          # method lora only
     adapter: AdapterSpec | None = None    # method adapter only
+    ia3: IA3Spec | None = None            # method ia3 only
     train_embeddings: bool = False        # method full only
     rank_penalty: RankPenalty | None = None  # method lora only
     submodel: bool = False                # method lora only: the node runs a model of `blocks` alone
@@ -238,27 +273,22 @@ class Plan:
             object.__setattr__(self, "blocks", blocks)
         for name, kind in _SPECS:
             value = getattr(self, name)
-            _require(value is None and name in ("lora", "rank_penalty", "adapter") or isinstance(value, kind),
+            _require(value is None and name in _OPTIONAL or isinstance(value, kind),
                      f"plan {name} must be a {kind.__name__}, got {type(value).__name__}")
         _require(isinstance(self.train_embeddings, bool), "plan train_embeddings must be true or false")
         _require(isinstance(self.submodel, bool), "plan submodel must be true or false")
+        for method, spec in METHOD_SPECS.items():  # a method's spec exactly when it is the method
+            given = getattr(self, spec) is not None
+            _require(given or self.method != method, f"plan method {method} needs its {spec} spec")
+            _require(not given or self.method == method, f"the {spec} spec goes with method {method}, not {self.method}")
+        if self.method != "full":
+            _require(self.blocks is None or len(self.blocks) > 0, f"plan method {self.method} needs at least one block; "
+                     "for the head alone use method full with no blocks")
+            _require(not self.train_embeddings, f"train_embeddings goes with method full, not {self.method}")
+        _require(self.rank_penalty is None or self.method == "lora",
+                 f"rank_penalty needs method lora, the plan has {self.method!r}")
         _require(not self.submodel or (self.method == "lora" and self.blocks is not None),
                  "a submodel plan needs method lora and its blocks listed")
-        _require((self.adapter is not None) == (self.method == "adapter"),
-                 "an adapter plan needs its adapter spec" if self.method == "adapter"
-                 else f"an adapter spec goes with method adapter, not {self.method}")
-        if self.method == "adapter":
-            _require(self.blocks is None or len(self.blocks) > 0, "an adapter plan needs at least one block")
-            _require(not self.train_embeddings and self.lora is None and self.rank_penalty is None,
-                     "an adapter plan trains adapters and the head only")
-        elif self.method == "lora":
-            _require(self.lora is not None, "a lora plan needs its lora spec")
-            _require(self.blocks is None or len(self.blocks) > 0,
-                     "a lora plan needs at least one block; for the head alone use method full with no blocks")
-            _require(not self.train_embeddings, "train_embeddings goes with method full, not lora")
-        else:
-            _require(self.lora is None, f"a lora spec goes with method lora, not {self.method}")
-            _require(self.rank_penalty is None, f"rank_penalty needs method lora, the plan has {self.method!r}")
 
     def block_list(self, num_blocks: int) -> list[int]:
         """The blocks that train, checked against a model of `num_blocks` blocks."""
@@ -285,6 +315,8 @@ class Plan:
         """Plain msgpack / JSON types only (block keys of the patterns become strings)."""
         d = asdict(self)
         d["blocks"] = None if self.blocks is None else list(self.blocks)
+        if self.ia3 is not None:
+            d["ia3"] = {"targets": list(self.ia3.targets), "feedforward": list(self.ia3.feedforward)}
         if self.lora is not None:
             lo = d["lora"]
             lo["target_modules"] = list(self.lora.target_modules)
@@ -304,7 +336,9 @@ class Plan:
 
 
 _SPECS = (("head", HeadSpec), ("train", TrainSpec), ("lora", LoraSpec), ("rank_penalty", RankPenalty),
-          ("adapter", AdapterSpec))
+          ("adapter", AdapterSpec), ("ia3", IA3Spec))
+_OPTIONAL = ("lora", "rank_penalty", "adapter", "ia3")
+METHOD_SPECS = {"lora": "lora", "adapter": "adapter", "ia3": "ia3"}  # method -> the spec it needs
 
 
 def _build(kind, d: Any, what: str):

@@ -151,6 +151,8 @@ def build_model(base, plan: Plan):
         return model
     if plan.method == "adapter":
         return _with_adapters(base, plan, blocks, head)
+    if plan.method == "ia3":
+        return _with_ia3(base, plan, blocks, head)
     from peft import LoraConfig, get_peft_model
     # peft freezes every base weight and adds new adapter tensors; the head it trains is a
     # copy it makes itself (modules_to_save), but the head is kept private here too
@@ -169,11 +171,25 @@ def build_model(base, plan: Plan):
         config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
                             target_modules=list(lo.target_modules), layers_to_transform=blocks,
                             layers_pattern="layer", rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                            modules_to_save=[m for m, prefix in (("classifier", "classifier."), ("pooler", "bert.pooler."))
-                                             if prefix in head] or None)
+                            modules_to_save=_peft_head(head))
         model = get_peft_model(model, config)
     model.global_blocks = {i: b for b, i in plan.local_blocks().items()}  # a submodel's names on the wire
     return model
+
+
+def _peft_head(head: tuple[str, ...]) -> list[str] | None:
+    """peft's modules_to_save for the head prefixes that train (peft trains its own copy)."""
+    return [m for m, prefix in (("classifier", "classifier."), ("pooler", "bert.pooler.")) if prefix in head] or None
+
+
+def _with_ia3(base, plan: Plan, blocks: list[int], head: tuple[str, ...]):
+    """A copy of `base` with peft's (IA)^3 vectors (initialised to ones) on the planned
+    projections of the planned blocks; they and the head train."""
+    from peft import IA3Config, get_peft_model
+    model = _copy_sharing_frozen(base, lambda name: bool(head) and name.startswith(head))
+    targets, feedforward = plan.ia3.peft_regexes(blocks)
+    return get_peft_model(model, IA3Config(target_modules=targets, feedforward_modules=feedforward or [],
+                                           modules_to_save=_peft_head(head)))
 
 
 def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...]):

@@ -30,6 +30,10 @@ bench/bench_costmodel.py):
   nonlinearity (ReLU keeps its output, GELU and SiLU their input). Its output requires grad,
   so every op above it back-propagates; its own input gradient is computed only where the
   projection's output requires grad (i.e. above the lowest trained part).
+- (IA)^3 (plan method `ia3`, peft): one vector per targeted projection, of its output size
+  (or input size for a feed-forward one); the product x * l keeps x, and the vector only where
+  x needs a gradient; its FLOPs count 0 (elementwise), but everything above the lowest vector
+  back-propagates through the frozen projections (input gradients only).
 - Bytes: float32 tensors, payload = params x 4 per direction. The node receives the tensors
   of the plan and sends the same set back, so download == upload for every plan here. The
   wire adds one msgpack header (the tensor specs: name, dtype, shape; computed exactly with
@@ -96,14 +100,11 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from node.plan import LoraSpec, Plan, block_of, renumber
+from node.plan import BLOCK_LINEARS, LoraSpec, Plan, block_of, renumber
 
 MB = 2 ** 20
 FLOAT = 4  # bytes of a float32
 
-# Linear modules of one BERT block: path inside the block -> (in, out) as a function of (d, d_ff).
-BLOCK_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense", "intermediate.dense", "output.dense")
 
 # Measured on this machine (Debian bookworm, torch 2.13 CPU, 1 torch thread; bench_costmodel.py):
 DEFAULT_FRAMEWORK_MB = 400.0   # RSS of an idle node: torch+transformers+peft imported, model loaded
@@ -226,6 +227,7 @@ class _Plan:
     adapter_size: int
     adapter_activation: str
     adapter_norms: bool               # the adapted sublayers' LayerNorms train
+    ia3: dict[str, str]               # (IA)^3: linear path -> "out" (scales its output) | "in" (its input)
     batch_size: int
     max_len: int
     local_steps: int
@@ -260,6 +262,7 @@ def _read_plan(arch: Arch, plan: Plan) -> _Plan:
                  lora=lora, lora_dropout=plan.lora.dropout if plan.lora else 0.0,
                  adapters=ad.places if ad else (), adapter_size=ad.size if ad else 0,
                  adapter_activation=ad.activation if ad else "", adapter_norms=bool(ad and ad.train_layer_norm),
+                 ia3={t: "in" if t in plan.ia3.feedforward else "out" for t in plan.ia3.targets} if plan.ia3 else {},
                  batch_size=t.batch_size,
                  max_len=t.max_len, local_steps=t.local_steps)
 
@@ -297,6 +300,14 @@ def trainable_tensors(arch: Arch, plan: Plan) -> dict[str, tuple[int, ...]]:
             out.update(arch.block_shapes(b))
         if p.head:
             out.update(arch.head_shapes(pooler=p.pooler))
+        return out
+    if p.method == "ia3":
+        for b in p.blocks:
+            for path, mode in p.ia3.items():
+                i, o = arch.linear_shape(path)
+                out[f"{LORA_PREFIX}bert.encoder.layer.{b}.{path}.ia3_l"] = (1, i) if mode == "in" else (o, 1)
+        if p.head:
+            out.update(arch.head_shapes(LORA_PREFIX, p.pooler))
         return out
     if p.method == "adapter":
         d, m = arch.hidden, p.adapter_size
@@ -343,6 +354,7 @@ def header_bytes(arch: Arch, plan: Plan, meta_bytes: int = 600) -> int:
 # FLOPs, saved activations, forward allocations: one walk over the ops of a training forward,
 # tracking which tensors require grad
 # ----------------------------------------------------------------------------------------------
+PEFT_METHODS = ("lora", "ia3")  # peft keeps a copy of the head modules it trains
 MMAP_MAX = 32 * MB   # glibc's DEFAULT_MMAP_THRESHOLD_MAX (64-bit): buffers this big are always mmapped
 
 
@@ -411,6 +423,48 @@ class _Walk:
         return x_rg or w_trains or bool(rank)
 
 
+@dataclass(frozen=True)
+class _BlockPlan:
+    """What trains in one block."""
+    trains: bool = False                                  # every weight (method full)
+    ranks: dict = field(default_factory=dict)             # LoRA: linear path -> rank
+    lora_dropout: float = 0.0
+    adapters: dict = field(default_factory=dict)          # sublayer output -> (size, activation)
+    ia3: dict = field(default_factory=dict)               # linear path -> "out" | "in"
+
+
+def _block_plan(p: _Plan, b: int) -> _BlockPlan:
+    if b not in p.blocks:
+        return _BlockPlan()
+    return _BlockPlan(trains=p.method == "full", ranks=p.lora.get(b, {}), lora_dropout=p.lora_dropout,
+                      adapters={place: (p.adapter_size, p.adapter_activation) for place in p.adapters},
+                      ia3=p.ia3 if p.method == "ia3" else {})
+
+
+def _linear(w: _Walk, bp: _BlockPlan, path: str, x: str, x_rg: bool, fin: int, fout: int) -> bool:
+    """A block's linear module `path` under the block's plan (whole weight, LoRA, (IA)^3)."""
+    mode = bp.ia3.get(path)
+    if mode == "in":
+        x, x_rg = _ia3_scale(w, x, x_rg, fin), True
+    y = w.linear(x, x_rg, fin, fout, bp.trains, bp.ranks.get(path, 0), bp.lora_dropout)
+    if mode == "out":
+        _ia3_scale(w, w.fresh(f"{path}-out"), y, fout)
+        return True
+    return y
+
+
+def _ia3_scale(w: _Walk, x: str, x_rg: bool, dim: int) -> str:
+    """peft's (IA)^3: x * (1 * l.flatten()). The product keeps x for the vector's gradient, and
+    the scaling (a new tensor of `dim` floats) only where x needs a gradient too. Returns the
+    product's key."""
+    w.alloc(dim * FLOAT)
+    if x_rg:
+        w.save(w.fresh("ia3-scaling"), dim * FLOAT)
+    w.save(x, w.N * dim * FLOAT)
+    w.alloc(w.N * dim * FLOAT)
+    return w.fresh("ia3-product")
+
+
 def _adapter(w: _Walk, y_rg: bool, d: int, size: int, activation: str) -> bool:
     """A bottleneck adapter on a projection's output y (node/adapters.py): y + up(act(down(y))).
     down keeps y for its weight gradient; ReLU keeps its output, which is also the input that
@@ -428,17 +482,15 @@ def _adapter(w: _Walk, y_rg: bool, d: int, size: int, activation: str) -> bool:
     return True
 
 
-def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int], lora_dropout: float,
-           adapters: dict[str, tuple[int, str]] | None = None) -> bool:
-    """One BERT layer (transformers' BertLayer, sdpa attention) in training mode, with
-    `adapters` {sublayer output module: (size, activation)}. Returns whether its output
-    requires grad."""
+def _block(w: _Walk, arch: Arch, x_rg: bool, bp: _BlockPlan) -> bool:
+    """One BERT layer (transformers' BertLayer, sdpa attention) in training mode under `bp`.
+    Returns whether its output requires grad."""
     d, f, H, N, B, T = arch.hidden, arch.intermediate, arch.heads, w.N, w.B, w.T
     u = N * d * FLOAT                                 # one (B, T, d) float32 tensor
-    r = ranks.get
-    q = w.linear("x", x_rg, d, d, trains, r("attention.self.query", 0), lora_dropout)
-    k = w.linear("x", x_rg, d, d, trains, r("attention.self.key", 0), lora_dropout)
-    v = w.linear("x", x_rg, d, d, trains, r("attention.self.value", 0), lora_dropout)
+    trains = bp.trains
+    q = _linear(w, bp, "attention.self.query", "x", x_rg, d, d)
+    k = _linear(w, bp, "attention.self.key", "x", x_rg, d, d)
+    v = _linear(w, bp, "attention.self.value", "x", x_rg, d, d)
     scores = B * H * T * T * FLOAT
     w.fwd += 2 * 2 * B * T * T * d
     w.alloc(B * T * T * FLOAT)                        # the additive mask
@@ -479,10 +531,9 @@ def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int]
                 w.save(name, u)
             w.save("logsumexp", B * H * T * FLOAT)
             w.save("mask", B * T * T * FLOAT)
-    o = w.linear(ctx_key, ctx, d, d, trains, r("attention.output.dense", 0), lora_dropout)
-    adapters = adapters or {}
-    if "attention.output" in adapters:
-        o = _adapter(w, o, d, *adapters["attention.output"])
+    o = _linear(w, bp, "attention.output.dense", ctx_key, ctx, d, d)
+    if "attention.output" in bp.adapters:
+        o = _adapter(w, o, d, *bp.adapters["attention.output"])
     drop = arch.hidden_dropout > 0
     w.alloc(u, 4 if drop else 2)                      # (dropout mask, dropped,) + residual, LayerNorm
     w.alloc(2 * N * FLOAT)
@@ -492,13 +543,13 @@ def _block(w: _Walk, arch: Arch, x_rg: bool, trains: bool, ranks: dict[str, int]
     if ln1:
         w.save("ln1-input", u)
         w.save("ln1-stats", 2 * N * FLOAT)
-    i = w.linear("ln1-out", ln1, d, f, trains, r("intermediate.dense", 0), lora_dropout)
+    i = _linear(w, bp, "intermediate.dense", "ln1-out", ln1, d, f)
     w.alloc(N * f * FLOAT)                            # gelu
     if i:
         w.save("gelu-input", N * f * FLOAT)
-    o2 = w.linear("gelu-out", i, f, d, trains, r("output.dense", 0), lora_dropout)
-    if "output" in adapters:
-        o2 = _adapter(w, o2, d, *adapters["output"])
+    o2 = _linear(w, bp, "output.dense", "gelu-out", i, f, d)
+    if "output" in bp.adapters:
+        o2 = _adapter(w, o2, d, *bp.adapters["output"])
     w.alloc(u, 4 if drop else 2)
     w.alloc(2 * N * FLOAT)
     if o2 and drop:
@@ -542,13 +593,10 @@ def _walk(arch: Arch, p: _Plan) -> _Pass:
     lowest: Any = "embeddings" if rg else None
     for b in range(arch.layers):
         w.where = b
-        trains = p.method == "full" and b in p.blocks
-        ranks = p.lora.get(b, {}) if p.method == "lora" else {}
-        adapters = p.adapters if b in p.blocks and p.method == "adapter" else ()
-        if lowest is None and (trains or ranks or adapters):
+        bp = _block_plan(p, b)
+        if lowest is None and (bp.trains or bp.ranks or bp.adapters or bp.ia3):
             lowest = b
-        rg = _block(w, arch, rg, trains, ranks, p.lora_dropout,
-                    {place: (p.adapter_size, p.adapter_activation) for place in adapters})
+        rg = _block(w, arch, rg, bp)
     w.where = "head"
     B, head = w.B, p.head
     # pooler: dense(hidden[:, 0]) -> tanh; the saved first-token view pins the whole last hidden state
@@ -628,7 +676,7 @@ def _memory(arch: Arch, p: _Plan, ps: _Pass, shapes: dict, allocator: str) -> di
     P_big = payload - P_small
     # the round's model: node.trainer shares every frozen weight with the base and copies only
     # what trains (full), or the head + adapters + peft's own head copy (lora)
-    copy = payload + (_numel(arch.head_shapes(pooler=p.pooler)) * FLOAT if p.method == "lora" and p.head else 0)
+    copy = payload + (_numel(arch.head_shapes(pooler=p.pooler)) * FLOAT if p.method in PEFT_METHODS and p.head else 0)
     received = payload
     largest = max(sizes.values(), default=0)
     temps_small, temps_big = (2 * largest, 0) if small(largest) else (0, 2 * largest)
@@ -783,6 +831,8 @@ for name, shape in cm.trainable_tensors(arch, plan).items():
         tensors[name] = (rng.standard_normal(shape) * 0.01).astype(np.float32)
     elif "lora_B" in name:
         tensors[name] = np.zeros(shape, np.float32)
+    elif name.endswith(".ia3_l"):
+        tensors[name] = np.ones(shape, np.float32)
     elif ".adapter." in name:
         tensors[name] = (rng.standard_normal(shape) * 0.02).astype(np.float32)
     else:

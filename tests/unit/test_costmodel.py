@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from node.plan import AdapterSpec, HeadSpec, LoraSpec, Plan, TrainSpec
+from node.plan import AdapterSpec, HeadSpec, IA3Spec, LoraSpec, Plan, TrainSpec
 from testbed import costmodel as cm
 
 ARCH = cm.MINILM_L6
@@ -39,6 +39,10 @@ def adapter(blocks=None, size=24, kind="houlsby", activation="relu", B=16, T=32,
             norms=False):
     return Plan("adapter", blocks, head=HeadSpec(head, pooler),
                 adapter=AdapterSpec(size, kind, activation, train_layer_norm=norms), train=_train(B, T, steps))
+
+
+def ia3(blocks=None, B=16, T=32, steps=2, head=True, pooler=True, **spec):
+    return Plan("ia3", blocks, head=HeadSpec(head, pooler), ia3=IA3Spec(**spec), train=_train(B, T, steps))
 
 
 def sized(plan, B, T):
@@ -75,6 +79,16 @@ def test_adapter_parameters_closed_form():
     assert names == {"bert.encoder.layer.2.output.adapter.down.weight", "bert.encoder.layer.2.output.adapter.down.bias",
                      "bert.encoder.layer.2.output.adapter.up.weight", "bert.encoder.layer.2.output.adapter.up.bias",
                      "classifier.weight", "classifier.bias"}
+
+
+def test_ia3_parameters_closed_form():
+    """(IA)^3 on keys, values (d each) and the feed-forward's inner activations (d_ff) per block."""
+    d, f = 384, 1536
+    assert cm.trained_params(ARCH, ia3(head=False)) == 6 * (d + d + f) == 13_824
+    shapes = cm.trainable_tensors(ARCH, ia3([3], head=False))
+    assert shapes == {f"{cm.LORA_PREFIX}bert.encoder.layer.3.attention.self.key.ia3_l": (d, 1),
+                      f"{cm.LORA_PREFIX}bert.encoder.layer.3.attention.self.value.ia3_l": (d, 1),
+                      f"{cm.LORA_PREFIX}bert.encoder.layer.3.output.dense.ia3_l": (1, f)}
 
 
 def test_adapter_flops_closed_form():
@@ -205,6 +219,10 @@ REAL_PLANS = {
     "submodel of block 5": replace(lora([5], pooler=False), submodel=True),
     "houlsby adapters, all blocks, classifier": adapter(pooler=False),
     "houlsby adapters gelu + layer norms, top 2": adapter([4, 5], size=8, activation="gelu", norms=True),
+    "ia3 all blocks, classifier": ia3(pooler=False),
+    "ia3 top 2 with pooler": ia3([4, 5]),
+    "ia3 query + intermediate input, block 2, no head": ia3([2], targets=("attention.self.query", "intermediate.dense"),
+                                                            feedforward=("intermediate.dense",), head=False),
     "pfeiffer adapters silu, blocks 0,3, no head": adapter([0, 3], size=16, kind="pfeiffer", activation="silu",
                                                            head=False),
 }

@@ -6,7 +6,7 @@ from dataclasses import replace
 import msgpack
 import pytest
 
-from node.plan import AdapterSpec, HeadSpec, LoraSpec, Plan, PlanError, RankPenalty, TrainSpec, block_of, pattern_key
+from node.plan import AdapterSpec, HeadSpec, IA3Spec, LoraSpec, Plan, PlanError, RankPenalty, TrainSpec, block_of, pattern_key
 
 LORA = Plan("lora", (4, 5), lora=LoraSpec(r=8, alpha=16, rank_pattern={5: 8, 4: 2}, alpha_pattern={"4": 4}),
             train=TrainSpec(local_steps=3, batch_size=8, lr=0.01, max_len=32, seed=7),
@@ -15,7 +15,8 @@ LORA = Plan("lora", (4, 5), lora=LoraSpec(r=8, alpha=16, rank_pattern={5: 8, 4: 
 
 @pytest.mark.parametrize("plan", [LORA, Plan("full"), Plan("full", (), head=HeadSpec(train=True)),
                                   Plan("full", (0, 1), train_embeddings=True), Plan("lora", lora=LoraSpec(4, 8)),
-                                  Plan("adapter", (2, 5), adapter=AdapterSpec(16, "pfeiffer", "gelu", 0.01, True))])
+                                  Plan("adapter", (2, 5), adapter=AdapterSpec(16, "pfeiffer", "gelu", 0.01, True)),
+                                  Plan("ia3", (1,), ia3=IA3Spec(("attention.self.value", "intermediate.dense"), ()))])
 def test_a_plan_is_the_same_after_the_wire(plan):
     wire = msgpack.unpackb(msgpack.packb(plan.to_dict(), use_bin_type=True), raw=False, strict_map_key=False)
     assert Plan.from_dict(wire) == plan
@@ -55,18 +56,23 @@ def test_block_of(name, block):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: Plan("bitfit"), "method .bitfit. is not one of: full, lora, adapter"),
-    (lambda: Plan("adapter"), "an adapter plan needs its adapter spec"),
-    (lambda: Plan("full", adapter=AdapterSpec()), "an adapter spec goes with method adapter, not full"),
+    (lambda: Plan("bitfit"), "method .bitfit. is not one of: full, lora, adapter, ia3"),
+    (lambda: Plan("adapter"), "plan method adapter needs its adapter spec"),
+    (lambda: Plan("full", adapter=AdapterSpec()), "the adapter spec goes with method adapter, not full"),
     (lambda: AdapterSpec(kind="lora"), "adapter.kind must be one of houlsby, pfeiffer"),
     (lambda: AdapterSpec(activation="tanh"), "adapter.activation must be one of relu, gelu, silu"),
     (lambda: AdapterSpec(size=0), "adapter.size must be >= 1"),
     (lambda: AdapterSpec(init_std=0), "adapter.init_std must be a number > 0"),
-    (lambda: Plan("adapter", (), adapter=AdapterSpec()), "an adapter plan needs at least one block"),
-    (lambda: Plan("adapter", adapter=AdapterSpec(), train_embeddings=True), "trains adapters and the head only"),
-    (lambda: Plan("lora"), "a lora plan needs its lora spec"),
+    (lambda: Plan("adapter", (), adapter=AdapterSpec()), "plan method adapter needs at least one block"),
+    (lambda: Plan("ia3"), "plan method ia3 needs its ia3 spec"),
+    (lambda: Plan("lora", lora=LoraSpec(4, 8), ia3=IA3Spec()), "the ia3 spec goes with method ia3, not lora"),
+    (lambda: IA3Spec(targets=("query", )), r"ia3.targets: \['query'\] are not linear modules of a block"),
+    (lambda: IA3Spec(targets=("attention.self.key",)), "ia3.feedforward must be among ia3.targets"),
+    (lambda: IA3Spec(targets=()), "ia3.targets must name at least one projection"),
+    (lambda: Plan("adapter", adapter=AdapterSpec(), train_embeddings=True), "train_embeddings goes with method full, not adapter"),
+    (lambda: Plan("lora"), "plan method lora needs its lora spec"),
     (lambda: Plan("lora", (), lora=LoraSpec(4, 8)), "at least one block"),
-    (lambda: Plan("full", lora=LoraSpec(4, 8)), "a lora spec goes with method lora, not full"),
+    (lambda: Plan("full", lora=LoraSpec(4, 8)), "the lora spec goes with method lora, not full"),
     (lambda: Plan("full", rank_penalty=RankPenalty(2, 0.1)), "rank_penalty needs method lora"),
     (lambda: Plan("lora", lora=LoraSpec(4, 8), train_embeddings=True), "train_embeddings goes with method full"),
     (lambda: Plan("full", (-1,)), "plan blocks entry must be >= 0"),

@@ -10,6 +10,7 @@ from testbed.scenario import TrainingConfig
 from testbed.strategies import STRATEGIES, Context, NodeInfo, Update
 from testbed.strategies.base import block_of, update_counts, weighted_average
 from testbed.strategies.fedadapter import FedAdapter
+from testbed.strategies.fedia3 import FedIA3
 from testbed.strategies.fedlora import FedLoRA
 from testbed.strategies.full import Full
 
@@ -109,7 +110,7 @@ def test_update_counts():
 # -- plans --------------------------------------------------------------------------------
 
 def test_registry():
-    assert set(STRATEGIES) == {"full", "fedlora", "fedadapter", "hetlora", "fedra", "legend", "caff"}
+    assert set(STRATEGIES) == {"full", "fedlora", "fedadapter", "fedia3", "hetlora", "fedra", "legend", "caff"}
     assert STRATEGIES["full"] is Full and STRATEGIES["fedlora"] is FedLoRA
     assert all(name == cls.name for name, cls in STRATEGIES.items())
 
@@ -190,6 +191,15 @@ def test_fedadapter_aggregates_by_samples_or_plain_mean():
     np.testing.assert_allclose(FedAdapter({"weighting": "mean"}, ctx).aggregate(1, ups, state)[0]["w"], [2, 2])
 
 
+def test_fedia3_plan():
+    plan = FedIA3({}, _ctx(6)).global_plan()
+    assert plan.method == "ia3" and plan.blocks == (0, 1, 2, 3, 4, 5) and not plan.head.pooler
+    assert plan.ia3.targets == ("attention.self.key", "attention.self.value", "output.dense")
+    assert plan.ia3.feedforward == ("output.dense",)
+    assert FedIA3({"last_blocks": 1, "targets": ["attention.self.value"], "feedforward": []},
+                  _ctx(6)).global_plan().blocks == (5,)
+
+
 def test_configure_seed_depends_on_scenario_seed():
     a = FedLoRA({}, _ctx(seed=1)).configure(1, _nodes(2), {})
     b = FedLoRA({}, _ctx(seed=2)).configure(1, _nodes(2), {})
@@ -217,6 +227,8 @@ def test_aggregate_is_weighted_average():
     (FedAdapter, {"kind": "lora"}, "kind"),
     (FedAdapter, {"size": 0}, "size"),
     (FedAdapter, {"activation": "tanh"}, "activation"),
+    (FedIA3, {"targets": ["value"]}, "targets"),
+    (FedIA3, {"targets": ["attention.self.key"]}, "feedforward"),
 ])
 def test_bad_params_raise_validation_error(cls, params, field):
     with pytest.raises(ValidationError) as err:

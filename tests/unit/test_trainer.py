@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from node import trainer  # noqa: E402
 from node.data import load_dataset  # noqa: E402
-from node.plan import AdapterSpec, HeadSpec, LoraSpec, Plan, RankPenalty, TrainSpec  # noqa: E402
+from node.plan import AdapterSpec, HeadSpec, IA3Spec, LoraSpec, Plan, RankPenalty, TrainSpec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,11 @@ def full_plan(blocks, **kw):
 
 def adapter_plan(blocks=None, **spec):
     return Plan("adapter", blocks, head=HeadSpec(pooler=False), adapter=AdapterSpec(**spec),
+                train=TrainSpec(local_steps=2, batch_size=8, lr=1e-2, seed=1))
+
+
+def ia3_plan(blocks=None, **spec):
+    return Plan("ia3", blocks, head=HeadSpec(pooler=False), ia3=IA3Spec(**spec),
                 train=TrainSpec(local_steps=2, batch_size=8, lr=1e-2, seed=1))
 
 
@@ -129,6 +134,33 @@ def test_an_adapter_is_y_plus_up_act_down_y_on_the_projection_output(base):
         assert not hasattr(m.bert.encoder.layer[1].attention.output, "adapter")   # pfeiffer: feed-forward only
 
 
+def test_an_ia3_plan_rescales_keys_values_and_the_feed_forward_input(base):
+    """By hand: with vectors l, the key projection gives (W x + b) * l_k, and the feed-forward's
+    second layer W2 (h * l_ff) + b2; only the planned blocks' modules are touched, the attention
+    output's `dense` never (peft's suffix matching would take it for `output.dense`)."""
+    model, data = base
+    plan = ia3_plan([1])
+    m = trainer.build_model(model, plan)
+    state = trainer.trainable_state(m)
+    p = "base_model.model.bert.encoder.layer.1."
+    assert set(state) == {p + "attention.self.key.ia3_l", p + "attention.self.value.ia3_l", p + "output.dense.ia3_l",
+                          "base_model.model.classifier.weight", "base_model.model.classifier.bias"}
+    g = torch.Generator().manual_seed(0)
+    l_k, l_ff = torch.rand(384, 1, generator=g), torch.rand(1, 1536, generator=g)
+    trainer.load_trainable(m, {**state, p + "attention.self.key.ia3_l": l_k.numpy(), p + "output.dense.ia3_l": l_ff.numpy()})
+    layer, ref = m.base_model.model.bert.encoder.layer[1], model.bert.encoder.layer[1]
+    x, h = torch.randn(2, 3, 384, generator=g), torch.randn(2, 3, 1536, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.attention.self.key(x), ref.attention.self.key(x) * l_k.flatten())
+        torch.testing.assert_close(layer.output.dense(h), ref.output.dense(h * l_ff.flatten()))
+        torch.testing.assert_close(layer.attention.output.dense(x), ref.attention.output.dense(x))
+        torch.testing.assert_close(m.base_model.model.bert.encoder.layer[0].attention.self.key(x),
+                                   model.bert.encoder.layer[0].attention.self.key(x))
+    out, metrics = trainer.train(model, plan, state, data)
+    assert not np.array_equal(out[p + "output.dense.ia3_l"], state[p + "output.dense.ia3_l"])
+    assert metrics["trained_params"] == 384 + 384 + 1536 + 770
+
+
 def test_load_trainable_rejects_foreign_tensors(base):
     model, _ = base
     m = trainer.build_model(model, lora_plan())
@@ -155,8 +187,9 @@ def test_evaluate_reports_accuracy(base):
     full_plan([1], head=HeadSpec(pooler=False)),
     adapter_plan([1], train_layer_norm=True),
     adapter_plan(kind="pfeiffer"),
+    ia3_plan([1]),
 ], ids=["full-top", "full-all-emb", "head-only", "lora", "lora-classifier", "full-top-classifier",
-        "houlsby-adapters-norms", "pfeiffer-adapters"])
+        "houlsby-adapters-norms", "pfeiffer-adapters", "ia3"])
 def test_frozen_weights_are_shared_and_the_base_is_never_written(base, plan):
     model, data = base
     m = trainer.build_model(model, plan)
