@@ -156,11 +156,13 @@ def write_seeds_report(out: Path, summary: dict) -> list[Path]:
              "over the seeds, [the 95% interval of the mean], (the number of seeds it rests on, where not all: "
              "a strategy that missed the target in a seed has no time to target there). Each seed's own "
              "report is in its folder.", "",
-             "| strategy | time to target (s) | MB to target | final accuracy | best accuracy | speedup |",
-             "|---|---|---|---|---|---|"]
+             "| strategy | time to target (s) | MB to target | final accuracy | best accuracy | speedup "
+             "| accuracy at baseline time | MB up in all |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
         lines.append(f"| {name} | {_cell(m['time_to_target_s'], 1, '.1f')} | {_cell(m['bytes_to_target'], 1e6, '.2f')} "
-                     f"| {_cell(m['final_accuracy'])} | {_cell(m['best_accuracy'])} | {_cell(m['speedup'], 1, '.2f')} |")
+                     f"| {_cell(m['final_accuracy'])} | {_cell(m['best_accuracy'])} | {_cell(m['speedup'], 1, '.2f')} "
+                     f"| {_cell(m['accuracy_at_baseline_time'])} | {_cell(m['total_bytes_up'], 1e6, '.1f')} |")
     lines += ["", "## Device classes", "",
               "Peak memory: the mean over the seeds of the largest peak a device of the class reported "
               "[95% interval]. Node-rounds: how the class's devices ended their rounds, over all seeds. "
