@@ -84,7 +84,8 @@ def calibrate(name: str, bind: str = "127.0.0.1", port: int = 0, *, model: str =
         states = {k: trainer.trainable_state(trainer.build_model(base, p)) for k, p in ps.items()}
         rec: dict[str, list] = {k: [] for k in ps}
         rnd = 0
-        for kind in ("compute", "compute", *(["small", "large"] * repeats)):
+        # compute once more than the transfers: the first round pays one-time costs
+        for kind in (*(["compute"] * (repeats + 1)), *(["small", "large"] * repeats)):
             rnd += 1
             out = agg.run_round(rnd, "calibrate", {name: (ps[kind].to_dict(), states[kind])}, timeout_s, lambda _: True,
                                 lambda *a: None)
@@ -165,7 +166,7 @@ def add_parser(sub) -> None:
     c.add_argument("--model", default="all-minilm-l6-v2")
     c.add_argument("--num-layers", type=int, default=None, help="blocks of the model (default: all)")
     c.add_argument("--steps", type=int, default=5, help="local steps of the compute round")
-    c.add_argument("--repeats", type=int, default=2, help="repetitions of each transfer (the fastest is kept)")
+    c.add_argument("--repeats", type=int, default=2, help="repetitions of each transfer, and of the compute round plus one (the fastest is kept)")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the device and for each task")
     c.add_argument("--out", help="profile file to write (default NAME.profile.yaml)")
     c.set_defaults(fn=cmd)

@@ -44,7 +44,7 @@ def test_calibrate_a_local_node_with_a_known_link_and_speed(tmp_path):
     doc = yaml.safe_load(out.read_text())
     prof = doc["profiles"]["dev"]
     assert f"start the device: python -m node --connect=tcp://127.0.0.1:{port} --name=dev" in text
-    assert 0.3 <= prof["cpu_share"] <= 0.75, prof     # 0.5 of one host core; timing noise allowed
+    assert 0.25 <= prof["cpu_share"] <= 0.8, prof     # 0.5 of one host core; timing noise on a busy 2-core host allowed
     assert prof["threads"] == 1 and prof["memory_mb"] > 100
     assert prof["downlink_mbit"] == pytest.approx(80, rel=0.25), prof
     assert prof["uplink_mbit"] == pytest.approx(40, rel=0.25), prof
