@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "fedge"
 PERIOD_US = 100_000
+WEIGHT_PER_CORE = 10_000  # a weight-shared node's weight per core of its share (v1 shares 2-262144, v2 1-10000)
 
 
 def _write(path: Path, value: str) -> None:
@@ -52,21 +53,28 @@ class CGroup:
             raise ValueError(f"cgroup version must be 1 or 2, got {version}")
 
     # -- lifecycle -------------------------------------------------------------------------
-    def create(self, cpu_share: float, memory_mb: int) -> None:
-        """Make the group(s) and set quota = cpu_share x period, memory limit = memory_mb (no swap)."""
+    def create(self, cpu_share: float, memory_mb: int, by_weight: bool = False) -> None:
+        """Make the group(s) and set quota = cpu_share x period (or, `by_weight`, no quota and a
+        CPU weight proportional to cpu_share), memory limit = memory_mb (no swap)."""
         if self.version == 2:
             self._enable_v2_controllers()
         for d in set(self.dirs.values()):
             d.mkdir(parents=True, exist_ok=True)
-        self.set_limits(cpu_share, memory_mb)
+        self.set_limits(cpu_share, memory_mb, by_weight)
 
-    def set_limits(self, cpu_share: float, memory_mb: int) -> None:
-        """Quota and memory limit; also on a running group (a device switching power mode)."""
+    def set_limits(self, cpu_share: float, memory_mb: int, by_weight: bool = False) -> None:
+        """Quota (or weight) and memory limit; also on a running group (a device switching power mode).
+
+        A weight shares the cores in proportion to cpu_share while they are contended and caps
+        nothing: a group runs uninterrupted instead of being throttled every period, which on
+        some hosts costs a throttled process several times its CPU time (docs/architecture.md)."""
         quota = max(1000, int(cpu_share * PERIOD_US))
+        weight = cpu_share * WEIGHT_PER_CORE
         limit = int(memory_mb) * 2**20
         if self.version == 1:
             _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(PERIOD_US))
-            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", "-1" if by_weight else str(quota))
+            _write(self.dirs["cpu"] / "cpu.shares", str(int(min(262144, max(2, round(weight))))) if by_weight else "1024")
             mem, swap = self.dirs["memory"] / "memory.limit_in_bytes", self.dirs["memory"] / "memory.memsw.limit_in_bytes"
             # v1 wants memory <= memory+swap at every moment: raise the outer limit first, lower it last
             raising = swap.exists() and limit > int(_read(mem) or 0)
@@ -74,7 +82,8 @@ class CGroup:
                 if f is mem or f.exists():
                     _write(f, str(limit))
         else:
-            _write(self.dirs["cpu"] / "cpu.max", f"{quota} {PERIOD_US}")
+            _write(self.dirs["cpu"] / "cpu.max", f"{'max' if by_weight else quota} {PERIOD_US}")
+            _write(self.dirs["cpu"] / "cpu.weight", str(int(min(10000, max(1, round(weight))))) if by_weight else "100")
             _write(self.dirs["memory"] / "memory.max", str(limit))
             if (self.dirs["memory"] / "memory.swap.max").exists():
                 _write(self.dirs["memory"] / "memory.swap.max", "0")
@@ -142,12 +151,14 @@ class CGroup:
             quota = int(_read(self.dirs["cpu"] / "cpu.cfs_quota_us") or -1)
             period = int(_read(self.dirs["cpu"] / "cpu.cfs_period_us") or PERIOD_US)
             mem = int(_read(self.dirs["memory"] / "memory.limit_in_bytes") or -1)
+            weight = int(_read(self.dirs["cpu"] / "cpu.shares") or 1024)
         else:
             q, p = (_read(self.dirs["cpu"] / "cpu.max") or "max 100000").split()
             quota, period = (-1 if q == "max" else int(q)), int(p)
             m = _read(self.dirs["memory"] / "memory.max")
             mem = -1 if m in ("", "max") else int(m)
-        return {"cpu_share": quota / period if quota > 0 else None, "memory_bytes": mem}
+            weight = int(_read(self.dirs["cpu"] / "cpu.weight") or 100)
+        return {"cpu_share": quota / period if quota > 0 else None, "cpu_weight": weight, "memory_bytes": mem}
 
     def peak_memory_bytes(self) -> int:
         f = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"

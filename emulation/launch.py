@@ -64,8 +64,11 @@ class Limits:
 @dataclass(frozen=True)
 class Emulate:
     """What a node emulates in user space because its sandbox does not: a slower CPU by
-    stretching compute time, link rates and latency in its transport (node/shaping.py)."""
+    stretching compute time, link rates and latency in its transport (node/shaping.py).
+    `cpu_time`: the sandbox shares cores by weight without a cap, and the node stretches the
+    CPU seconds its training used to its dilated share (`cpu_limit: weight`)."""
     cpu: bool = False
+    cpu_time: bool = False
     uplink: bool = False
     downlink: bool = False
     latency: bool = False
@@ -92,8 +95,11 @@ class Launch:
     def argv(self, emulate: Emulate) -> list[str]:
         """The arguments of `python -m node` for this node in a sandbox that leaves `emulate` to it."""
         lim = self.limits
-        args = [*self.identity(), option("threads", lim.threads),
-                option("cpu-share", min(1.0, lim.cpu_share) if emulate.cpu else 1.0)]
+        args = [*self.identity(), option("threads", lim.threads)]
+        if emulate.cpu_time:
+            args += [option("cpu-share", min(1.0, lim.cpus)), option("cpu-clock", "cpu")]
+        else:
+            args.append(option("cpu-share", min(1.0, lim.cpu_share) if emulate.cpu else 1.0))
         if emulate.uplink:
             args.append(option("uplink-mbit", lim.uplink_mbit))
         if emulate.downlink:

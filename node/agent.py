@@ -22,17 +22,33 @@ log = logging.getLogger("node")
 NODE_KEY_ENV = "FEDGE_NODE_KEY"  # this node's CURVE secret key (z85), given by the join command
 
 
+CPU_CLOCKS = ("wall", "cpu")
+
+
+def stretched(wall_s: float, cpu_s: float, share: float, clock: str) -> float:
+    """The wall seconds a compute phase of `wall_s` (using `cpu_s` CPU seconds) takes on a CPU
+    `share` times as fast. `wall`: the measured wall time, stretched (the process backend: host
+    contention has already slowed it by about the dilation). `cpu`: the CPU seconds at the
+    share, never less than what already passed (the netns backend's `cpu_limit: weight`: cores
+    are shared by weight, not capped, so the CPU seconds are the work done)."""
+    if clock == "cpu":
+        return max(wall_s, cpu_s / share)
+    return wall_s / share
+
+
 class Agent:
     def __init__(self, connect: str, name: str, profile: str | None = None, threads: int | None = None,
                  uplink: Link | None = None, downlink: Link | None = None, cpu_share: float = 1.0,
-                 heartbeat_s: float = 2.0, max_idle_s: float = 0.0, server_key: str | None = None,
+                 cpu_clock: str = "wall", heartbeat_s: float = 2.0, max_idle_s: float = 0.0, server_key: str | None = None,
                  secret_key: str | None = None):
         if not 0 < cpu_share <= 1:
             raise ValueError("cpu_share must be in (0, 1]")
+        if cpu_clock not in CPU_CLOCKS:
+            raise ValueError(f"cpu_clock must be one of {', '.join(CPU_CLOCKS)}")
         self.connect, self.name, self.profile = connect, name, profile
         self.threads = threads or os.cpu_count() or 1
         self.uplink, self.downlink = uplink or Link(), downlink or Link()
-        self.cpu_share = cpu_share
+        self.cpu_share, self.cpu_clock = cpu_share, cpu_clock
         self.heartbeat_s, self.max_idle_s = heartbeat_s, max_idle_s
         self.run_id = ""
         self.base = self.tokenizer = self.data = None
@@ -96,10 +112,11 @@ class Agent:
         download_s = self.downlink.transfer(received_bytes)
         self.phase("train", msg.round)
         tensors, metrics = trainer.train(self.base, plan, dict(msg.tensors), self.data)
-        if self.cpu_share < 1:  # emulate a slower CPU by stretching compute time (process backend)
-            time.sleep(metrics["compute_s"] * (1 / self.cpu_share - 1))
+        if self.cpu_share < 1:  # emulate a slower CPU by stretching compute time
+            wall = stretched(metrics["compute_s"], metrics["cpu_s"], self.cpu_share, self.cpu_clock)
+            time.sleep(max(0.0, wall - metrics["compute_s"]))
             metrics["measured_compute_s"] = metrics["compute_s"]
-            metrics["compute_s"] = metrics["compute_s"] / self.cpu_share
+            metrics["compute_s"] = wall
         self.phase("upload", msg.round)
         meta = {**metrics, "download_s": download_s, "task_id": msg.meta.get("task_id")}
         frames = P.encode(P.Message(P.RESULT, run=self.run_id, round=msg.round, meta={**meta, "upload_s": 0.0},
@@ -165,6 +182,8 @@ def parser():
     ap.add_argument("--downlink-mbit", type=float, default=0.0, help="in-transport downlink rate (0 = unshaped)")
     ap.add_argument("--latency-ms", type=float, default=0.0, help="in-transport one-way latency")
     ap.add_argument("--cpu-share", type=float, default=1.0, help="stretch compute time to emulate a slower CPU")
+    ap.add_argument("--cpu-clock", choices=CPU_CLOCKS, default="wall",
+                    help="stretch the compute phase's wall time, or its CPU seconds (cores shared by weight)")
     ap.add_argument("--max-idle-s", type=float, default=0.0, help="leave after this long without a message (0 = never)")
     ap.add_argument("--server-key", default=None, help="the aggregator's CURVE public key (from the join command)")
     ap.add_argument("--key-file", default=None, help=f"file holding this node's CURVE secret key (else ${NODE_KEY_ENV})")
@@ -180,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             secret = fh.read().strip()
     logging.basicConfig(level=a.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     agent = Agent(a.connect, a.name, a.profile, a.threads, Link(a.uplink_mbit, a.latency_ms),
-                  Link(a.downlink_mbit, a.latency_ms), a.cpu_share, max_idle_s=a.max_idle_s,
+                  Link(a.downlink_mbit, a.latency_ms), a.cpu_share, a.cpu_clock, max_idle_s=a.max_idle_s,
                   server_key=a.server_key, secret_key=secret)
     return agent.run()
 

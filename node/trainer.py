@@ -314,7 +314,7 @@ def train(base, plan: Plan, tensors: dict[str, np.ndarray], data: Tokenized) -> 
     """Run `plan` from `tensors` on `data`; return (trained tensors, measurements)."""
     import torch
     penalty, t = plan.rank_penalty, plan.train
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with PeakRSS() as mem, torch.random.fork_rng():
         torch.manual_seed(t.seed)  # dropout too: a plan + tensors give one result
         model = build_model(base, plan)
@@ -341,8 +341,8 @@ def train(base, plan: Plan, tensors: dict[str, np.ndarray], data: Tokenized) -> 
         result = trainable_state(model)
         measured = {"tail_share": tail_share(lora_pairs(model), keep)} if penalty else {}
         del model, opt
-    compute_s = time.perf_counter() - t0
-    return result, {"compute_s": compute_s, "peak_mem_mb": mem.peak / 2**20,
+    compute_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    return result, {"compute_s": compute_s, "cpu_s": cpu_s, "peak_mem_mb": mem.peak / 2**20,
                     "loss": float(np.mean(losses)) if losses else None, "steps": steps,
                     "samples": steps * min(bs, len(data)), "trained_params": int(sum(v.size for v in result.values())),
                     **measured}

@@ -39,6 +39,7 @@ class NodeRecord:
     profile: str
     status: str = "dropped"          # ok | dropped | failed | rejected
     compute_s: float = 0.0
+    cpu_s: float = 0.0               # host CPU seconds of the training (not dilated), where the node reports them
     upload_s: float = 0.0
     download_s: float = 0.0
     wait_s: float = 0.0
@@ -307,7 +308,7 @@ class Aggregator:
                     log.warning("rejected result of %s in round %d: %s", n, rnd, reason)
                     continue
                 rec.status = "ok"
-                for k in ("compute_s", "upload_s", "download_s", "peak_mem_mb"):
+                for k in ("compute_s", "cpu_s", "upload_s", "download_s", "peak_mem_mb"):
                     v = msg.meta.get(k)
                     if isinstance(v, (int, float)) and np.isfinite(v) and v >= 0:
                         setattr(rec, k, float(v))

@@ -302,12 +302,19 @@ def _fmt(v, spec: str = ".3f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def effective_share(nodes: list[dict]) -> float | None:
+    """Host CPU seconds over emulated compute seconds of the ok node-rounds that report both:
+    the share of one host core the devices had, their profile's cpu_share when faithful."""
+    ok = [n for n in nodes if n.get("status", "ok") == "ok" and (n.get("cpu_s") or 0) > 0 and (n.get("compute_s") or 0) > 0]
+    return sum(float(n["cpu_s"]) for n in ok) / sum(float(n["compute_s"]) for n in ok) if ok else None
+
+
 def _profile_table(groups: dict) -> list[str]:
     """Mean compute time and peak memory per device profile: the point of the
     testbed is to see how heterogeneous devices cope with each strategy."""
     out = ["| strategy | profile | node-rounds | dropped/failed | mean compute, ok nodes (s) "
-           "| max peak mem (MB) | given (value (node-rounds)) |",
-           "|---|---|---|---|---|---|---|"]
+           "| mean host cpu (s) | effective cpu share | max peak mem (MB) | given (value (node-rounds)) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in groups.items():
         given = {p: c["given"] for p, c in _by_class(rows).items()}
         prof: dict[str, list[dict]] = {}
@@ -318,9 +325,11 @@ def _profile_table(groups: dict) -> list[str]:
             comp = [float(n["compute_s"]) for n in nds  # lost nodes' partial work would skew it
                     if n.get("compute_s") is not None and n.get("status", "ok") == "ok"]
             mem = [float(n["peak_mem_mb"]) for n in nds if n.get("peak_mem_mb") is not None]
+            cpu = [float(n["cpu_s"]) for n in nds if (n.get("cpu_s") or 0) > 0 and n.get("status", "ok") == "ok"]
             lost = sum(1 for n in nds if n.get("status", "ok") != "ok")
             out.append(f"| {name} | {p} | {len(nds)} | {lost} | "
-                       f"{_fmt(sum(comp) / len(comp) if comp else None, '.2f')} | "
+                       f"{_fmt(sum(comp) / len(comp) if comp else None, '.2f')} | {_fmt(sum(cpu) / len(cpu) if cpu else None, '.2f')} | "
+                       f"{_fmt(effective_share(nds))} | "
                        f"{_fmt(max(mem) if mem else None, '.0f')} | {given_text(given.get(p, {}))} |")
     return out if len(out) > 2 else ["_No per-node data recorded._"]
 

@@ -55,6 +55,8 @@ def prepare(sc: Scenario, nodes: list[NodeSpec], requested: str, run_id: str, ou
     if dilation > 1 and len(local) < len(nodes):
         notes.append("remote (real) devices run at real speed: their times are divided by the "
                      f"dilation {dilation:g} like the emulated ones; use dilation: off to compare them")
+    if sc.cpu_limit == "weight" and name != "netns":
+        notes.append(f"cpu_limit: weight applies to the netns backend; the {name} backend keeps its own CPU emulation")
     if name == "process" and any(e.action in ("cut_link", "restore_link", "link") for e in sc.faults.events):
         notes.append("process backend: links live in the node's transport, so the scenario's link "
                      "faults are recorded as not applied (use the netns or docker backend)")
@@ -65,6 +67,7 @@ def make_backend(sc: Scenario, nodes: list[NodeSpec], name: str, run_id: str, ou
     """The scenario's backend on this host; with `engines:`, a Fleet of it and one docker backend
     per engine the nodes use. An unreachable engine stops the run before any node starts."""
     main = BACKENDS[name](run_id, out, caps)
+    main.cpu_limit = sc.cpu_limit
     used = sorted({n.engine for n in nodes if n.engine})
     if not used:
         return main

@@ -29,6 +29,7 @@ class FaultUnsupported(RuntimeError):
 class Backend(ABC):
     name: str
     forks_nodes = False  # can fork nodes from a node zygote (prepare(zygote=True))
+    cpu_limit = "quota"  # how a slower CPU is enforced where the backend has a choice (netns: quota or weight)
 
     def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
         if caps is None:

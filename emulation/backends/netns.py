@@ -3,7 +3,9 @@
 Per run: one bridge with the run's private /24 (the aggregator listens on the bridge address).
 Per node: a namespace, a veth pair to the bridge, htb (and netem where the kernel has it) on
 both ends (uplink on the node side, downlink on the host side), and a cgroup with CPU quota
-= cpu_share / dilation and memory limit = the profile's memory. A node killed by its memory
+= cpu_share / dilation (or, with `cpu_limit: weight`, no quota, a CPU weight in proportion to
+cpu_share, and the node stretching its CPU seconds to cpu_share / dilation) and memory limit =
+the profile's memory. A node killed by its memory
 limit is reported as an out-of-memory event (exit_reason), not as a silent loss.
 """
 from __future__ import annotations
@@ -62,7 +64,14 @@ class NetnsBackend(ProcessBackend):
         notes = []
         if not self.netem and any(p.latency_ms > 0 for p in profiles):
             notes.append("netns backend: no netem in this kernel: latency is emulated in the transport, rates by htb")
+        if self.by_weight:
+            notes.append("netns backend: cpu_limit weight: no CPU quota; cores shared in proportion to cpu_share, "
+                         "each node stretches the CPU seconds of its training to cpu_share / dilation")
         return notes
+
+    @property
+    def by_weight(self) -> bool:
+        return self.cpu_limit == "weight"
 
     # -- nodes -----------------------------------------------------------------------------
     def start(self, launch: Launch) -> None:
@@ -80,8 +89,8 @@ class NetnsBackend(ProcessBackend):
         ns.create()
         link.create(self.bridge)
         self._shape(link, launch.limits)
-        cg.create(launch.limits.cpus, self._own_memory_mb(launch.limits))
-        argv = launch.argv(Emulate(latency=not self.netem))  # the kernel does the rest
+        cg.create(launch.limits.cpus, self._own_memory_mb(launch.limits), self.by_weight)
+        argv = launch.argv(Emulate(latency=not self.netem, cpu_time=self.by_weight))  # the kernel does the rest
         if self.zygote is not None:  # enters its cgroup and namespace itself, right after fork
             self._spawn(launch, argv, cgroup_procs=cg.procs_files(), netns=ns.path)
             return
@@ -125,7 +134,10 @@ class NetnsBackend(ProcessBackend):
         if new.threads != old.threads or (not self.netem and new.latency_ms != old.latency_ms):
             self.restart(launch)
             return "restarted: thread count or transport latency changed"
-        cg.set_limits(launch.limits.cpus, self._own_memory_mb(launch.limits))
+        if self.by_weight and new.cpu_share != old.cpu_share:
+            self.restart(launch)
+            return "restarted: with cpu_limit weight the node stretches its compute to its share itself"
+        cg.set_limits(launch.limits.cpus, self._own_memory_mb(launch.limits), self.by_weight)
         self._shape(link, launch.limits)
         self.sandboxes[launch.name] = (ns, link, cg, new)
         return "live"

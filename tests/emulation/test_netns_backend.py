@@ -67,6 +67,25 @@ def test_limits_are_in_force_and_removed(backend, netns_caps):
     assert tagged_processes(backend.run_id) == []
 
 
+def test_cpu_limit_weight_lifts_the_quota_and_tells_the_node(netns_caps, tmp_path):
+    """cpu_limit: weight: no quota, a weight of 10,000 per core of the dilated share, and the node
+    is told to stretch its CPU seconds to that share itself."""
+    b = NetnsBackend(f"test-{uuid.uuid4().hex[:6]}", tmp_path, netns_caps)
+    b.cpu_limit = "weight"
+    try:
+        b.prepare(SPEC, "rotten_tomatoes", zygote=False)
+        ip = b.bind_address("127.0.0.1")
+        b.start(Launcher(b.run_id, f"tcp://{ip}:1", 2.0).launch("n0", get_profile("rpi4")))
+        lim = b.limits("n0")
+        assert lim["cpu_share"] is None and lim["cpu_weight"] == 900   # 0.18 / 2 x 10,000
+        argv = open(f"/proc/{b.procs['n0'].pid}/cmdline").read().split("\0")
+        assert "--cpu-clock=cpu" in argv and "--cpu-share=0.09" in argv, argv
+        assert any("cpu_limit weight" in note for note in b.fidelity([get_profile("rpi4")], 2.0))
+    finally:
+        b.teardown()
+    assert cgroups.leftovers(netns_caps["cgroup"]["version"], netns_caps["cgroup"].get("v2_path"), run_id=b.run_id) == []
+
+
 def test_node_reaches_aggregator_through_the_bridge(backend):
     import zmq
 

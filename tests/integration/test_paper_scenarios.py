@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from emulation.profiles import PROFILES
 from tests.runs import ROOT, run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -38,6 +39,14 @@ def test_paper_ci_scenario_runs(scenario, extra_key, rounds, tmp_path):
         assert all(n["plan"]["method"] in ("lora", "full", "adapter") for n in r["nodes"])
     ours = [n for r in rows if r["round"] == 1 and r["strategy"] == extra_key.split("_")[0] for n in r["nodes"]]
     assert ours and all(extra_key in n["plan"] for n in ours)
+    # cpu_limit: weight (the paper scenarios' setting): on netns each device's compute phase lasts
+    # at least its training's CPU seconds at its share (dilation 1 here)
+    if run.manifest["backend"] == "netns":
+        assert any("cpu_limit weight" in note for note in run.manifest["fidelity"])
+        ok = [n for r in rows if r["round"] == 1 for n in r["nodes"] if n["status"] == "ok"]
+        assert ok and all(n["cpu_s"] > 0 for n in ok)
+        for n in ok:
+            assert n["compute_s"] >= n["cpu_s"] / PROFILES[n["profile"]].cpu_share * (1 - 1e-6), n
     # heterogeneity shows: not every device got the same plan
     if scenario == "caff-ci":
         assert len({n["plan"]["caff_blocks"] for n in ours}) > 1

@@ -15,7 +15,7 @@ def test_v1_writes_quota_and_memory(tmp_path):
     assert (tmp_path / "cpu/fedge/run1/n0/cpu.cfs_quota_us").read_text() == "25000"
     assert (tmp_path / "cpu/fedge/run1/n0/cpu.cfs_period_us").read_text() == "100000"
     assert (tmp_path / "memory/fedge/run1/n0/memory.limit_in_bytes").read_text() == str(512 * 2**20)
-    assert cg.limits() == {"cpu_share": 0.25, "memory_bytes": 512 * 2**20}
+    assert cg.limits() == {"cpu_share": 0.25, "cpu_weight": 1024, "memory_bytes": 512 * 2**20}
     (tmp_path / "memory/fedge/run1/n0/memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
     (tmp_path / "memory/fedge/run1/n0/memory.max_usage_in_bytes").write_text(str(300 * 2**20))
     assert cg.oom_kills() == 2 and not cg.hit_limit()  # far below its limit: the host ran out
@@ -40,6 +40,30 @@ def test_v2_enables_controllers_and_writes_max(tmp_path):
     assert cg.oom_kills() == 1 and not cg.hit_limit()  # killed because the host ran out, not its limit
     (tmp_path / "fedge/run2/n1/memory.peak").write_text("1048576\n")
     assert cg.peak_memory_bytes() == 1048576
+
+
+def test_by_weight_lifts_the_quota_and_weighs_by_share(tmp_path):
+    """cpu_limit: weight: no CFS quota, a weight of 10,000 per core of share (v1 cpu.shares,
+    v2 cpu.weight, each clamped to the kernel's range); a group can switch back to a quota."""
+    for ctrl in ("cpu", "memory"):
+        (tmp_path / ctrl).mkdir()
+    slow, fast = CGroup("r", "slow", 1, root=tmp_path), CGroup("r", "fast", 1, root=tmp_path)
+    slow.create(cpu_share=0.25 / 3.75, memory_mb=512, by_weight=True)   # a TX2 at dilation 3.75
+    fast.create(cpu_share=1.0 / 3.75, memory_mb=512, by_weight=True)    # an AGX Xavier
+    assert (tmp_path / "cpu/fedge/r/slow/cpu.cfs_quota_us").read_text() == "-1"
+    assert (tmp_path / "cpu/fedge/r/slow/cpu.shares").read_text() == "667"
+    assert (tmp_path / "cpu/fedge/r/fast/cpu.shares").read_text() == "2667"
+    assert slow.limits() == {"cpu_share": None, "cpu_weight": 667, "memory_bytes": 512 * 2**20}
+    slow.set_limits(0.25, 512)
+    assert slow.limits()["cpu_share"] == 0.25 and slow.limits()["cpu_weight"] == 1024
+    (tmp_path / "fedge").mkdir()
+    (tmp_path / "fedge/cgroup.subtree_control").write_text("")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    v2 = CGroup("r2", "n", 2, v2_root=tmp_path)
+    v2.create(cpu_share=2.0, memory_mb=64, by_weight=True)
+    assert (tmp_path / "fedge/r2/n/cpu.max").read_text() == "max 100000"
+    assert (tmp_path / "fedge/r2/n/cpu.weight").read_text() == "10000"  # 20,000 clamped to v2's largest
+    assert v2.limits()["cpu_share"] is None
 
 
 def test_leftovers_lists_deepest_first(tmp_path):

@@ -30,7 +30,8 @@ def test_the_two_word_form_was_the_bug():
         parser().parse_args(["--connect", "tcp://127.0.0.1:1", "--name", "a-0", "--server-key", key])
 
 
-@pytest.mark.parametrize("emulate", [EVERYTHING, Emulate(), Emulate(latency=True), Emulate(uplink=True, downlink=True)])
+@pytest.mark.parametrize("emulate", [EVERYTHING, Emulate(), Emulate(latency=True), Emulate(uplink=True, downlink=True),
+                                     Emulate(cpu_time=True, latency=True)])
 def test_every_value_that_starts_with_a_dash_is_read_as_a_value(emulate):
     server, _ = dash_keypair()
     profile = Profile("-odd", 0.25, 2, 1024, 10.0, 20.0, 5.0, "test")
@@ -41,7 +42,10 @@ def test_every_value_that_starts_with_a_dash_is_read_as_a_value(emulate):
     assert (a.server_key, a.name, a.profile, a.connect) == (server, "-node", "-odd", "tcp://10.0.0.1:5000")
     assert a.threads == 2
     # what the sandbox leaves to the node, dilated here and nowhere else
-    assert a.cpu_share == (0.25 if emulate.cpu else 1.0)
+    # stretching wall time: the profile's share (contention already slowed it by about the
+    # dilation); stretching CPU seconds (cores shared by weight): the dilated share 0.25 / 4
+    assert a.cpu_share == (0.0625 if emulate.cpu_time else 0.25 if emulate.cpu else 1.0)
+    assert a.cpu_clock == ("cpu" if emulate.cpu_time else "wall")
     assert a.uplink_mbit == (2.5 if emulate.uplink else 0.0)
     assert a.downlink_mbit == (5.0 if emulate.downlink else 0.0)
     assert a.latency_ms == (20.0 if emulate.latency else 0.0)

@@ -1,0 +1,34 @@
+"""How a node stretches its compute phase to a slower CPU, and what the report reads back."""
+from __future__ import annotations
+
+import pytest
+
+from node.agent import Agent, stretched
+from testbed.report import effective_share
+
+
+def test_wall_clock_stretches_the_measured_time():
+    # the process backend: 2 s measured at share 0.25 stands for 8 s, whatever the CPU seconds
+    assert stretched(2.0, 0.5, 0.25, "wall") == pytest.approx(8.0)
+
+
+def test_cpu_clock_stretches_the_cpu_seconds_and_never_shortens():
+    # cores shared by weight: 0.3 CPU seconds at a dilated share of 0.0667 (a TX2 at D = 3.75)
+    # must take 0.3 / (0.25 / 3.75) = 4.5 s of wall time, however fast they ran
+    assert stretched(0.9, 0.3, 0.25 / 3.75, "cpu") == pytest.approx(4.5)
+    # an oversubscribed host made the phase longer than that already: it stays as long
+    assert stretched(6.0, 0.3, 0.25 / 3.75, "cpu") == pytest.approx(6.0)
+
+
+def test_the_agent_refuses_an_unknown_clock():
+    with pytest.raises(ValueError, match="cpu_clock must be one of wall, cpu"):
+        Agent("tcp://127.0.0.1:1", "n", cpu_clock="cycles")
+
+
+def test_effective_share_is_cpu_seconds_over_emulated_compute():
+    nodes = [{"status": "ok", "compute_s": 8.0, "cpu_s": 2.0},       # a faithful 0.25 device
+             {"status": "ok", "compute_s": 24.0, "cpu_s": 2.0},      # one three times slower
+             {"status": "dropped", "compute_s": 0.0, "cpu_s": 0.0},  # lost: not counted
+             {"status": "ok", "compute_s": 3.0}]                     # an older node without cpu_s
+    assert effective_share(nodes) == pytest.approx(4.0 / 32.0)
+    assert effective_share([{"status": "ok", "compute_s": 3.0}]) is None
