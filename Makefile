@@ -44,6 +44,7 @@ bench: setup
 bench-fidelity: setup
 	$(PYTHON) bench/bench_link.py
 	$(PYTHON) bench/bench_cpu.py
+	$(PYTHON) bench/bench_throttle.py
 
 clean:
 	-test -x $(PYTHON) && $(PYTHON) -m testbed clean

@@ -309,6 +309,36 @@ def effective_share(nodes: list[dict]) -> float | None:
     return sum(float(n["cpu_s"]) for n in ok) / sum(float(n["compute_s"]) for n in ok) if ok else None
 
 
+def cpu_disparity(groups: dict, tolerance: float = 1.5) -> list[str]:
+    """Device classes whose training needed more host CPU seconds than another class's for the
+    same plan in the same round: their CPU ran slower than their profile says (a throttled CPU
+    quota on some hosts; docs/profiles.md, cpu_limit: weight). Median over such rounds of the
+    class's mean cpu_s over the cheapest class's; a line per class above `tolerance`."""
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for name, rows in groups.items():
+        for r in rows:
+            buckets: dict[str, dict[str, list[float]]] = {}
+            for n in r.get("nodes") or []:
+                if n.get("status", "ok") == "ok" and (n.get("cpu_s") or 0) > 0:
+                    plan = json.dumps(n.get("plan"), sort_keys=True, default=str)
+                    buckets.setdefault(plan, {}).setdefault(str(n.get("profile")), []).append(float(n["cpu_s"]))
+            for by_class in buckets.values():
+                if len(by_class) < 2:
+                    continue
+                means = {p: sum(v) / len(v) for p, v in by_class.items()}
+                cheapest = min(means, key=means.get)
+                for p, m in means.items():
+                    if p != cheapest:
+                        ratios.setdefault((p, cheapest), []).append(m / means[cheapest])
+    out = []
+    for (p, ref), rs in sorted(ratios.items()):
+        med = sorted(rs)[len(rs) // 2]
+        if med > tolerance:
+            out.append(f"{p} needed {med:.1f}x the host CPU seconds of {ref} for the same plan (median of {len(rs)} "
+                       "rounds): its emulated CPU is slower than its profile (with CPU quotas, try cpu_limit: weight)")
+    return out
+
+
 def _profile_table(groups: dict) -> list[str]:
     """Mean compute time and peak memory per device profile: the point of the
     testbed is to see how heterogeneous devices cope with each strategy."""
@@ -378,9 +408,10 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
              f"- baseline: {summary.get('baseline')}, target accuracy: {_fmt(summary.get('target_accuracy'))}"]
     if summary.get("majority_rate") is not None:
         lines.append(f"- majority-class rate: {_fmt(summary['majority_rate'])}")
-    if manifest.get("fidelity"):
+    warnings = [*(manifest.get("fidelity") or []), *cpu_disparity(groups)]
+    if warnings:
         lines += ["", "## Fidelity warnings", "", "The host could not honour everything the scenario asked:", ""]
-        lines += [f"- {w}" for w in manifest["fidelity"]]
+        lines += [f"- {w}" for w in warnings]
     if manifest.get("stopped_early"):
         lines += ["", "## Stopped early", ""]
         lines += [f"- {name}: {why}" for name, why in manifest["stopped_early"].items()]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from node.agent import Agent, stretched
-from testbed.report import effective_share
+from testbed.report import cpu_disparity, effective_share
 
 
 def test_wall_clock_stretches_the_measured_time():
@@ -32,3 +32,21 @@ def test_effective_share_is_cpu_seconds_over_emulated_compute():
              {"status": "ok", "compute_s": 3.0}]                     # an older node without cpu_s
     assert effective_share(nodes) == pytest.approx(4.0 / 32.0)
     assert effective_share([{"status": "ok", "compute_s": 3.0}]) is None
+
+
+def _node(profile, cpu_s, plan=None, status="ok"):
+    return {"profile": profile, "cpu_s": cpu_s, "compute_s": 1.0, "status": status,
+            "plan": plan or {"method": "lora", "blocks": [0, 1]}}
+
+
+def test_a_class_that_needs_more_cpu_for_the_same_plan_is_a_fidelity_warning():
+    # a TX2 that took 3.25x an AGX's CPU seconds for the same plan (a throttled quota)
+    slow = {"fedlora": [{"nodes": [_node("agx", 2.0), _node("tx2", 6.5), _node("tx2", 6.5)]},
+                        {"nodes": [_node("agx", 2.0), _node("tx2", 6.0)]},
+                        {"nodes": [_node("agx", 2.0), _node("tx2", 7.0)]}]}
+    (line,) = cpu_disparity(slow)
+    assert line.startswith("tx2 needed 3.2x the host CPU seconds of agx for the same plan (median of 3 rounds)")
+    # faithful classes, lost nodes and different plans give no warning
+    fine = {"legend": [{"nodes": [_node("agx", 2.0), _node("tx2", 2.2), _node("tx2", 9.0, status="dropped"),
+                                  _node("nx", 8.0, plan={"method": "lora", "blocks": [0]})]}]}
+    assert cpu_disparity(fine) == []
