@@ -39,8 +39,8 @@ def stretched(wall_s: float, cpu_s: float, share: float, clock: str) -> float:
 class Agent:
     def __init__(self, connect: str, name: str, profile: str | None = None, threads: int | None = None,
                  uplink: Link | None = None, downlink: Link | None = None, cpu_share: float = 1.0,
-                 cpu_clock: str = "wall", heartbeat_s: float = 2.0, max_idle_s: float = 0.0, server_key: str | None = None,
-                 secret_key: str | None = None):
+                 cpu_clock: str = "wall", heartbeat_s: float = 2.0, max_idle_s: float = 0.0,
+                 server_key: str | None = None, secret_key: str | None = None):
         if not 0 < cpu_share <= 1:
             raise ValueError("cpu_share must be in (0, 1]")
         if cpu_clock not in CPU_CLOCKS:

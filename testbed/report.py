@@ -305,7 +305,8 @@ def _fmt(v, spec: str = ".3f") -> str:
 def effective_share(nodes: list[dict]) -> float | None:
     """Host CPU seconds over emulated compute seconds of the ok node-rounds that report both:
     the share of one host core the devices had, their profile's cpu_share when faithful."""
-    ok = [n for n in nodes if n.get("status", "ok") == "ok" and (n.get("cpu_s") or 0) > 0 and (n.get("compute_s") or 0) > 0]
+    ok = [n for n in nodes
+          if n.get("status", "ok") == "ok" and (n.get("cpu_s") or 0) > 0 and (n.get("compute_s") or 0) > 0]
     return sum(float(n["cpu_s"]) for n in ok) / sum(float(n["compute_s"]) for n in ok) if ok else None
 
 
