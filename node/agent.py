@@ -23,6 +23,11 @@ NODE_KEY_ENV = "FEDGE_NODE_KEY"  # this node's CURVE secret key (z85), given by 
 
 
 CPU_CLOCKS = ("wall", "cpu")
+# exit codes of `python -m node`, besides 0 (the aggregator said BYE)
+EXIT_FATAL, EXIT_IDLE, EXIT_REFUSED = 2, 3, 4  # a fatal ERROR; --max-idle-s passed; handshake refused
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+HANDSHAKE_RETRIES = 3  # failures without detail in a row before the node gives up
 
 
 def stretched(wall_s: float, cpu_s: float, share: float, clock: str) -> float:
@@ -51,6 +56,7 @@ class Agent:
         self.cpu_share, self.cpu_clock = cpu_share, cpu_clock
         self.heartbeat_s, self.max_idle_s = heartbeat_s, max_idle_s
         self.run_id = ""
+        self.failed_handshakes, self.curve = 0, bool(server_key)
         self.base = self.tokenizer = self.data = None
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -126,21 +132,68 @@ class Agent:
         _malloc_trim()
 
     # -- loop ------------------------------------------------------------------------------
+    def hello(self) -> bool:
+        """Say HELLO without blocking: once a handshake has failed the socket has no peer, and a
+        blocking send would wait for ever. False: not queued, to be tried again."""
+        try:
+            self.send(P.HELLO, meta={"name": self.name, "profile": self.profile, "capabilities": self.capabilities()},
+                      block=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def refused(self, event: dict) -> str | None:
+        """Why the aggregator will never talk to this node, from a socket-monitor event; None
+        while it still might (a handshake that failed without detail is retried a few times:
+        that is how a wrong server key shows, but also a connection cut mid-handshake)."""
+        kind = event["event"]
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.failed_handshakes = 0
+            return None
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return (f"the aggregator at {self.connect} refused this node's key (ZAP status {event['value']}): "
+                    f"use the {NODE_KEY_ENV} of this node's join line, printed by this run")
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self.failed_handshakes += 1
+            if self.failed_handshakes < HANDSHAKE_RETRIES:
+                return None
+        # a protocol error, or repeated failures: whichever side sees a mechanism mismatch first
+        # closes, so the other sees a cut handshake, retried
+        if not self.curve:
+            return (f"the aggregator at {self.connect} requires CURVE: start this node with the join line the run "
+                    f"printed (it carries --server-key and {NODE_KEY_ENV})")
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            return f"the aggregator at {self.connect} does not speak CURVE: leave out --server-key"
+        return (f"{self.failed_handshakes} handshakes with the aggregator at {self.connect} failed: "
+                f"is --server-key this run's server key, and does the run use CURVE?")
+
     def run(self) -> int:
         import torch
+        from zmq.utils.monitor import recv_monitor_message
         torch.set_num_threads(self.threads)  # first, before any torch op (OpenMP after fork)
+        monitor = self.sock.get_monitor_socket(HANDSHAKE_EVENTS)
         self.sock.connect(self.connect)
-        self.send(P.HELLO, meta={"name": self.name, "profile": self.profile, "capabilities": self.capabilities()})
+        said_hello = self.hello()
         last_heard = time.monotonic()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         try:
             while True:
-                if not poller.poll(self.heartbeat_s * 1000):
+                ready = dict(poller.poll(self.heartbeat_s * 1000))
+                if monitor in ready:
+                    why = self.refused(recv_monitor_message(monitor))
+                    if why:
+                        log.error("%s: %s; leaving", self.name, why)
+                        return EXIT_REFUSED
+                if self.sock not in ready:
                     if self.max_idle_s and time.monotonic() - last_heard > self.max_idle_s:
                         log.error("%s: nothing from the aggregator for %.0f s, leaving", self.name, self.max_idle_s)
-                        return 3
-                    self.phase("idle" if self.base is not None else "hello")
+                        return EXIT_IDLE
+                    if not said_hello:
+                        said_hello = self.hello()
+                    elif monitor not in ready:
+                        self.phase("idle" if self.base is not None else "hello")
                     continue
                 last_heard = time.monotonic()
                 frames = self.sock.recv_multipart(copy=False)
@@ -164,8 +217,10 @@ class Agent:
                 elif msg.type == P.ERROR:
                     log.error("%s: aggregator error: %s", self.name, msg.meta.get("error"))
                     if msg.meta.get("fatal"):
-                        return 2
+                        return EXIT_FATAL
         finally:
+            self.sock.disable_monitor()
+            monitor.close(linger=0)
             self.sock.close()
 
 

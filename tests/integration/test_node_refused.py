@@ -1,0 +1,72 @@
+"""A node the aggregator will never talk to leaves at once with a message that says why (exit 4),
+whatever the moment its handshake fails; one that hears nothing leaves after --max-idle-s (exit 3).
+
+A failed handshake takes the socket's only peer away within milliseconds, so a blocking send
+after it (the HELLO, once) waited for ever: a keyless node hung until killed."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import zmq
+
+from testbed.aggregator import Aggregator
+from testbed.auth import RunKeys, curve_available
+from tests.runs import ROOT
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not curve_available(), reason="this libzmq has no CURVE")]
+
+
+@pytest.fixture
+def aggregator():
+    """A CURVE aggregator for node n0, polled in a thread until the test ends."""
+    keys = RunKeys.generate(["n0"])
+    agg = Aggregator("refused-test", {"n0": "host"}, lambda name: ({"model": {}, "data": {}}, {}),
+                     bind="127.0.0.1", port=0, keys=keys)
+    stop = threading.Event()
+    poller = threading.Thread(target=lambda: [agg.poll(0.05) for _ in iter(stop.is_set, True)], daemon=True)
+    poller.start()
+    yield agg, keys
+    stop.set()
+    poller.join(5)
+    agg.close(say_bye=False)
+
+
+def _node(endpoint: str, *args: str, key: str | None = None) -> subprocess.Popen:
+    env = {"PATH": "/usr/bin:/bin", **({"FEDGE_NODE_KEY": key} if key else {})}
+    return subprocess.Popen([sys.executable, "-m", "node", f"--connect={endpoint}", "--name=n0", "--threads=1", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_nodes_the_aggregator_refuses_leave_and_say_why(aggregator):
+    agg, keys = aggregator
+    nodes = {  # --max-idle-s 600: only the refusal can end them within the test's minute
+        "requires CURVE": _node(agg.endpoint, "--max-idle-s=600"),
+        "refused this node's key": _node(agg.endpoint, "--max-idle-s=600", f"--server-key={keys.server_public}",
+                                         key=zmq.curve_keypair()[1].decode()),
+        "is --server-key this run's server key": _node(agg.endpoint, "--max-idle-s=600",
+                                                       f"--server-key={zmq.curve_keypair()[0].decode()}",
+                                                       key=keys.nodes["n0"][1]),
+    }
+    try:
+        for reason, node in nodes.items():
+            _, said = node.communicate(timeout=60)
+            assert node.returncode == 4 and reason in said, said[-2000:]
+    finally:
+        for node in nodes.values():
+            node.kill()
+            node.wait()
+
+
+def test_a_node_that_hears_nothing_leaves_after_max_idle():
+    with zmq.Context.instance().socket(zmq.ROUTER) as silent:  # accepts, never answers
+        port = silent.bind_to_random_port("tcp://127.0.0.1")
+        node = _node(f"tcp://127.0.0.1:{port}", "--max-idle-s=2")
+        try:
+            _, said = node.communicate(timeout=60)
+        finally:
+            node.kill()
+        assert node.returncode == 3 and "nothing from the aggregator for 2 s" in said, said[-2000:]
