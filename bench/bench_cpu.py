@@ -290,13 +290,7 @@ def main(argv=None) -> int:
                 live["cg"].remove()
             except OSError as exc:
                 print(f"cleanup: {exc}", file=sys.stderr)
-        v2 = Path(info["v2_path"]) if info.get("v2_path") else None
-        for d in C.leftovers(info["version"], v2, run_id=run_id):  # the run's own parent directories
-            try:
-                d.rmdir()
-            except OSError as exc:
-                print(f"cleanup: {d}: {exc}", file=sys.stderr)
-        C.remove_empty_parents(v2)
+        C.remove_run(run_id, info["version"], Path(info["v2_path"]) if info.get("v2_path") else None)
         signal.signal(signal.SIGTERM, old_term)
 
     mean = statistics.mean

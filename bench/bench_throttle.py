@@ -82,7 +82,7 @@ def run_case(seconds: float, groups: list[dict | None], work_ms: float = 0, slee
             p.wait()
         for cg in cgs:
             cg.remove()
-        cgroups.remove_empty_parents(Path(info["v2_path"]) if info.get("v2_path") else None)
+        cgroups.remove_run(run_id, info["version"], Path(info["v2_path"]) if info.get("v2_path") else None)
 
 
 def _sigterm(signum, frame):

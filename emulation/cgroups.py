@@ -205,6 +205,17 @@ def leftovers(version: int | None, v2_root: Path | None = None, root: Path = ROO
     return found
 
 
+def remove_run(run_id: str, version: int | None, v2_root: Path | None = None, root: Path = ROOT) -> None:
+    """After a run: its (emptied) groups, its own directory, and the `fedge` parents unless
+    another run still has groups there."""
+    for d in leftovers(version, v2_root, root, run_id=run_id):
+        try:
+            d.rmdir()
+        except OSError:  # a group with tasks left: `testbed clean` reports it
+            pass
+    remove_empty_parents(v2_root, root)
+
+
 def remove_empty_parents(v2_root: Path | None = None, root: Path = ROOT) -> None:
     """After a run: the `fedge` parents go too unless another run still has groups there."""
     for b in parents(v2_root, root):

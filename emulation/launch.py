@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from node.agent import NODE_KEY_ENV  # the node's CURVE secret key (z85), read by `python -m node`
+from node.device import Emulated
 
 from .profiles import Profile
 
@@ -92,20 +93,26 @@ class Launch:
         args = [option("connect", self.endpoint), option("name", self.name), option("profile", self.profile.name)]
         return args + ([option("server-key", self.server_key)] if self.server_key else [])
 
+    def emulated(self, emulate: Emulate) -> Emulated:
+        """The device as the node emulates it in a sandbox that leaves `emulate` to it: given on
+        its command line at start, and in every TASK (a changed profile reaches it so)."""
+        lim = self.limits
+        if emulate.cpu_time:  # CPU seconds at the dilated share (may exceed one core)
+            share, clock = lim.cpus, "cpu"
+        else:  # wall time: host contention has already slowed it by about the dilation
+            share, clock = (min(1.0, lim.cpu_share) if emulate.cpu else 1.0), "wall"
+        return Emulated(share, clock, lim.uplink_mbit if emulate.uplink else 0.0,
+                        lim.downlink_mbit if emulate.downlink else 0.0, lim.latency_ms if emulate.latency else 0.0)
+
     def argv(self, emulate: Emulate) -> list[str]:
         """The arguments of `python -m node` for this node in a sandbox that leaves `emulate` to it."""
-        lim = self.limits
-        args = [*self.identity(), option("threads", lim.threads)]
-        if emulate.cpu_time:
-            args += [option("cpu-share", min(1.0, lim.cpus)), option("cpu-clock", "cpu")]
-        else:
-            args.append(option("cpu-share", min(1.0, lim.cpu_share) if emulate.cpu else 1.0))
-        if emulate.uplink:
-            args.append(option("uplink-mbit", lim.uplink_mbit))
-        if emulate.downlink:
-            args.append(option("downlink-mbit", lim.downlink_mbit))
-        if emulate.latency:
-            args.append(option("latency-ms", lim.latency_ms))
+        dev = self.emulated(emulate)
+        args = [*self.identity(), option("threads", self.limits.threads), option("cpu-share", dev.cpu_share)]
+        if dev.cpu_clock != "wall":
+            args.append(option("cpu-clock", dev.cpu_clock))
+        for name in ("uplink_mbit", "downlink_mbit", "latency_ms"):
+            if getattr(dev, name):
+                args.append(option(name.replace("_", "-"), getattr(dev, name)))
         return args
 
     def join_command(self) -> str:

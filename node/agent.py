@@ -16,13 +16,13 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from .device import CPU_CLOCKS, Emulated, stretched  # noqa: F401 (stretched: re-exported)
 from .shaping import Link
 
 log = logging.getLogger("node")
 NODE_KEY_ENV = "FEDGE_NODE_KEY"  # this node's CURVE secret key (z85), given by the join command
 
 
-CPU_CLOCKS = ("wall", "cpu")
 # exit codes of `python -m node`, besides 0 (the aggregator said BYE)
 EXIT_FATAL, EXIT_IDLE, EXIT_REFUSED = 2, 3, 4  # a fatal ERROR; --max-idle-s passed; handshake refused
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -30,30 +30,13 @@ HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_N
 HANDSHAKE_RETRIES = 3  # failures without detail in a row before the node gives up
 
 
-def stretched(wall_s: float, cpu_s: float, share: float, clock: str) -> float:
-    """The wall seconds a compute phase of `wall_s` (using `cpu_s` CPU seconds) takes on a CPU
-    `share` times as fast. `wall`: the measured wall time, stretched (the process backend: host
-    contention has already slowed it by about the dilation). `cpu`: the CPU seconds at the
-    share, never less than what already passed (the netns backend's `cpu_limit: weight`: cores
-    are shared by weight, not capped, so the CPU seconds are the work done)."""
-    if clock == "cpu":
-        return max(wall_s, cpu_s / share)
-    return wall_s / share
-
-
 class Agent:
     def __init__(self, connect: str, name: str, profile: str | None = None, threads: int | None = None,
-                 uplink: Link | None = None, downlink: Link | None = None, cpu_share: float = 1.0,
-                 cpu_clock: str = "wall", heartbeat_s: float = 2.0, max_idle_s: float = 0.0,
+                 device: Emulated = Emulated(), heartbeat_s: float = 2.0, max_idle_s: float = 0.0,
                  server_key: str | None = None, secret_key: str | None = None):
-        if not 0 < cpu_share <= 1:
-            raise ValueError("cpu_share must be in (0, 1]")
-        if cpu_clock not in CPU_CLOCKS:
-            raise ValueError(f"cpu_clock must be one of {', '.join(CPU_CLOCKS)}")
         self.connect, self.name, self.profile = connect, name, profile
         self.threads = threads or os.cpu_count() or 1
-        self.uplink, self.downlink = uplink or Link(), downlink or Link()
-        self.cpu_share, self.cpu_clock = cpu_share, cpu_clock
+        self.become(device)
         self.heartbeat_s, self.max_idle_s = heartbeat_s, max_idle_s
         self.run_id = ""
         self.failed_handshakes, self.curve = 0, bool(server_key)
@@ -67,6 +50,11 @@ class Agent:
             self.sock.curve_serverkey = server_key.encode()
             self.sock.curve_secretkey = secret_key.encode()
             self.sock.curve_publickey = zmq.curve_public(secret_key.encode())
+
+    def become(self, device: Emulated) -> None:
+        """Emulate `device` from now on (a new CPU share, new transport links)."""
+        self.device = device
+        self.uplink, self.downlink = Link(device.uplink_mbit, device.latency_ms), Link(device.downlink_mbit, device.latency_ms)
 
     # -- messaging -------------------------------------------------------------------------
     def send(self, type_: str, round_: int = 0, meta: dict | None = None, tensors: dict | None = None,
@@ -115,11 +103,16 @@ class Agent:
         from . import trainer
         from .plan import Plan
         plan = Plan.from_dict(msg.meta.get("plan"))  # a bad plan: an ERROR reply, before any training
+        if "device" in msg.meta:  # the device as it is now (a profile may have changed since the start)
+            device = Emulated.from_dict(msg.meta["device"])
+            if device != self.device:
+                log.info("%s: now emulating %s", self.name, device)
+                self.become(device)
         download_s = self.downlink.transfer(received_bytes)
         self.phase("train", msg.round)
         tensors, metrics = trainer.train(self.base, plan, dict(msg.tensors), self.data)
-        if self.cpu_share < 1:  # emulate a slower CPU by stretching compute time
-            wall = stretched(metrics["compute_s"], metrics["cpu_s"], self.cpu_share, self.cpu_clock)
+        if self.device.cpu_share != 1 or self.device.cpu_clock != "wall":  # a slower CPU: stretch compute time
+            wall = self.device.stretched(metrics["compute_s"], metrics["cpu_s"])
             time.sleep(max(0.0, wall - metrics["compute_s"]))
             metrics["measured_compute_s"] = metrics["compute_s"]
             metrics["compute_s"] = wall
@@ -236,7 +229,7 @@ def parser():
     ap.add_argument("--uplink-mbit", type=float, default=0.0, help="in-transport uplink rate (0 = unshaped)")
     ap.add_argument("--downlink-mbit", type=float, default=0.0, help="in-transport downlink rate (0 = unshaped)")
     ap.add_argument("--latency-ms", type=float, default=0.0, help="in-transport one-way latency")
-    ap.add_argument("--cpu-share", type=float, default=1.0, help="stretch compute time to emulate a slower CPU")
+    ap.add_argument("--cpu-share", type=float, default=1.0, help="stretch compute time to emulate a slower CPU (wall clock: at most 1)")
     ap.add_argument("--cpu-clock", choices=CPU_CLOCKS, default="wall",
                     help="stretch the compute phase's wall time, or its CPU seconds (cores shared by weight)")
     ap.add_argument("--max-idle-s", type=float, default=0.0, help="leave after this long without a message (0 = never)")
@@ -253,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.key_file) as fh:
             secret = fh.read().strip()
     logging.basicConfig(level=a.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    agent = Agent(a.connect, a.name, a.profile, a.threads, Link(a.uplink_mbit, a.latency_ms),
-                  Link(a.downlink_mbit, a.latency_ms), a.cpu_share, a.cpu_clock, max_idle_s=a.max_idle_s,
+    try:
+        device = Emulated(a.cpu_share, a.cpu_clock, a.uplink_mbit, a.downlink_mbit, a.latency_ms)
+    except ValueError as exc:
+        parser().error(str(exc))
+    agent = Agent(a.connect, a.name, a.profile, a.threads, device, max_idle_s=a.max_idle_s,
                   server_key=a.server_key, secret_key=secret)
     return agent.run()
 

@@ -264,9 +264,11 @@ class Aggregator:
 
     def run_round(self, rnd: int, tag: str, tasks: dict[str, tuple[dict, dict]], deadline_real_s: float,
                   alive: Callable[[str], bool], check: Callable[[str, dict, P.Message], str | None],
-                  tick: Callable[[], None] | None = None) -> RoundOutcome:
+                  tick: Callable[[], None] | None = None, devices: dict[str, dict] | None = None) -> RoundOutcome:
         """Send each node its TASK, collect RESULTs until all are in or the deadline passes.
 
+        `devices`: for an emulated node, the device it emulates itself now (node/device.py),
+        sent with its task so a profile changed since its start reaches it without a restart.
         `check(node, sent_tensors, result)` returns a reason to reject a result, or None.
         `tick()` runs between polls (at least every 0.25 s): the runner injects faults there.
         """
@@ -279,7 +281,8 @@ class Aggregator:
         for n, (plan, tensors) in tasks.items():
             self.peers[n].phase_at.clear()
             sent_at[n] = time.monotonic()
-            sent = self.send(n, P.TASK, rnd, {"plan": plan, "task_id": task_ids[n]}, tensors)
+            meta = {"plan": plan, "task_id": task_ids[n], **({"device": devices[n]} if n in (devices or {}) else {})}
+            sent = self.send(n, P.TASK, rnd, meta, tensors)
             records[n].bytes_down = sent
             if sent:
                 pending.add(n)

@@ -167,7 +167,8 @@ class RoundLoop:
         outcome = self.agg.run_round(rnd, entry.name, {n: (t.plan.to_dict(), t.tensors) for n, t in tasks.items()},
                                      self.sc.training.round_deadline_s * f,
                                      lambda n: self.alive(n) and n not in inj.lost,
-                                     lambda n, sent, msg: check_result(sent, msg), tick=inj.tick)
+                                     lambda n, sent, msg: check_result(sent, msg), tick=inj.tick,
+                                     devices=self._devices(tasks))
         events = [*restored, *inj.end_round(), *self._explain_losses(rnd, outcome)]
         self.host.after(rnd, host, kills0, outcome.records, events, self.backend.alive)
         nodes = {n: self._node_entry(n, tasks[n], outcome) for n in outcome.records}
@@ -191,6 +192,11 @@ class RoundLoop:
                 "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
                 "eval_s": eval_s, "update_counts": update_counts(updates), "metrics": metrics, "events": events,
                 "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}
+
+    def _devices(self, nodes) -> dict[str, dict]:
+        """What each emulated node emulates itself of its current profile (faults may have changed it)."""
+        return {n: self.launcher.launch(n, self.inj.current[n]).emulated(self.backend.emulated(n)).to_dict()
+                for n in nodes if n not in self.remote}
 
     def _explain_losses(self, rnd: int, outcome: RoundOutcome) -> list[dict]:
         """Why a node's result is missing: a fault, or the end of its sandbox (an OOM kill is an event)."""

@@ -303,9 +303,10 @@ class Scenario(Strict):
     backend: Literal["auto", "process", "netns", "docker"] = "auto"
     zygote: Literal["auto", "on", "off"] = Field("auto", description="fork nodes from one preloaded interpreter "
                                                  f"(process/netns backends; auto: from {ZYGOTE_AUTO_NODES} nodes)")
-    cpu_limit: Literal["quota", "weight"] = Field("quota", description="netns backend: a slower CPU as a CFS quota "
-                                                  "(quota), or as cores shared by weight with each node stretching "
-                                                  "its CPU seconds to its share (weight; docs/profiles.md)")
+    cpu_limit: Literal["quota", "weight"] = Field("weight", description="netns backend: a slower CPU as cores shared "
+                                                  "by weight with each node stretching its CPU seconds to its share "
+                                                  "(weight), or as a CFS quota (quota; it costs throttled nodes "
+                                                  "extra CPU time on some hosts: docs/profiles.md)")
     dilation: Literal["auto", "off"] | float = Field("auto", description="slow every device and link by one factor when the host is short of cores")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

@@ -39,6 +39,25 @@ def run_testbed(*args: str, timeout: float, env: dict | None = None) -> subproce
                           text=True, timeout=timeout, env=env)
 
 
+def kill_run_processes(*outs: Path) -> None:
+    """Kill what is left of the runs written to the folders `outs`, and only that: another run on
+    the machine (a campaign in the background, a user's run) is none of a test's business."""
+    from emulation.cleanup import tagged_processes
+    ids = set()
+    for out in outs:
+        for manifest in Path(out).glob("**/manifest.json"):
+            try:
+                ids.add(json.loads(manifest.read_text())["run_id"])
+            except (OSError, ValueError, KeyError):
+                continue
+    for run_id in ids:
+        for p in tagged_processes(run_id):
+            try:
+                p.kill()
+            except Exception:  # noqa: BLE001 - gone already
+                pass
+
+
 def _run_args(scenario: Path | str, out: Path, args: tuple, resume: bool) -> list[str]:
     return ["run", str(scenario), "--resume" if resume else "--out", str(out), *map(str, args)]
 

@@ -12,7 +12,7 @@ import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from ..launch import RUN_ENV, Launch  # noqa: F401  (RUN_ENV: re-exported for cleanup)
+from ..launch import EVERYTHING, RUN_ENV, Emulate, Launch  # noqa: F401  (RUN_ENV: re-exported for cleanup)
 from ..profiles import Profile
 
 THIS_HOST = "this host"  # the key of this machine in core_demands()
@@ -29,7 +29,7 @@ class FaultUnsupported(RuntimeError):
 class Backend(ABC):
     name: str
     forks_nodes = False  # can fork nodes from a node zygote (prepare(zygote=True))
-    cpu_limit = "quota"  # how a slower CPU is enforced where the backend has a choice (netns: quota or weight)
+    cpu_limit = "weight"  # how a slower CPU is enforced where the backend has a choice (netns: quota or weight)
 
     def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
         if caps is None:
@@ -86,6 +86,10 @@ class Backend(ABC):
     def zygote_info(self) -> dict | None:
         """{pid, shared_mb} of the node zygote when nodes are forked from one, else None."""
         return None
+
+    def emulated(self, name: str) -> Emulate:
+        """What the node `name` emulates itself because its sandbox does not (Launch.emulated)."""
+        return EVERYTHING
 
     @abstractmethod
     def start(self, launch: Launch) -> None:

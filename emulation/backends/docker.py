@@ -284,7 +284,7 @@ class DockerBackend(Backend):
         return {where: (self.cores, [self.cpu_demand(p) for p in profiles.values()])}
 
     # -- nodes -----------------------------------------------------------------------------
-    def _emulated(self) -> Emulate:
+    def emulated(self, name: str) -> Emulate:
         """What the node's transport emulates: the links this backend cannot shape from here."""
         return Emulate(uplink=not self.root and not self.exec_tc, downlink=not self.root, latency=not self.netem)
 
@@ -295,7 +295,7 @@ class DockerBackend(Backend):
         mem = f"{lim.memory_mb}m"
         safe = re.sub(r"[^a-zA-Z0-9_.-]", "_", name)
         container = self.client.containers.run(
-            self.image, launch.argv(self._emulated()), name=f"{NAME_PREFIX}{self.hash}-{safe}",
+            self.image, launch.argv(self.emulated(name)), name=f"{NAME_PREFIX}{self.hash}-{safe}",
             hostname=safe[:63], detach=True, init=True, network=self.network.name,
             environment={**launch.env, "PYTHONUNBUFFERED": "1"},
             labels={**self.labels, LABEL_NODE: name}, nano_cpus=int(round(cpus * 1e9)), mem_limit=mem,

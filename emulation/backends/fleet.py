@@ -6,7 +6,7 @@ dial the aggregator where that engine can reach it (`attach` makes the aggregato
 """
 from __future__ import annotations
 
-from ..launch import Launch
+from ..launch import Emulate, Launch
 from ..profiles import Profile
 from .base import Backend
 
@@ -119,6 +119,9 @@ class Fleet(Backend):
 
     def alive(self, name: str) -> bool:
         return self.owner(name).alive(name)
+
+    def emulated(self, name: str) -> Emulate:
+        return self.owner(name).emulated(name)
 
     def exit_reason(self, name: str) -> str | None:
         return self.owner(name).exit_reason(name)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from .. import netns as N
 from ..cgroups import CGroup
-from ..cgroups import leftovers as cgroup_leftovers, remove_empty_parents
+from ..cgroups import remove_run
 from ..launch import Emulate, Launch, Limits
 from ..lifetime import node_preexec
 from ..profiles import Profile
-from .base import Backend, FaultUnsupported
+from .base import Backend
 from .process import ProcessBackend
 
 
@@ -90,7 +90,7 @@ class NetnsBackend(ProcessBackend):
         link.create(self.bridge)
         self._shape(link, launch.limits)
         cg.create(launch.limits.cpus, self._own_memory_mb(launch.limits), self.by_weight)
-        argv = launch.argv(Emulate(latency=not self.netem, cpu_time=self.by_weight))  # the kernel does the rest
+        argv = launch.argv(self.emulated(name))  # the kernel does the rest
         if self.zygote is not None:  # enters its cgroup and namespace itself, right after fork
             self._spawn(launch, argv, cgroup_procs=cg.procs_files(), netns=ns.path)
             return
@@ -120,27 +120,31 @@ class NetnsBackend(ProcessBackend):
     def restore_link(self, name: str) -> None:
         self.sandboxes[name][1].set_up(True)
 
+    def emulated(self, name: str) -> Emulate:
+        return Emulate(latency=not self.netem, cpu_time=self.by_weight)
+
     def reshape(self, launch: Launch) -> None:
-        if not self.netem and launch.profile.latency_ms != self.sandboxes[launch.name][3].latency_ms:
-            raise FaultUnsupported("no netem in this kernel: the latency of a running node is fixed in its "
-                                   "transport; only rates can change")
-        self._shape(self.sandboxes[launch.name][1], launch.limits)
+        """Rates by htb at once; latency by netem, or without it in the node's transport from its
+        next task (which carries the new device)."""
+        ns, link, cg, _ = self.sandboxes[launch.name]
+        self._shape(link, launch.limits)
+        self.sandboxes[launch.name] = (ns, link, cg, launch.profile)
 
     def set_profile(self, launch: Launch) -> str:
-        """Live, as a device switching power mode: new quota, memory limit and link, same process.
-        (Threads are fixed at start: a profile with another thread count restarts the node.)"""
+        """Live, as a device switching power mode: new CPU quota or weight, memory limit and link,
+        same process. What the node emulates itself (its CPU seconds' share with `cpu_limit:
+        weight`, latency without netem) changes from its next task. Threads are fixed at start: a
+        profile with another thread count restarts the node."""
         ns, link, cg, old = self.sandboxes[launch.name]
         new = launch.profile
-        if new.threads != old.threads or (not self.netem and new.latency_ms != old.latency_ms):
+        if new.threads != old.threads:
             self.restart(launch)
-            return "restarted: thread count or transport latency changed"
-        if self.by_weight and new.cpu_share != old.cpu_share:
-            self.restart(launch)
-            return "restarted: with cpu_limit weight the node stretches its compute to its share itself"
+            return "restarted: thread count changed"
         cg.set_limits(launch.limits.cpus, self._own_memory_mb(launch.limits), self.by_weight)
         self._shape(link, launch.limits)
         self.sandboxes[launch.name] = (ns, link, cg, new)
-        return "live"
+        in_node = (self.by_weight and new.cpu_share != old.cpu_share) or (not self.netem and new.latency_ms != old.latency_ms)
+        return "live; in the node from its next task" if in_node else "live"
 
     def _shared_mb(self) -> float:
         return self.zygote.shared_mb if self.zygote is not None else 0.0
@@ -211,12 +215,7 @@ class NetnsBackend(ProcessBackend):
         if self.bridge is not None:
             self.bridge.delete()
             self.bridge = None
-        for d in cgroup_leftovers(self.cg_version, self.v2_root, run_id=self.run_id):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-        remove_empty_parents(self.v2_root)
+        remove_run(self.run_id, self.cg_version, self.v2_root)
 
 
 __all__ = ["NetnsBackend"]

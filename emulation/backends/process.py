@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from ..launch import EVERYTHING, Launch, base_env
+from ..launch import Launch, base_env
 from ..lifetime import node_preexec
 from ..profiles import Profile
 from .base import Backend
@@ -42,6 +42,7 @@ class ProcessBackend(Backend):
     def __init__(self, run_id: str, workdir: Path, caps: dict | None = None):
         super().__init__(run_id, workdir, caps)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.threads: dict[str, int] = {}  # node -> torch threads it was started with
         self.logs = self.workdir / "logs"
         self.zygote = None
 
@@ -73,7 +74,18 @@ class ProcessBackend(Backend):
         return notes
 
     def start(self, launch: Launch) -> None:
-        self._spawn(launch, launch.argv(EVERYTHING))  # nothing is enforced: the node emulates it all
+        self._spawn(launch, launch.argv(self.emulated(launch.name)))  # nothing is enforced: the node emulates it all
+
+    def set_profile(self, launch: Launch) -> str:
+        """Live, from the node's next task (which carries the new device), unless the thread
+        count changes (fixed at start)."""
+        if launch.limits.threads != self.threads.get(launch.name):
+            self.restart(launch)
+            return "restarted: thread count changed"
+        return "live from the next task"
+
+    def reshape(self, launch: Launch) -> None:
+        """The links live in the node's transport: its next task carries the new rates."""
 
     def _spawn(self, launch: Launch, argv: list[str], preexec=node_preexec, prefix: list[str] = (),
                cgroup_procs: list[str] = (), netns: str | None = None) -> None:
@@ -82,6 +94,7 @@ class ProcessBackend(Backend):
         into `cgroup_procs` and the namespace `netns` itself."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{launch.name}.log"
+        self.threads[launch.name] = launch.limits.threads
         if self.zygote is not None:
             self.procs[launch.name] = self.zygote.spawn(argv, dict(launch.env), log, cgroup_procs, netns)
             return

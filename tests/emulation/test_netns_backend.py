@@ -33,6 +33,7 @@ def backend(request, netns_caps, tmp_path):
 
 
 def test_limits_are_in_force_and_removed(backend, netns_caps):
+    backend.cpu_limit = "quota"  # a CFS quota (the default, weight, is the test below)
     ip = backend.bind_address("127.0.0.1")
     assert ip.startswith(netns.NET_BASE + ".")
     profile = get_profile("rpi4").with_overrides(uplink_mbit=5.0, downlink_mbit=20.0, memory_mb=1500)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from emulation.cleanup import tagged_processes
-from tests.runs import read_run, rounds_so_far, run_scenario, start_run, write_scenario
+from tests.runs import kill_run_processes, read_run, rounds_so_far, run_scenario, start_run, write_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCENARIO = {
@@ -55,8 +55,7 @@ def runs(tmp_path_factory):
         for proc in (p, r):
             if proc.poll() is None:
                 proc.kill()
-        for proc in tagged_processes():
-            proc.kill()
+        kill_run_processes(ref, cut)
     yield {"ref": ref, "cut": cut, "text": text2, "rc": p2.returncode, "killed_id": killed_id, "wrong": wrong,
            "before": before, "scenario": sc}
 

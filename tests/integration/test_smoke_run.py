@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from emulation.cleanup import tagged_processes
-from tests.runs import run_scenario
+from tests.runs import kill_run_processes, run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROW_KEYS = {"strategy", "round", "wall_s", "accuracy", "loss", "bytes_up", "bytes_down", "participants",
@@ -20,8 +20,7 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "run"
     # the exit code is the first test's to check: the others still read what the run wrote
     yield run_scenario("scenarios/smoke.yaml", out, timeout=900, expect_rc=None)
-    for p in tagged_processes():  # never leave a node behind, even if the test failed
-        p.kill()
+    kill_run_processes(out)  # never leave a node behind, even if the test failed
 
 
 def test_run_succeeds_and_writes_contract_files(smoke_run):

@@ -85,6 +85,19 @@ def test_empty_parents_go_after_a_run_busy_ones_stay(tmp_path):
     cgroups.remove_empty_parents(root=tmp_path)  # missing parents are no error
 
 
+def test_a_finished_run_takes_its_own_directory_with_it(tmp_path):
+    """Removing a run's node groups leaves fedge/<run>; remove_run takes it (a benchmark once
+    left five such directories behind), and leaves another run's alone."""
+    for ctrl in ("cpu", "memory"):
+        (tmp_path / ctrl / "fedge/runA/n0").mkdir(parents=True)
+        (tmp_path / ctrl / "fedge/runB/n0").mkdir(parents=True)
+    cgroups.remove_run("runA", 1, root=tmp_path)
+    assert not (tmp_path / "cpu/fedge/runA").exists() and not (tmp_path / "memory/fedge/runA").exists()
+    assert (tmp_path / "cpu/fedge/runB/n0").is_dir()
+    cgroups.remove_run("runB", 1, root=tmp_path)
+    assert not (tmp_path / "cpu/fedge").exists() and not (tmp_path / "memory/fedge").exists()
+
+
 def test_bad_version():
     with pytest.raises(ValueError, match="1 or 2"):
         CGroup("r", "n", 3)

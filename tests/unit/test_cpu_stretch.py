@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from node.agent import Agent, stretched
+from node.device import Emulated
 from testbed.report import cpu_disparity, effective_share
 
 
@@ -20,9 +21,33 @@ def test_cpu_clock_stretches_the_cpu_seconds_and_never_shortens():
     assert stretched(6.0, 0.3, 0.25 / 3.75, "cpu") == pytest.approx(6.0)
 
 
-def test_the_agent_refuses_an_unknown_clock():
+def test_an_unknown_clock_or_an_impossible_share_is_refused():
     with pytest.raises(ValueError, match="cpu_clock must be one of wall, cpu"):
-        Agent("tcp://127.0.0.1:1", "n", cpu_clock="cycles")
+        Emulated(cpu_clock="cycles")
+    with pytest.raises(ValueError, match=r"cpu_share must be in \(0, 1\] with the wall clock"):
+        Emulated(1.5)  # stretching wall time cannot make a node faster than it ran
+    assert Emulated(1.5, "cpu").stretched(1.0, 3.0) == pytest.approx(2.0)  # two threads' CPU seconds at 1.5 cores
+
+
+@pytest.mark.parametrize("bad, match", [({"cpu_share": "fast"}, "device.cpu_share must be a number"),
+                                        ({"cpu_share": 0.5, "gpu": 1}, "expected a mapping of"),
+                                        ({"uplink_mbit": -1}, "uplink_mbit must be >= 0"),
+                                        ([0.5], "expected a mapping of")])
+def test_a_bad_device_from_the_wire_is_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Emulated.from_dict(bad)
+
+
+def test_a_task_that_carries_another_device_switches_the_node_to_it():
+    """A profile changed mid-run reaches the node in its next TASK: new share, new transport links."""
+    agent = Agent("tcp://127.0.0.1:1", "n", device=Emulated(0.25, "cpu", 10.0, 20.0, 5.0))
+    first_uplink = agent.uplink
+    faster = Emulated(0.5, "cpu", 40.0, 20.0, 5.0)
+    assert Emulated.from_dict(faster.to_dict()) == faster
+    agent.become(faster)
+    assert agent.device.cpu_share == 0.5 and agent.uplink is not first_uplink
+    assert agent.uplink.delay_for(5_000_000) == pytest.approx(1.0 + 0.005)  # 40 Mbit/s + 5 ms
+    agent.sock.close(linger=0)
 
 
 def test_effective_share_is_cpu_seconds_over_emulated_compute():

@@ -267,3 +267,27 @@ def test_a_bad_plan_from_the_wire_is_an_error_reply_before_any_training(base):
     with pytest.raises(ValueError, match="rank_penalty.keep must be >= 1"):
         agent.on_task(P.Message(P.TASK, meta={"plan": bad}), 0)
     assert sent == []  # not even the "train" heartbeat went out
+
+
+def test_a_task_with_another_device_trains_as_that_device(base):
+    """A profile changed mid-run reaches an emulated node in its next TASK: it trains and
+    stretches its compute to the new share, without a restart."""
+    from node.agent import Agent
+    from node.device import Emulated
+    from node import protocol as P
+    model, data = base
+    agent = Agent.__new__(Agent)
+    agent.name, agent.base, agent.data, agent.run_id = "n", model, data, "r"
+    agent.become(Emulated(0.5, "cpu"))
+    sent = []
+    agent.phase = lambda *a, **k: None
+    agent.send = lambda type_, rnd=0, meta=None, tensors=None, link=None, block=True: sent.append(meta)
+    slower = Emulated(0.05, "cpu", 0.0, 80.0, 0.0)
+    init = trainer.trainable_state(trainer.build_model(model, lora_plan()))
+    agent.on_task(P.Message(P.TASK, meta={"plan": lora_plan().to_dict(), "device": slower.to_dict()}, tensors=init),
+                  1_000_000)
+    assert agent.device == slower
+    (meta,) = sent
+    # CPU seconds at a 0.05 share: 20x the CPU time (hand-computed from the rule, not the code)
+    assert meta["compute_s"] >= meta["cpu_s"] / 0.05 * 0.99
+    assert meta["download_s"] >= 1_000_000 * 8 / 80e6  # the new downlink: 0.1 s for 1 MB at 80 Mbit/s
