@@ -25,9 +25,10 @@ NODE_KEY_ENV = "FEDGE_NODE_KEY"  # this node's CURVE secret key (z85), given by 
 
 # exit codes of `python -m node`, besides 0 (the aggregator said BYE)
 EXIT_FATAL, EXIT_IDLE, EXIT_REFUSED = 2, 3, 4  # a fatal ERROR; --max-idle-s passed; handshake refused
-HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-HANDSHAKE_RETRIES = 3  # failures without detail in a row before the node gives up
+HANDSHAKE_RETRIES = 3  # quick failures without detail in a row before the node gives up
+HANDSHAKE_TIMEOUT_S = 5.0  # a handshake stalled this long is dropped and tried again (libzmq: 30 s)
 
 
 class Agent:
@@ -44,6 +45,8 @@ class Agent:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
+        self.connected_at = 0.0
         if server_key:  # CURVE: encrypted, and the aggregator admits only the run's node keys
             if not secret_key:
                 raise ValueError(f"--server-key needs this node's secret key in ${NODE_KEY_ENV} or --key-file")
@@ -137,9 +140,13 @@ class Agent:
 
     def refused(self, event: dict) -> str | None:
         """Why the aggregator will never talk to this node, from a socket-monitor event; None
-        while it still might (a handshake that failed without detail is retried a few times:
-        that is how a wrong server key shows, but also a connection cut mid-handshake)."""
+        while it still might. A handshake that fails without detail soon after connecting is
+        retried a few times (that is how a wrong server key shows, but also a connection cut
+        mid-handshake); one that stalled (timed out) is only retried."""
         kind = event["event"]
+        if kind == zmq.EVENT_CONNECTED:
+            self.connected_at = time.monotonic()
+            return None
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.failed_handshakes = 0
             return None
@@ -147,6 +154,9 @@ class Agent:
             return (f"the aggregator at {self.connect} refused this node's key (ZAP status {event['value']}): "
                     f"use the {NODE_KEY_ENV} of this node's join line, printed by this run")
         if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            if time.monotonic() - self.connected_at >= HANDSHAKE_TIMEOUT_S / 2:  # stalled, not refused
+                log.warning("%s: the handshake with %s stalled; trying again", self.name, self.connect)
+                return None
             self.failed_handshakes += 1
             if self.failed_handshakes < HANDSHAKE_RETRIES:
                 return None

@@ -70,3 +70,18 @@ def test_a_node_that_hears_nothing_leaves_after_max_idle():
         finally:
             node.kill()
         assert node.returncode == 3 and "nothing from the aggregator for 2 s" in said, said[-2000:]
+
+
+def test_a_stalled_handshake_is_tried_again_not_taken_for_a_refusal():
+    """A peer that accepts the connection and never answers (an overloaded aggregator, a lost
+    packet): the node drops the handshake after 5 s and tries again, and never says refused."""
+    import socket
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)  # the kernel accepts; nobody speaks ZMTP
+        node = _node(f"tcp://127.0.0.1:{mute.getsockname()[1]}", "--max-idle-s=14")
+        try:
+            _, said = node.communicate(timeout=90)
+        finally:
+            node.kill()
+    assert node.returncode == 3 and said.count("stalled; trying again") >= 2, said[-2000:]
