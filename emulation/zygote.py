@@ -47,16 +47,16 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _preload(spec: dict, dataset: str) -> None:
+def _preload(spec: dict, data: dict) -> None:
     """Everything a node needs that does not depend on which node it is."""
     import torch
     torch.set_num_threads(1)  # loading runs inline: no OpenMP pool exists to be broken by fork
     import peft  # noqa: F401
     import zmq  # noqa: F401
     from node import agent, trainer  # noqa: F401
-    from node.data import load_dataset
+    from node.data import DataSource, load_dataset
     trainer.preload(trainer.ModelSpec.from_dict(spec))
-    load_dataset(dataset)
+    load_dataset(DataSource.from_dict(data))
     # transformers maps the weights file and pages it in lazily; page it in now (one float per
     # 4 KB page, with numpy: no torch kernel runs before fork) so shared_mb counts the weights
     import numpy as np
@@ -116,12 +116,12 @@ def _child(cmd: dict, control: int, entered: int) -> None:
             os._exit(code)
 
 
-def serve(spec: dict, dataset: str) -> int:
+def serve(spec: dict, data: dict) -> int:
     """The zygote's loop: preload, then fork on request and report exits, until stdin closes."""
     die_with_parent()
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the libraries print goes to the zygote's log, not the control stream
-    _preload(spec, dataset)
+    _preload(spec, data)
     import gc
     gc.collect()
     gc.freeze()
@@ -218,14 +218,14 @@ class Child:
 class Zygote:
     """Start the zygote for one run (model spec + dataset) and fork nodes from it."""
 
-    def __init__(self, spec: dict, dataset: str, env: dict, log: Path, timeout_s: float = 300.0):
+    def __init__(self, spec: dict, data: dict, env: dict, log: Path, timeout_s: float = 300.0):
         self.exits: dict[int, int] = {}
         self._replies: dict[int, dict] = {}
         self._cond = threading.Condition()
         self._next = 0
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "emulation.zygote", json.dumps(spec), dataset],
+            self.proc = subprocess.Popen([sys.executable, "-m", "emulation.zygote", json.dumps(spec), json.dumps(data)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fh, env=env,
                                          start_new_session=True, preexec_fn=die_with_parent)
         self.pid = self.proc.pid
@@ -314,7 +314,7 @@ class Zygote:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    return serve(json.loads(argv[0]), argv[1])
+    return serve(json.loads(argv[0]), json.loads(argv[1]))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ import platform
 import socket
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import zmq
 
 from . import protocol as P
+from .data import DataError
 from .device import CPU_CLOCKS, Emulated, stretched  # noqa: F401 (stretched: re-exported)
 from .shaping import Link
 
@@ -24,7 +27,8 @@ NODE_KEY_ENV = "FEDGE_NODE_KEY"  # this node's CURVE secret key (z85), given by 
 
 
 # exit codes of `python -m node`, besides 0 (the aggregator said BYE)
-EXIT_FATAL, EXIT_IDLE, EXIT_REFUSED = 2, 3, 4  # a fatal ERROR; --max-idle-s passed; handshake refused
+EXIT_FATAL, EXIT_IDLE, EXIT_REFUSED, EXIT_DATA = 2, 3, 4, 5  # a fatal ERROR; --max-idle-s passed; handshake
+# refused; this node's data or model differ from the aggregator's
 HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 HANDSHAKE_RETRIES = 3  # quick failures without detail in a row before the node gives up
@@ -34,9 +38,10 @@ HANDSHAKE_TIMEOUT_S = 5.0  # a handshake stalled this long is dropped and tried 
 class Agent:
     def __init__(self, connect: str, name: str, profile: str | None = None, threads: int | None = None,
                  device: Emulated = Emulated(), heartbeat_s: float = 2.0, max_idle_s: float = 0.0,
-                 server_key: str | None = None, secret_key: str | None = None):
+                 server_key: str | None = None, secret_key: str | None = None, data_dir: str | None = None):
         self.connect, self.name, self.profile = connect, name, profile
         self.threads = threads or os.cpu_count() or 1
+        self.data_dir = data_dir
         self.become(device)
         self.heartbeat_s, self.max_idle_s = heartbeat_s, max_idle_s
         self.run_id = ""
@@ -88,15 +93,22 @@ class Agent:
     # -- handlers --------------------------------------------------------------------------
     def on_welcome(self, msg: P.Message) -> None:
         from . import trainer
-        from .data import load_dataset
+        from .data import DataSource, load_dataset
         self.run_id = msg.run
+        data = msg.meta["data"]
+        source = DataSource.from_dict(data["source"])
+        if self.data_dir is not None and source.path is not None:  # a real device's own copy of the files
+            source = replace(source, **{k: str(Path(self.data_dir) / Path(getattr(source, k)).name)
+                                        for k in ("path", "test_path") if getattr(source, k)})
+        ds = load_dataset(source)
+        if ds.fingerprint != data["fingerprint"]:
+            raise DataMismatch(f"this node's data ({source.path or source.dataset}) differ from the aggregator's: "
+                               f"fingerprint {ds.fingerprint}, the run's {data['fingerprint']}")
         spec = trainer.ModelSpec.from_dict(msg.meta["model"])
         self.base, self.tokenizer = trainer.load_base(spec)
-        data = msg.meta["data"]
-        ds = load_dataset(data["dataset"])
         idx = np.asarray(msg.tensors["shard"], dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
-            raise ValueError(f"shard indices outside dataset {data['dataset']} of {len(ds)} examples")
+            raise ValueError(f"shard indices outside dataset {ds.name} of {len(ds)} examples")
         self.data = trainer.Tokenized(self.tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx],
                                       int(data["max_len"]))
         log.info("%s: welcome to run %s, %d examples", self.name, self.run_id, len(self.data))
@@ -206,7 +218,11 @@ class Agent:
                     log.error("%s: bad message from aggregator: %s", self.name, exc)
                     continue
                 if msg.type == P.WELCOME:
-                    self.on_welcome(msg)
+                    try:
+                        self.on_welcome(msg)
+                    except (DataMismatch, DataError, FileNotFoundError) as exc:
+                        log.error("%s: %s; leaving", self.name, exc)
+                        return EXIT_DATA
                 elif msg.type == P.TASK:
                     try:
                         self.on_task(msg, P.frames_nbytes(frames))
@@ -227,6 +243,10 @@ class Agent:
             self.sock.close()
 
 
+class DataMismatch(ValueError):
+    """This node's data are not the ones the aggregator split (another file or version)."""
+
+
 def parser():
     """The node's command line. Every value may start with '-' when given as --option=value
     (the testbed always passes it so; z85 keys contain '-')."""
@@ -242,6 +262,8 @@ def parser():
     ap.add_argument("--cpu-share", type=float, default=1.0, help="stretch compute time to emulate a slower CPU (wall clock: at most 1)")
     ap.add_argument("--cpu-clock", choices=CPU_CLOCKS, default="wall",
                     help="stretch the compute phase's wall time, or its CPU seconds (cores shared by weight)")
+    ap.add_argument("--data-dir", default=None, help="where this device keeps the run's data files (same names); "
+                    "default: the path the aggregator announces")
     ap.add_argument("--max-idle-s", type=float, default=0.0, help="leave after this long without a message (0 = never)")
     ap.add_argument("--server-key", default=None, help="the aggregator's CURVE public key (from the join command)")
     ap.add_argument("--key-file", default=None, help=f"file holding this node's CURVE secret key (else ${NODE_KEY_ENV})")
@@ -261,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser().error(str(exc))
     agent = Agent(a.connect, a.name, a.profile, a.threads, device, max_idle_s=a.max_idle_s,
-                  server_key=a.server_key, secret_key=secret)
+                  server_key=a.server_key, secret_key=secret, data_dir=a.data_dir)
     return agent.run()
 
 

@@ -4,11 +4,23 @@ from __future__ import annotations
 import numpy as np
 
 
-def train_test_split(n: int, test_size: int, train_size: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if test_size >= n:
-        raise ValueError(f"data.test_size = {test_size} leaves no training data (dataset has {n} examples)")
-    perm = np.random.default_rng(seed).permutation(n)
-    test, train = perm[:test_size], perm[test_size:]
+def train_test_split(n: int, test_size: int, train_size: int | None, seed: int,
+                     test_start: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out indices. Without `test_start` the held-out set is cut from all n
+    examples with the seed; with it, examples from test_start on are the dataset's own test set,
+    of which `test_size` are drawn with the seed (all of them if it has fewer)."""
+    rng = np.random.default_rng(seed)
+    if test_start is None:
+        if test_size >= n:
+            raise ValueError(f"data.test_size = {test_size} leaves no training data (dataset has {n} examples)")
+        perm = rng.permutation(n)
+        test, train = perm[:test_size], perm[test_size:]
+    else:
+        if not 0 < test_start < n:
+            raise ValueError(f"a dataset's own test set must leave training data and hold examples "
+                             f"(test_start {test_start} of {n})")
+        test = test_start + rng.permutation(n - test_start)[:test_size]
+        train = rng.permutation(test_start)
     if train_size is not None:
         train = train[:train_size]
     return np.sort(train), np.sort(test)

@@ -149,7 +149,7 @@ class Run:
             if sc.zygote == "on":
                 self.notes.append(f"zygote: on has no effect on the {self.setup.backend} backend")
             want = False
-        self.backend.prepare(asdict(self.work.spec), sc.data.dataset, want and bool(local))
+        self.backend.prepare(asdict(self.work.spec), sc.data.source().to_dict(), want and bool(local))
         self.notes += self.backend.zygote_notes([n.profile for n in local])
 
     def _make_keys(self):

@@ -48,19 +48,46 @@ class Partition(Strict):
 
 
 class DataConfig(Strict):
-    dataset: str = "rotten_tomatoes"
+    dataset: str | None = Field(None, description="a built-in dataset (default rotten_tomatoes when no path)")
+    path: str | None = Field(None, description="the user's data: a CSV, JSONL or Parquet file, or a folder written "
+                             "by datasets' save_to_disk (relative to the scenario file)")
+    text_column: str = Field("text", min_length=1)
+    label_column: str = Field("label", min_length=1, description="string or integer labels")
+    split: str = Field("train", description="the training split of a saved DatasetDict")
+    test_path: str | None = Field(None, description="a file of the same format holding the test set")
+    test_split: str | None = Field(None, description="the test split of a saved DatasetDict")
     partition: Partition = Partition()
-    test_size: int = Field(500, ge=10)
+    test_size: int = Field(500, ge=10, description="held-out examples, cut with the seed (from the dataset's own "
+                           "test set where it has one)")
     train_size: int | None = Field(None, ge=10, description="use only this many training examples")
     max_len: int = Field(64, ge=8, le=512)
 
     @field_validator("dataset")
     @classmethod
-    def _known(cls, v: str) -> str:
-        from node.data import DATASETS
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
+    def _known(cls, v: str | None) -> str | None:
+        from node.data import BUILTIN
+        if v is not None and v not in BUILTIN:
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(BUILTIN)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        from node.data import DataError
+        try:
+            self.source()  # either dataset or path; test_path or test_split
+        except DataError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    def source(self):
+        """The node-side description of where the examples come from (node.data.DataSource)."""
+        from node.data import DataSource
+        return DataSource(self.dataset, self.path, self.text_column, self.label_column, self.split,
+                          self.test_path, self.test_split)
+
+    @property
+    def name(self) -> str:
+        return self.source().label
 
 
 ZYGOTE_AUTO_NODES = 8  # from this many emulated nodes on, they fork from a zygote (memory: docs/architecture.md)
@@ -426,10 +453,11 @@ class NodeSpec(BaseModel):
 
 
 def model_spec(sc: Scenario):
-    """The model every node and the aggregator build (node.trainer.ModelSpec)."""
-    from node.data import CLASSES
+    """The model every node and the aggregator build (node.trainer.ModelSpec); its head has one
+    output per class of the data."""
+    from node.data import load_dataset
     from node.trainer import ModelSpec
-    return ModelSpec(sc.model.name, len(CLASSES[sc.data.dataset]), sc.model.num_layers, sc.seed)
+    return ModelSpec(sc.model.name, len(load_dataset(sc.data.source()).classes), sc.model.num_layers, sc.seed)
 
 
 def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
@@ -484,6 +512,7 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
         sc = Scenario.model_validate(doc, context={"profiles": set(custom) if isinstance(custom, dict) else set()})
     except ValidationError as err:
         raise ScenarioError(_format_errors(path, err, doc)) from None
+    _read_data(sc, path)  # before the strategies' checks: the model's head needs the number of classes
     errors = sc.strategy_param_errors()
     if errors:
         raise ScenarioError("\n".join([f"{path}: {len(errors)} error(s) in scenario",
@@ -500,6 +529,23 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
             raise ScenarioError(f"{path}: faults.availability.trace: {exc}") from None
         av.trace = str(trace)
     return sc
+
+
+def _read_data(sc: Scenario, path: str) -> None:
+    """Resolve the data's paths against the scenario file and read the data now: a missing or
+    unusable file never starts a run."""
+    from node.data import DataError, load_dataset
+    d = sc.data
+    for key in ("path", "test_path"):
+        value = getattr(d, key)
+        if value is not None and not Path(value).is_absolute() and path != "<scenario>":
+            setattr(d, key, str(Path(path).resolve().parent / value))
+    try:
+        load_dataset(d.source())
+    except DataError as exc:
+        raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: {exc.field}: {exc.message}") from None
+    except FileNotFoundError as exc:  # a built-in's package is missing
+        raise ScenarioError(f"{path}: data.dataset: {exc}") from None
 
 
 def set_value(doc: dict, dotted: str, raw: str) -> None:

@@ -31,9 +31,10 @@ class Workload:
 
     def _split(self, nodes: list[NodeSpec]) -> None:
         sc = self.sc
-        ds = self.dataset = load_dataset(sc.data.dataset)
+        ds = self.dataset = load_dataset(sc.data.source())
         labels = np.asarray(ds.labels)
-        train, test = partition.train_test_split(len(ds), sc.data.test_size, sc.data.train_size, sc.seed)
+        train, test = partition.train_test_split(len(ds), sc.data.test_size, sc.data.train_size, sc.seed,
+                                                 ds.test_start)
         if sc.data.partition.kind == "iid":
             parts = partition.iid(len(train), len(nodes), sc.seed)
         else:
@@ -48,7 +49,9 @@ class Workload:
 
     def welcome(self, name: str) -> tuple[dict, dict]:
         """A node's WELCOME: the model to build, the data settings and its shard."""
-        meta = {"model": asdict(self.spec), "data": {"dataset": self.sc.data.dataset, "max_len": self.sc.data.max_len}}
+        meta = {"model": asdict(self.spec), "data": {"source": self.sc.data.source().to_dict(),
+                                                     "fingerprint": self.dataset.fingerprint,
+                                                     "max_len": self.sc.data.max_len}}
         return meta, {"shard": self.shards[name]}
 
     def initial_state(self, plan: Plan) -> dict[str, np.ndarray]:
@@ -62,6 +65,9 @@ class Workload:
         return res, time.perf_counter() - t
 
     def manifest(self) -> dict:
-        return {"data": {"dataset": self.sc.data.dataset, "train": int(sum(len(s) for s in self.shards.values())),
+        ds = self.dataset
+        return {"data": {"dataset": ds.name, "source": self.sc.data.source().to_dict(), "fingerprint": ds.fingerprint,
+                         "classes": len(ds.classes), "own_test_set": ds.test_start is not None,
+                         "train": int(sum(len(s) for s in self.shards.values())),
                          "test": len(self.test_idx), "majority_rate": self.majority_rate},
                 "model": {**asdict(self.spec), "blocks": self.num_blocks}}

@@ -75,9 +75,10 @@ class Backend(ABC):
         """What this backend cannot honour for these profiles, said plainly for the manifest."""
         return []
 
-    def prepare(self, spec: dict, dataset: str, zygote: bool) -> None:
+    def prepare(self, spec: dict, data: dict, zygote: bool) -> None:
         """Before the first start: what all nodes share (the process-based backends start the node
-        zygote here when `zygote` is set: emulation/zygote.py)."""
+        zygote here when `zygote` is set: emulation/zygote.py). `data`: the run's data source
+        (node.data.DataSource.to_dict())."""
 
     def zygote_notes(self, profiles: list[Profile]) -> list[str]:
         """What forking from a zygote changes, for the manifest's fidelity notes."""

@@ -240,7 +240,17 @@ class DockerBackend(Backend):
             return self.engine.connect
         return self.gateway
 
-    def prepare(self, spec: dict, dataset: str, zygote: bool) -> None:
+    def prepare(self, spec: dict, data: dict, zygote: bool) -> None:
+        from node.data import DataSource
+        src = DataSource.from_dict(data)
+        files = [Path(f).resolve() for f in (src.path, src.test_path) if f]
+        if files and self.engine is not None and not self.engine.same_host:
+            raise RuntimeError(f"{self.label} ({self.engine.url}) runs on another host: it cannot mount this host's "
+                               f"data ({', '.join(map(str, files))}); use a built-in dataset, or run those nodes "
+                               "on an engine of this host")
+        # the user's data files, read-only at the same path in every container
+        self.volumes = {str(f if f.is_dir() else f.parent): {"bind": str(f if f.is_dir() else f.parent), "mode": "ro"}
+                        for f in files}
         if self.engine is not None:  # the node image of this code, copied from this host's engine if missing
             from .. import image
             try:
@@ -299,7 +309,8 @@ class DockerBackend(Backend):
             hostname=safe[:63], detach=True, init=True, network=self.network.name,
             environment={**launch.env, "PYTHONUNBUFFERED": "1"},
             labels={**self.labels, LABEL_NODE: name}, nano_cpus=int(round(cpus * 1e9)), mem_limit=mem,
-            memswap_limit=mem, oom_score_adj=OOM_SCORE_ADJ, cap_add=["NET_ADMIN"], stdin_open=False)
+            memswap_limit=mem, oom_score_adj=OOM_SCORE_ADJ, cap_add=["NET_ADMIN"], stdin_open=False,
+            volumes=getattr(self, "volumes", {}))
         self.containers[name] = container
         self.profiles[name] = launch.profile
         self._states_at = 0.0

@@ -97,10 +97,10 @@ class Fleet(Backend):
                 notes += b.fidelity(mine, dilation)
         return notes
 
-    def prepare(self, spec: dict, dataset: str, zygote: bool) -> None:
-        self.main.prepare(spec, dataset, zygote and bool(self._names(None)))
+    def prepare(self, spec: dict, data: dict, zygote: bool) -> None:
+        self.main.prepare(spec, data, zygote and bool(self._names(None)))
         for b in self.engines.values():
-            b.prepare(spec, dataset, False)
+            b.prepare(spec, data, False)
 
     def zygote_notes(self, profiles: list[Profile]) -> list[str]:
         return self.main.zygote_notes([self.profiles[n] for n in self._names(None)])

@@ -46,10 +46,10 @@ class ProcessBackend(Backend):
         self.logs = self.workdir / "logs"
         self.zygote = None
 
-    def prepare(self, spec: dict, dataset: str, zygote: bool) -> None:
+    def prepare(self, spec: dict, data: dict, zygote: bool) -> None:
         if zygote and self.zygote is None:
             from ..zygote import Zygote
-            self.zygote = Zygote(spec, dataset, node_env(self.run_id, 1), self.logs / "zygote.log")
+            self.zygote = Zygote(spec, data, node_env(self.run_id, 1), self.logs / "zygote.log")
 
     def zygote_info(self) -> dict | None:
         return None if self.zygote is None else {"pid": self.zygote.pid, "shared_mb": self.zygote.shared_mb}

@@ -8,6 +8,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
+
+import numpy as np
 
 import pytest
 import zmq
@@ -85,3 +88,28 @@ def test_a_stalled_handshake_is_tried_again_not_taken_for_a_refusal():
         finally:
             node.kill()
     assert node.returncode == 3 and said.count("stalled; trying again") >= 2, said[-2000:]
+
+
+def test_a_node_whose_data_differ_from_the_runs_refuses_to_train(tmp_path):
+    """The WELCOME names the data and their fingerprint; a node that reads other examples (another
+    version of the file, another copy on a device) says so and leaves (exit 5), before training."""
+    import csv
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([("text", "label"), ("good", "pos"), ("bad", "neg"), ("fine", "pos")])
+    keys = RunKeys.generate(["n0"])
+    welcome = {"model": {"name": "all-minilm-l6-v2", "num_labels": 2, "num_layers": 1, "seed": 0},
+               "data": {"source": {"path": str(path)}, "fingerprint": "0123456789abcdef", "max_len": 16}}
+    agg = Aggregator("data-test", {"n0": "host"}, lambda name: (welcome, {"shard": np.arange(2)}),
+                     bind="127.0.0.1", port=0, keys=keys)
+    node = _node(agg.endpoint, "--max-idle-s=600", f"--server-key={keys.server_public}", key=keys.nodes["n0"][1])
+    try:
+        deadline = time.monotonic() + 90
+        while node.poll() is None and time.monotonic() < deadline:
+            agg.poll(0.1)
+        _, said = node.communicate(timeout=10)
+    finally:
+        node.kill()
+        agg.close(say_bye=False)
+    assert node.returncode == 5, said[-2000:]
+    assert f"this node's data ({path}) differ from the aggregator's" in said and "0123456789abcdef" in said
