@@ -23,6 +23,8 @@ import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .arch import BLOCK_NAME, block_index
+
 METHODS = ("full", "lora", "adapter", "ia3")
 Method = Literal["full", "lora", "adapter", "ia3"]
 # the linear modules of a BERT block, by their path inside it
@@ -34,20 +36,18 @@ ADAPTER_PLACES = {"houlsby": ("attention.output", "output"),  # after attention 
                   "pfeiffer": ("output",)}                     # after the feed-forward only
 ADAPTER_ACTIVATIONS = ("relu", "gelu", "silu")
 
-_BLOCK = re.compile(r"(?:^|\.)layer\.(\d+)\.")
-
 
 def block_of(name: str) -> int | None:
     """Index of the transformer block a parameter or module name belongs to (None: embeddings,
-    head, or anything outside the blocks). `layer` must be a whole path segment."""
-    m = _BLOCK.search(name)
-    return int(m.group(1)) if m else None
+    head, or anything outside the blocks). The block list's name (`layer`, `layers`, `h`:
+    node/arch.py) must be a whole path segment."""
+    return block_index(name)
 
 
 def renumber(name: str, mapping: dict[int, int]) -> str:
     """`name` with its block index b replaced by mapping[b] (a name outside the blocks as it is)."""
-    return _BLOCK.sub(lambda m: ("." if m.group(0).startswith(".") else "") + f"layer.{mapping[int(m.group(1))]}.",
-                      name, count=1)
+    return BLOCK_NAME.sub(lambda m: ("." if m.group(0).startswith(".") else "")
+                          + f"{m.group(1)}.{mapping[int(m.group(2))]}.", name, count=1)
 
 
 def pattern_key(block: int, target: str) -> str:

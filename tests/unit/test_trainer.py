@@ -196,7 +196,8 @@ def test_frozen_weights_are_shared_and_the_base_is_never_written(base, plan):
     base_ids = {id(p): k for k, p in model.named_parameters()}
     for name, p in m.named_parameters():
         key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        own_head = bool(trainer.head_prefixes(plan.head)) and key.startswith(trainer.head_prefixes(plan.head))
+        heads = trainer.head_prefixes(plan.head, trainer.layout(model))
+        own_head = bool(heads) and key.startswith(heads)
         if p.requires_grad or own_head or ".original_module." in name:
             assert id(p) not in base_ids, f"{name} trains (or is the head): it must be the model's own copy"
         else:

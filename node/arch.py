@@ -1,0 +1,98 @@
+"""Where things are in a transformer of any family: its blocks, embeddings, task head.
+
+Block-wise strategies (LEGEND's depth, CAFF's last n blocks, FedRA's allocation) address "the
+model's transformer blocks". Families name them differently: BERT and RoBERTa
+`<backbone>.encoder.layer.N`, DistilBERT `distilbert.transformer.layer.N`, Llama, Qwen2,
+Mistral and Phi `model.layers.N`, GPT-2 `transformer.h.N`. `Layout.of(model)` finds them without
+a table per family: the blocks are the `ModuleList` of the backbone with one entry per hidden
+layer, and its attribute name is what peft calls `layers_pattern`. The task head is what the
+task model adds around the backbone (`base_model_prefix`), and the default LoRA targets are
+peft's own per-architecture mapping.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+BLOCK_SEGMENTS = ("layer", "layers", "h")  # the block lists' names in the families above
+BLOCK_NAME = re.compile(r"(?:^|\.)(layer|layers|h)\.(\d+)\.")  # group 1: the list's name, 2: the index
+
+
+class LayoutError(ValueError):
+    """A model whose blocks, or whose defaults, cannot be found."""
+
+
+def block_index(name: str) -> int | None:
+    """Index of the block a parameter or module name belongs to, in any family above (None:
+    embeddings, head, final norm, anything outside the blocks)."""
+    m = BLOCK_NAME.search(name)
+    return int(m.group(2)) if m else None
+
+
+def layer_count(config) -> int:
+    """The number of transformer blocks a config declares (num_hidden_layers; GPT-2: n_layer)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None) if not isinstance(config, dict) else config.get(key)
+        if isinstance(value, int):
+            return value
+    raise LayoutError("the model's config declares no number of layers (num_hidden_layers or n_layer)")
+
+
+def default_lora_targets(model_type: str) -> tuple[str, ...]:
+    """peft's default LoRA target modules for an architecture."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+    if model_type not in MAPPING:
+        raise LayoutError(f"peft has no default LoRA target modules for {model_type!r} models: name them in the "
+                          "strategy's target_modules")
+    return tuple(MAPPING[model_type])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parameter-name prefixes of one model's parts (each ends with '.')."""
+    model_type: str
+    blocks: str                  # the block list, e.g. "bert.encoder.layer."; block b is blocks + f"{b}."
+    segment: str                 # its last name: peft's layers_pattern ("layer", "layers", "h")
+    count: int
+    embeddings: tuple[str, ...]  # the input side of the backbone (token and position embeddings)
+    head: tuple[str, ...]        # what the task adds around the backbone (classifier, score, ...)
+    pooler: str | None           # BERT-style pooler inside the backbone, trained with the head or not
+
+    @classmethod
+    def of(cls, model) -> "Layout":
+        """The layout of a transformers task model (…ForSequenceClassification, …ForCausalLM)."""
+        import torch
+        count = layer_count(model.config)
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        backbone = getattr(model, prefix, None) if prefix else None
+        found = [name for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.ModuleList) and len(m) == count and name.split(".")[-1] in BLOCK_SEGMENTS]
+        if len(found) != 1:
+            raise LayoutError(f"cannot find the {count} transformer blocks of this {model.config.model_type} model "
+                              f"(ModuleLists named {', '.join(BLOCK_SEGMENTS)} with {count} entries: {found or 'none'})")
+        blocks = found[0]
+        head = tuple(sorted({f"{n.split('.')[0]}." for n, _ in model.named_parameters()
+                             if backbone is not None and not n.startswith(f"{prefix}.")}))
+        pooler = f"{prefix}.pooler." if backbone is not None and getattr(backbone, "pooler", None) is not None else None
+        return cls(model.config.model_type, f"{blocks}.", blocks.split(".")[-1], count,
+                   _embeddings(model, prefix, backbone), head, pooler)
+
+    def block_of(self, name: str) -> int | None:
+        """The block index of a parameter of this model (None outside the blocks)."""
+        if not name.startswith(self.blocks) and f".{self.blocks}" not in name:
+            return None
+        return block_index(name)
+
+
+def _embeddings(model, prefix: str, backbone) -> tuple[str, ...]:
+    """Prefixes of the backbone's embedding modules: an `embeddings` module where the family has
+    one (BERT, RoBERTa, DistilBERT), else its token embeddings and any position embeddings
+    (Llama: embed_tokens; GPT-2: wte and wpe)."""
+    import torch
+    if backbone is None:
+        return ()
+    if isinstance(getattr(backbone, "embeddings", None), torch.nn.Module):
+        return (f"{prefix}.embeddings.",)
+    names = {id(m): n for n, m in backbone.named_modules()}
+    found = [f"{prefix}.{names[id(m)]}." for m in backbone.children() if isinstance(m, torch.nn.Embedding)]
+    return tuple(found)
