@@ -47,12 +47,54 @@ def head_prefixes(head, lay: Layout) -> tuple[str, ...]:
     return lay.head + ((lay.pooler,) if head.trains_pooler and lay.pooler else ())
 
 
-def model_path(name: str) -> str:
+DTYPES = ("float32", "bfloat16")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded, with what is wrong (a missing file, an unknown name)."""
+
+
+def model_path(name: str, path: str | None = None) -> str:
+    """The folder of the model's Hugging Face files: a local checkpoint `path`, or a built-in's."""
+    if path is not None:
+        check_checkpoint(path)
+        return path
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+        raise ModelError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
     package, fn = MODELS[name]
     import importlib
     return getattr(importlib.import_module(package), fn)()
+
+
+def check_checkpoint(path: str) -> None:
+    """A local checkpoint folder has a config, weights and a tokenizer (nothing is fetched)."""
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"no such checkpoint folder: {p}")
+    names = {f.name for f in p.iterdir()}
+    missing = [what for what, files in (("config.json", ("config.json",)), ("weights", WEIGHT_FILES),
+                                         ("a tokenizer", TOKENIZER_FILES)) if not names & set(files)]
+    if missing:
+        raise ModelError(f"{p} has no {' and no '.join(missing)} (a checkpoint folder holds config.json, "
+                         f"{' or '.join(WEIGHT_FILES[::2])}, and its tokenizer's files)")
+
+
+def checkpoint_fingerprint(path: str) -> str:
+    """A hash of every file of a checkpoint folder (names, sizes and contents): a node whose copy
+    differs from the aggregator's refuses to train."""
+    import hashlib
+    from pathlib import Path
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(f"{f.relative_to(path)}\t{f.stat().st_size}\n".encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _quiet_transformers() -> None:
@@ -71,11 +113,17 @@ class ModelSpec:
     num_labels: int = 2
     num_layers: int | None = None  # None = all blocks of the pretrained model
     seed: int = 0
+    path: str | None = None        # a local checkpoint folder instead of the built-in `name`
+    dtype: str = "float32"         # or bfloat16
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(name=d["name"], num_labels=int(d["num_labels"]),
-                   num_layers=d.get("num_layers"), seed=int(d.get("seed", 0)))
+        return cls(name=d["name"], num_labels=int(d["num_labels"]), num_layers=d.get("num_layers"),
+                   seed=int(d.get("seed", 0)), path=d.get("path"), dtype=d.get("dtype", "float32"))
 
 
 def model_config(spec: ModelSpec) -> dict:
@@ -83,7 +131,7 @@ def model_config(spec: ModelSpec) -> dict:
     config.json without loading any weight: what validation and the cost model need."""
     import json
     from pathlib import Path
-    path = Path(model_path(spec.name)) / "config.json"
+    path = Path(model_path(spec.name, spec.path)) / "config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -98,7 +146,7 @@ _PRELOADED: dict[tuple, tuple] = {}  # filled only by preload() (the node zygote
 
 
 def _key(spec: ModelSpec) -> tuple:
-    return (spec.name, spec.num_labels, spec.num_layers, spec.seed)
+    return (spec.name, spec.num_labels, spec.num_layers, spec.seed, spec.path, spec.dtype)
 
 
 def preload(spec: ModelSpec) -> None:
@@ -114,16 +162,24 @@ def load_base(spec: ModelSpec):
     _quiet_transformers()
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    path = model_path(spec.name)
-    kwargs = {"num_labels": spec.num_labels}
+    path = model_path(spec.name, spec.path)
+    kwargs = {"num_labels": spec.num_labels, "local_files_only": True, "dtype": getattr(torch, spec.dtype)}
     if spec.num_layers:
         kwargs["num_hidden_layers"] = spec.num_layers
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:  # decoders (Llama, GPT-2, ...) have none: pad with end-of-sequence
+        if tokenizer.eos_token is None:
+            raise ModelError(f"{path}: the tokenizer has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)  # same new head on the aggregator and every node
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        except ValueError as exc:  # an architecture without a sequence-classification head
+            raise ModelError(f"{path}: {exc}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id  # decoders classify at the last non-pad token
     model.requires_grad_(False)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
 
