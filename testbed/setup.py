@@ -55,11 +55,12 @@ def prepare(sc: Scenario, nodes: list[NodeSpec], requested: str, run_id: str, ou
     if dilation > 1 and len(local) < len(nodes):
         notes.append("remote (real) devices run at real speed: their times are divided by the "
                      f"dilation {dilation:g} like the emulated ones; use dilation: off to compare them")
-    if sc.cpu_limit == "weight" and name != "netns":
+    if sc.cpu_limit == "weight" and "cpu_limit" in sc.model_fields_set and name != "netns":
         notes.append(f"cpu_limit: weight applies to the netns backend; the {name} backend keeps its own CPU emulation")
-    if name == "process" and any(e.action in ("cut_link", "restore_link", "link") for e in sc.faults.events):
+    if name == "process" and any(e.action in ("cut_link", "restore_link") for e in sc.faults.events):
         notes.append("process backend: links live in the node's transport, so the scenario's link "
-                     "faults are recorded as not applied (use the netns or docker backend)")
+                     "cuts are recorded as not applied (use the netns or docker backend); rate and "
+                     "latency changes reach the node with its next task")
     return RunSetup(caps, name, reason, dilation, tuple(notes), here), backend
 
 
