@@ -124,10 +124,12 @@ class LoraSpec:
             return special[block]
         return self.r
 
-    def peft_patterns(self) -> tuple[dict[str, int], dict[str, float]]:
-        """(rank_pattern, alpha_pattern) keyed the way peft's LoraConfig reads them."""
-        ranks = {pattern_key(b, t): r for b, r in self.rank_pattern for t in self.target_modules}
-        alphas = {pattern_key(b, t): a for b, a in self.alpha_pattern for t in self.target_modules}
+    def peft_patterns(self, key=None) -> tuple[dict[str, int], dict[str, float]]:
+        """(rank_pattern, alpha_pattern) keyed the way peft's LoraConfig reads them; `key(block,
+        target)` makes a key (default: `pattern_key`, BERT's attention)."""
+        key = key or pattern_key
+        ranks = {key(b, t): r for b, r in self.rank_pattern for t in self.target_modules}
+        alphas = {key(b, t): a for b, a in self.alpha_pattern for t in self.target_modules}
         return ranks, alphas
 
 

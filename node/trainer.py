@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 from dataclasses import replace
 
 from .arch import Layout, layer_count
-from .plan import Plan, block_of, renumber
+from .plan import Plan, block_of, pattern_key, renumber
 
 MODELS = {
     # name -> (package, function giving the local folder of the HF files)
@@ -232,7 +233,7 @@ def build_model(base, plan: Plan):
         lo = replace(lo, rank_pattern={local[b]: r for b, r in lo.rank_pattern},
                      alpha_pattern={local[b]: a for b, a in lo.alpha_pattern})
         blocks = list(range(len(blocks)))
-    rank_pattern, alpha_pattern = lo.peft_patterns()
+    rank_pattern, alpha_pattern = lo.peft_patterns(_pattern_key(model, lay))
     with torch.random.fork_rng():
         torch.manual_seed(plan.train.seed)
         config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
@@ -242,6 +243,20 @@ def build_model(base, plan: Plan):
         model = get_peft_model(model, config)
     model.global_blocks = {i: b for b, i in plan.local_blocks().items()}  # a submodel's names on the wire
     return model
+
+
+def _pattern_key(model, lay: Layout):
+    """peft's rank/alpha pattern key for (block, target) in this model. peft reads a key as a
+    regular expression matched against the end of a module's path. Where the block has BERT's
+    `attention.self`, the key is `pattern_key`'s (what the cost model prices: per-block
+    ranks reach its attention projections only); in other families every `<target>` of the block."""
+    names = {n for n, _ in model.named_modules()}
+
+    def key(block: int, target: str) -> str:
+        if f"{lay.blocks}{block}.attention.self" in names:
+            return pattern_key(block, target)
+        return rf"{lay.segment}\.{block}\.(.*\.)?{re.escape(target)}"
+    return key
 
 
 def _peft_head(head: tuple[str, ...]) -> list[str] | None:

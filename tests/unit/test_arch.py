@@ -117,3 +117,20 @@ def test_block_wise_plans_train_only_their_blocks_in_every_family(family):
         heads = [k for k in out if trainer.block_of(k) is None]
         assert heads and all(any(h.rstrip(".") in k for h in lay.head) for k in heads), heads
         assert any(not np.array_equal(out[k], init[k]) for k in out), "something trained"
+
+
+@pytest.mark.parametrize("family, targets", [("llama", ("q_proj", "v_proj")), ("gpt2", ("c_attn",)),
+                                             ("distilbert", ("q_lin", "v_lin")), ("bert", ("query", "value"))])
+def test_a_block_of_its_own_rank_in_every_family(family, targets):
+    """HetLoRA and LEGEND give blocks their own ranks (rank_pattern): block 1 at rank 4, block 0 at 2."""
+    from node import trainer
+    from node.plan import HeadSpec, LoraSpec, Plan, TrainSpec
+    model = tiny(family)
+    plan = Plan("lora", [0, 1], head=HeadSpec(pooler=False),
+                lora=LoraSpec(r=2, alpha=4, target_modules=targets, rank_pattern={1: 4}),
+                train=TrainSpec(local_steps=1, batch_size=4, lr=1e-2, seed=1))
+    state = trainer.trainable_state(trainer.build_model(model, plan))
+    a = {k: v for k, v in state.items() if "lora_A" in k}
+    assert len(a) == 2 * len(targets)
+    for k, v in a.items():
+        assert v.shape[0] == {0: 2, 1: 4}[trainer.block_of(k)], (k, v.shape)
