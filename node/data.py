@@ -43,6 +43,19 @@ class TextDataset:
         return len(self.labels)
 
 
+@dataclass(frozen=True)
+class InstructionSet:
+    """Instruction records (prompt, response) for causal-LM tuning, in a fixed order."""
+    name: str
+    prompts: tuple[str, ...]
+    responses: tuple[str, ...]
+    test_start: int | None = None
+    fingerprint: str = field(default="", compare=False)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
 def _fingerprint(texts, labels, classes) -> str:
     h = hashlib.sha256(json.dumps(list(classes)).encode())
     for text, label in zip(texts, labels):
@@ -69,8 +82,16 @@ class DataSource:
     split: str = "train"
     test_path: str | None = None
     test_split: str | None = None
+    task: str = "classification"  # or causal_lm: records of prompt and response
+    prompt_column: str = "prompt"
+    response_column: str = "response"
 
     def __post_init__(self):
+        if self.task not in ("classification", "causal_lm"):
+            raise DataError("data", f"task must be classification or causal_lm, got {self.task!r}")
+        if self.task == "causal_lm" and self.path is None:
+            raise DataError("data.path", "causal_lm needs your own records (a JSONL, CSV or Parquet file, or a "
+                            "saved folder, of prompt and response); the built-in datasets are labelled text")
         if self.dataset is not None and self.path is not None:
             raise DataError("data", "give either dataset (a built-in) or path (a local file or folder), not both")
         if self.dataset is None and self.path is None:
@@ -223,10 +244,45 @@ def _from_files(src: DataSource) -> TextDataset:
     return make_dataset(src.label, texts, [index[y] for y in labels], [str(c) for c in classes], test_start)
 
 
+def _pairs(table, src: DataSource, field_name: str) -> tuple[list[str], list[str]]:
+    if len(table) == 0:
+        raise DataError(field_name, "has no rows")
+    cols = []
+    for key in ("prompt_column", "response_column"):
+        col = getattr(src, key)
+        if col not in table.column_names:
+            raise DataError(f"data.{key}", f"no column {col!r} in {field_name}: causal_lm records need a prompt "
+                            f"and a response (columns: {', '.join(table.column_names)})")
+        values = table[col]
+        for i, v in enumerate(values):
+            if not isinstance(v, str) or not v.strip():
+                raise DataError(f"data.{key}", f"row {i} of {field_name}: empty or not text ({v!r})")
+        cols.append(values)
+    return cols[0], cols[1]
+
+
+def _instructions(src: DataSource) -> InstructionSet:
+    """The user's instruction records (causal_lm), with a test file or split where given."""
+    prompts, responses = _pairs(_read_table(Path(src.path), "data.path", src.split), src, "data.path")
+    test_start = None
+    if src.test_path or src.test_split:
+        field_name = "data.test_path" if src.test_path else "data.test_split"
+        table = _read_table(Path(src.test_path or src.path), field_name, src.test_split or src.split)
+        t_prompts, t_responses = _pairs(table, src, field_name)
+        test_start = len(prompts)
+        prompts, responses = list(prompts) + list(t_prompts), list(responses) + list(t_responses)
+    h = hashlib.sha256(b"causal_lm")
+    for p, r in zip(prompts, responses):
+        h.update(f"{len(p)}\t{len(r)}\t{p}{r}".encode())
+    return InstructionSet(src.label, tuple(prompts), tuple(responses), test_start, h.hexdigest()[:16])
+
+
 @functools.lru_cache(maxsize=4)
-def load_dataset(source: DataSource | str) -> TextDataset:
+def load_dataset(source: DataSource | str) -> TextDataset | InstructionSet:
     """The examples of a built-in dataset (by name) or of a DataSource."""
     src = DataSource(dataset=source) if isinstance(source, str) else source
+    if src.task == "causal_lm":
+        return _instructions(src)
     if src.path is not None:
         return _from_files(src)
     if src.dataset not in BUILTIN:

@@ -49,6 +49,7 @@ def head_prefixes(head, lay: Layout) -> tuple[str, ...]:
 
 
 DTYPES = ("float32", "bfloat16")
+TASKS = ("classification", "causal_lm")  # a sequence-classification head, or next-token prediction
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
 
@@ -116,15 +117,19 @@ class ModelSpec:
     seed: int = 0
     path: str | None = None        # a local checkpoint folder instead of the built-in `name`
     dtype: str = "float32"         # or bfloat16
+    task: str = "classification"   # or causal_lm (instruction tuning; num_labels unused)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.task not in TASKS:
+            raise ModelError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
         return cls(name=d["name"], num_labels=int(d["num_labels"]), num_layers=d.get("num_layers"),
-                   seed=int(d.get("seed", 0)), path=d.get("path"), dtype=d.get("dtype", "float32"))
+                   seed=int(d.get("seed", 0)), path=d.get("path"), dtype=d.get("dtype", "float32"),
+                   task=d.get("task", "classification"))
 
 
 def model_config(spec: ModelSpec) -> dict:
@@ -147,7 +152,7 @@ _PRELOADED: dict[tuple, tuple] = {}  # filled only by preload() (the node zygote
 
 
 def _key(spec: ModelSpec) -> tuple:
-    return (spec.name, spec.num_labels, spec.num_layers, spec.seed, spec.path, spec.dtype)
+    return (spec.name, spec.num_labels, spec.num_layers, spec.seed, spec.path, spec.dtype, spec.task)
 
 
 def preload(spec: ModelSpec) -> None:
@@ -162,9 +167,12 @@ def load_base(spec: ModelSpec):
         return _PRELOADED[_key(spec)]
     _quiet_transformers()
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     path = model_path(spec.name, spec.path)
-    kwargs = {"num_labels": spec.num_labels, "local_files_only": True, "dtype": getattr(torch, spec.dtype)}
+    causal = spec.task == "causal_lm"
+    kwargs = {"local_files_only": True, "dtype": getattr(torch, spec.dtype)}
+    if not causal:
+        kwargs["num_labels"] = spec.num_labels
     if spec.num_layers:
         kwargs["num_hidden_layers"] = spec.num_layers
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -175,8 +183,9 @@ def load_base(spec: ModelSpec):
     with torch.random.fork_rng():
         torch.manual_seed(spec.seed)  # same new head on the aggregator and every node
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-        except ValueError as exc:  # an architecture without a sequence-classification head
+            auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+            model = auto.from_pretrained(path, **kwargs)
+        except ValueError as exc:  # an architecture without a sequence-classification (or causal-LM) head
             raise ModelError(f"{path}: {exc}") from None
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders classify at the last non-pad token
     model.requires_grad_(False)
@@ -368,6 +377,53 @@ class Tokenized:
         return len(self.labels)
 
 
+class TokenizedPairs:
+    """Instruction records for a causal LM: prompt then response then end-of-sequence, padded
+    to one length. The loss is on the response and its end only (labels -100 elsewhere), as
+    in FlowerTune's and OpenFedLLM's instruction tuning. Too long a record loses the start of
+    its prompt, never its response's first tokens."""
+
+    def __init__(self, tokenizer, prompts, responses, max_len: int):
+        import torch
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if eos is None:
+            raise ModelError("causal_lm needs a tokenizer with an end-of-sequence token")
+        ids, labels, mask = [], [], []
+        for prompt, response in zip(prompts, responses):
+            p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            r = (tokenizer(response, add_special_tokens=False)["input_ids"] + [eos])[:max_len - 1]
+            p = p[-(max_len - len(r)):]
+            n = len(p) + len(r)
+            ids.append(p + r + [pad] * (max_len - n))
+            labels.append([-100] * len(p) + r + [-100] * (max_len - n))
+            mask.append([1] * n + [0] * (max_len - n))
+        self.input_ids = torch.tensor(ids, dtype=torch.long)
+        self.attention_mask = torch.tensor(mask, dtype=torch.long)
+        self.labels = torch.tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _evaluate_responses(model, data: TokenizedPairs, batch_size: int) -> dict:
+    """Held-out loss per response token, its perplexity, and the share of response tokens the
+    model predicts exactly (next-token accuracy)."""
+    import math
+    import torch
+    loss_sum, tokens, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            sl = slice(i, i + batch_size)
+            logits = model(input_ids=data.input_ids[sl], attention_mask=data.attention_mask[sl]).logits[:, :-1]
+            target = data.labels[sl][:, 1:]
+            keep = target != -100
+            loss_sum += float(torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="sum"))
+            tokens += int(keep.sum())
+            correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+    loss = loss_sum / max(1, tokens)
+    return {"accuracy": correct / max(1, tokens), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
 class PeakRSS:
     """Samples this process's resident memory while training: the node's peak_mem_mb."""
 
@@ -437,6 +493,8 @@ def evaluate(base, plan: Plan, tensors: dict[str, np.ndarray], data: Tokenized, 
     model = build_model(base, plan)
     load_trainable(model, tensors)
     model.eval()
+    if isinstance(data, TokenizedPairs):
+        return _evaluate_responses(model, data, batch_size)
     correct, loss_sum = 0, 0.0
     with torch.no_grad():
         for i in range(0, len(data), batch_size):

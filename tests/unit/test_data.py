@@ -117,3 +117,22 @@ def test_a_source_names_one_place():
         DataSource(test_split="test")
     assert DataSource().dataset == "rotten_tomatoes"
     assert DataSource.from_dict(DataSource(path="x.csv").to_dict()) == DataSource(path="x.csv")
+
+
+def test_instruction_records_for_causal_lm(tmp_path):
+    from node.data import InstructionSet
+    with open(tmp_path / "sft.jsonl", "w") as fh:
+        for i in range(8):
+            fh.write(json.dumps({"instruction": f"add {i} and 1", "output": str(i + 1)}) + "\n")
+    src = DataSource(path=str(tmp_path / "sft.jsonl"), task="causal_lm", prompt_column="instruction",
+                     response_column="output")
+    ds = load_dataset(src)
+    assert isinstance(ds, InstructionSet) and len(ds) == 8 and ds.prompts[2] == "add 2 and 1" and ds.responses[2] == "3"
+    with pytest.raises(DataError, match="data.response_column: no column 'response'"):
+        load_dataset(DataSource(path=str(tmp_path / "sft.jsonl"), task="causal_lm", prompt_column="instruction"))
+    with open(tmp_path / "gap.jsonl", "w") as fh:
+        fh.write(json.dumps({"prompt": "say hi", "response": "hi"}) + "\n" + json.dumps({"prompt": "x", "response": ""}))
+    with pytest.raises(DataError, match="row 1 of data.path: empty"):
+        load_dataset(DataSource(path=str(tmp_path / "gap.jsonl"), task="causal_lm"))
+    with pytest.raises(DataError, match="causal_lm needs your own records"):
+        DataSource(task="causal_lm")
