@@ -38,10 +38,11 @@ HANDSHAKE_TIMEOUT_S = 5.0  # a handshake stalled this long is dropped and tried 
 class Agent:
     def __init__(self, connect: str, name: str, profile: str | None = None, threads: int | None = None,
                  device: Emulated = Emulated(), heartbeat_s: float = 2.0, max_idle_s: float = 0.0,
-                 server_key: str | None = None, secret_key: str | None = None, data_dir: str | None = None):
+                 server_key: str | None = None, secret_key: str | None = None, data_dir: str | None = None,
+                 model_dir: str | None = None):
         self.connect, self.name, self.profile = connect, name, profile
         self.threads = threads or os.cpu_count() or 1
-        self.data_dir = data_dir
+        self.data_dir, self.model_dir = data_dir, model_dir
         self.become(device)
         self.heartbeat_s, self.max_idle_s = heartbeat_s, max_idle_s
         self.run_id = ""
@@ -105,6 +106,13 @@ class Agent:
             raise DataMismatch(f"this node's data ({source.path or source.dataset}) differ from the aggregator's: "
                                f"fingerprint {ds.fingerprint}, the run's {data['fingerprint']}")
         spec = trainer.ModelSpec.from_dict(msg.meta["model"])
+        if spec.path is not None:  # a local checkpoint: this node's copy must be the aggregator's
+            if self.model_dir is not None:
+                spec = replace(spec, path=self.model_dir)
+            mine, theirs = trainer.checkpoint_fingerprint(spec.path), msg.meta.get("model_fingerprint")
+            if mine != theirs:
+                raise DataMismatch(f"this node's model ({spec.path}) differs from the aggregator's: "
+                                   f"fingerprint {mine}, the run's {theirs}")
         self.base, self.tokenizer = trainer.load_base(spec)
         idx = np.asarray(msg.tensors["shard"], dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
@@ -220,7 +228,7 @@ class Agent:
                 if msg.type == P.WELCOME:
                     try:
                         self.on_welcome(msg)
-                    except (DataMismatch, DataError, FileNotFoundError) as exc:
+                    except (DataMismatch, DataError, FileNotFoundError, ValueError) as exc:
                         log.error("%s: %s; leaving", self.name, exc)
                         return EXIT_DATA
                 elif msg.type == P.TASK:
@@ -244,7 +252,7 @@ class Agent:
 
 
 class DataMismatch(ValueError):
-    """This node's data are not the ones the aggregator split (another file or version)."""
+    """This node's data or model are not the aggregator's (another file, another version)."""
 
 
 def parser():
@@ -263,6 +271,8 @@ def parser():
     ap.add_argument("--cpu-clock", choices=CPU_CLOCKS, default="wall",
                     help="stretch the compute phase's wall time, or its CPU seconds (cores shared by weight)")
     ap.add_argument("--data-dir", default=None, help="where this device keeps the run's data files (same names); "
+                    "default: the path the aggregator announces")
+    ap.add_argument("--model-dir", default=None, help="where this device keeps the run's local checkpoint; "
                     "default: the path the aggregator announces")
     ap.add_argument("--max-idle-s", type=float, default=0.0, help="leave after this long without a message (0 = never)")
     ap.add_argument("--server-key", default=None, help="the aggregator's CURVE public key (from the join command)")
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser().error(str(exc))
     agent = Agent(a.connect, a.name, a.profile, a.threads, device, max_idle_s=a.max_idle_s,
-                  server_key=a.server_key, secret_key=secret, data_dir=a.data_dir)
+                  server_key=a.server_key, secret_key=secret, data_dir=a.data_dir, model_dir=a.model_dir)
     return agent.run()
 
 

@@ -29,16 +29,26 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    name: str = "all-minilm-l6-v2"
+    name: str | None = Field(None, description="a built-in model (default all-minilm-l6-v2 when no path)")
+    path: str | None = Field(None, description="a local Hugging Face checkpoint folder (config, weights, "
+                             "tokenizer), relative to the scenario file; BERT models for now")
     num_layers: int | None = Field(None, ge=1, description="cut the pretrained model to its first blocks")
 
     @field_validator("name")
     @classmethod
-    def _known(cls, v: str) -> str:
+    def _known(cls, v: str | None) -> str | None:
         from node.trainer import MODELS
-        if v not in MODELS:
+        if v is not None and v not in MODELS:
             raise ValueError(f"unknown model {v!r}; allowed: {', '.join(MODELS)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_model(self):
+        if self.name is not None and self.path is not None:
+            raise ValueError("give either name (a built-in model) or path (a local checkpoint folder), not both")
+        if self.name is None and self.path is None:
+            self.name = "all-minilm-l6-v2"
+        return self
 
 
 class Partition(Strict):
@@ -457,7 +467,8 @@ def model_spec(sc: Scenario):
     output per class of the data."""
     from node.data import load_dataset
     from node.trainer import ModelSpec
-    return ModelSpec(sc.model.name, len(load_dataset(sc.data.source()).classes), sc.model.num_layers, sc.seed)
+    return ModelSpec(sc.model.name or "local", len(load_dataset(sc.data.source()).classes), sc.model.num_layers,
+                     sc.seed, path=sc.model.path)
 
 
 def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
@@ -512,6 +523,7 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
         sc = Scenario.model_validate(doc, context={"profiles": set(custom) if isinstance(custom, dict) else set()})
     except ValidationError as err:
         raise ScenarioError(_format_errors(path, err, doc)) from None
+    _read_model(sc, path)
     _read_data(sc, path)  # before the strategies' checks: the model's head needs the number of classes
     errors = sc.strategy_param_errors()
     if errors:
@@ -529,6 +541,30 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
             raise ScenarioError(f"{path}: faults.availability.trace: {exc}") from None
         av.trace = str(trace)
     return sc
+
+
+COST_MODEL_FAMILIES = ("bert",)  # what testbed/costmodel.py prices (the run's memory check, LEGEND, CAFF)
+
+
+def _read_model(sc: Scenario, path: str) -> None:
+    """Resolve a local checkpoint against the scenario file and check it now: its files, and a
+    family the cost model prices."""
+    import json
+    from node.trainer import ModelError, check_checkpoint
+    m = sc.model
+    if m.path is None:
+        return
+    if not Path(m.path).is_absolute() and path != "<scenario>":
+        m.path = str(Path(path).resolve().parent / m.path)
+    try:
+        check_checkpoint(m.path)
+        kind = json.loads((Path(m.path) / "config.json").read_text()).get("model_type")
+    except (ModelError, OSError, ValueError) as exc:
+        raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: model.path: {exc}") from None
+    if kind not in COST_MODEL_FAMILIES:
+        raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: model.path: a {kind!r} model: the cost model "
+                            f"(the run's memory check, LEGEND, CAFF) prices {', '.join(COST_MODEL_FAMILIES)} models "
+                            "only so far; the trainer loads other families (node/arch.py)")
 
 
 def _read_data(sc: Scenario, path: str) -> None:

@@ -23,6 +23,8 @@ class Workload:
         self.sc = sc
         self._split(nodes)
         self.spec = model_spec(sc)
+        # a local checkpoint: every node checks its copy against this hash of its files
+        self.model_fingerprint = trainer.checkpoint_fingerprint(self.spec.path) if self.spec.path else None
         self.base, tok = trainer.load_base(self.spec)
         ds = self.dataset
         self.test = trainer.Tokenized(tok, [ds.texts[i] for i in self.test_idx], [ds.labels[i] for i in self.test_idx],
@@ -49,7 +51,7 @@ class Workload:
 
     def welcome(self, name: str) -> tuple[dict, dict]:
         """A node's WELCOME: the model to build, the data settings and its shard."""
-        meta = {"model": asdict(self.spec), "data": {"source": self.sc.data.source().to_dict(),
+        meta = {"model": asdict(self.spec), "model_fingerprint": self.model_fingerprint, "data": {"source": self.sc.data.source().to_dict(),
                                                      "fingerprint": self.dataset.fingerprint,
                                                      "max_len": self.sc.data.max_len}}
         return meta, {"shard": self.shards[name]}
@@ -70,4 +72,4 @@ class Workload:
                          "classes": len(ds.classes), "own_test_set": ds.test_start is not None,
                          "train": int(sum(len(s) for s in self.shards.values())),
                          "test": len(self.test_idx), "majority_rate": self.majority_rate},
-                "model": {**asdict(self.spec), "blocks": self.num_blocks}}
+                "model": {**asdict(self.spec), "blocks": self.num_blocks, "fingerprint": self.model_fingerprint}}

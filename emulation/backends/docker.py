@@ -243,12 +243,12 @@ class DockerBackend(Backend):
     def prepare(self, spec: dict, data: dict, zygote: bool) -> None:
         from node.data import DataSource
         src = DataSource.from_dict(data)
-        files = [Path(f).resolve() for f in (src.path, src.test_path) if f]
+        files = [Path(f).resolve() for f in (src.path, src.test_path, spec.get("path")) if f]
         if files and self.engine is not None and not self.engine.same_host:
             raise RuntimeError(f"{self.label} ({self.engine.url}) runs on another host: it cannot mount this host's "
-                               f"data ({', '.join(map(str, files))}); use a built-in dataset, or run those nodes "
-                               "on an engine of this host")
-        # the user's data files, read-only at the same path in every container
+                               f"data or model ({', '.join(map(str, files))}); use the built-in ones, or run those "
+                               "nodes on an engine of this host")
+        # the user's data files and checkpoint folder, read-only at the same path in every container
         self.volumes = {str(f if f.is_dir() else f.parent): {"bind": str(f if f.is_dir() else f.parent), "mode": "ro"}
                         for f in files}
         if self.engine is not None:  # the node image of this code, copied from this host's engine if missing

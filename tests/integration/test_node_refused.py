@@ -113,3 +113,29 @@ def test_a_node_whose_data_differ_from_the_runs_refuses_to_train(tmp_path):
         agg.close(say_bye=False)
     assert node.returncode == 5, said[-2000:]
     assert f"this node's data ({path}) differ from the aggregator's" in said and "0123456789abcdef" in said
+
+
+def test_a_node_whose_checkpoint_differs_from_the_runs_refuses_to_train(tmp_path):
+    from tests.unit.test_local_checkpoints import checkpoint
+    folder = checkpoint(tmp_path, "bert")
+    keys = RunKeys.generate(["n0"])
+    welcome = {"model": {"name": "local", "num_labels": 2, "num_layers": None, "seed": 0, "path": folder},
+               "model_fingerprint": "fedcba9876543210",
+               "data": {"source": {"dataset": "rotten_tomatoes"}, "fingerprint": _rt_fingerprint(), "max_len": 16}}
+    agg = Aggregator("model-test", {"n0": "host"}, lambda name: (welcome, {"shard": np.arange(2)}),
+                     bind="127.0.0.1", port=0, keys=keys)
+    node = _node(agg.endpoint, "--max-idle-s=600", f"--server-key={keys.server_public}", key=keys.nodes["n0"][1])
+    try:
+        deadline = time.monotonic() + 90
+        while node.poll() is None and time.monotonic() < deadline:
+            agg.poll(0.1)
+        _, said = node.communicate(timeout=10)
+    finally:
+        node.kill()
+        agg.close(say_bye=False)
+    assert node.returncode == 5 and f"this node's model ({folder}) differs from the aggregator's" in said, said[-2000:]
+
+
+def _rt_fingerprint() -> str:
+    from node.data import load_dataset
+    return load_dataset("rotten_tomatoes").fingerprint
