@@ -13,6 +13,7 @@ The reported loss stays the task loss.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import threading
@@ -86,11 +87,20 @@ def check_checkpoint(path: str) -> None:
 
 def checkpoint_fingerprint(path: str) -> str:
     """A hash of every file of a checkpoint folder (names, sizes and contents): a node whose copy
-    differs from the aggregator's refuses to train."""
+    differs from the aggregator's refuses to train. Remembered per folder state (names, sizes,
+    modification times), so nodes forked from the zygote, which computed it, do not read it again."""
+    from pathlib import Path
+    files = sorted(f for f in Path(path).rglob("*") if f.is_file())
+    return _fingerprint_of(str(path), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint_of(path: str, state: tuple) -> str:
     import hashlib
     from pathlib import Path
     h = hashlib.sha256()
-    for f in sorted(Path(path).rglob("*")):
+    for name, _, _ in state:
+        f = Path(name)
         if f.is_file():
             h.update(f"{f.relative_to(path)}\t{f.stat().st_size}\n".encode())
             with open(f, "rb") as fh:
@@ -159,6 +169,8 @@ def preload(spec: ModelSpec) -> None:
     """Load the base model once so that forked nodes share it copy-on-write (emulation/zygote.py).
     The trainer never writes the base (each round trains a copy), so its pages stay shared."""
     _PRELOADED[_key(spec)] = load_base(spec)
+    if spec.path is not None:
+        checkpoint_fingerprint(spec.path)
 
 
 def load_base(spec: ModelSpec):

@@ -217,9 +217,12 @@ class RoundLoop:
         d = asdict(outcome.records[n])
         d["profile"] = self.inj.current[n].name  # a profile fault may have switched it
         d["plan"] = {**task.plan.record(), **task.choices}
-        share = outcome.results[n].meta.get("tail_share") if n in outcome.results else None
+        meta = outcome.results[n].meta if n in outcome.results else {}
+        share, loss = meta.get("tail_share"), meta.get("loss")
         if isinstance(share, float) and np.isfinite(share):  # HetLoRA self-pruning: the device's measure
             d["tail_share"] = share
+        if isinstance(loss, float) and np.isfinite(loss):  # its local training loss: drift shows here
+            d["train_loss"] = loss
         for key in ("compute_s", "upload_s", "download_s"):
             d[key] = d[key] / self.setup.dilation  # emulated seconds, as everything the strategy and results see
         return d

@@ -42,4 +42,5 @@ def test_a_slower_uplink_reaches_the_running_node_with_its_next_task(tmp_path):
         # the node's own upload at 0.5 Mbit/s: at least its bytes' serialization time
         assert n1["status"] == "ok" and n1["upload_s"] >= 0.95 * n1["bytes_up"] * 8 / 0.5e6, n1
         assert node[rnd]["n-0"]["upload_s"] < 0.05, "the other node is unchanged"
+        assert all(n["train_loss"] > 0 for n in node[rnd].values()), "each device's local training loss"
     assert not run.manifest.get("restarts"), "the same process, not a restarted one"
