@@ -40,6 +40,7 @@ import psutil  # noqa: E402
 
 from emulation.hostmem import PeakSampler, used_mb  # noqa: E402
 from emulation.launch import Launcher  # noqa: E402
+from node.data import announce  # noqa: E402
 from node.plan import LoraSpec, Plan, TrainSpec  # noqa: E402
 
 PLAN = Plan("lora", (0, 1, 2, 3, 4, 5), lora=LoraSpec(r=8, alpha=16),
@@ -71,7 +72,7 @@ def measure(n: int, backend_name: str, zygote: bool, wave: int, base, tensors) -
     profile = get_profile("host")
 
     def welcome(name):
-        return ({"model": asdict(spec), "data": {"dataset": "rotten_tomatoes", "max_len": 32}},
+        return ({"model": asdict(spec), "data": announce("rotten_tomatoes", 32)},
                 {"shard": shards[name]})
 
     with TemporaryDirectory() as tmp:

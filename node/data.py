@@ -288,3 +288,10 @@ def load_dataset(source: DataSource | str) -> TextDataset | InstructionSet:
     if src.dataset not in BUILTIN:
         raise DataError("data.dataset", f"unknown dataset {src.dataset!r}; allowed: {', '.join(BUILTIN)}")
     return BUILTIN[src.dataset]()
+
+
+def announce(source: DataSource | str, max_len: int) -> dict:
+    """The data part of a WELCOME: where the examples are, their fingerprint (which the node
+    checks against its own copy), and the token length."""
+    src = DataSource.from_dict(source) if isinstance(source, str) else source
+    return {"source": src.to_dict(), "fingerprint": load_dataset(src).fingerprint, "max_len": int(max_len)}

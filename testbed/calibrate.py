@@ -59,7 +59,7 @@ def calibrate(name: str, bind: str = "127.0.0.1", port: int = 0, *, model: str =
     (fields of emulation.profiles.Profile) and the raw measurements."""
     from emulation.launch import option
     from node import trainer
-    from node.data import load_dataset
+    from node.data import announce, load_dataset
 
     from . import costmodel
     from .aggregator import Aggregator
@@ -72,7 +72,7 @@ def calibrate(name: str, bind: str = "127.0.0.1", port: int = 0, *, model: str =
     run_id = f"calibrate-{uuid.uuid4().hex[:8]}"
 
     def welcome(_):
-        return {"model": asdict(spec), "data": {"dataset": "rotten_tomatoes", "max_len": 32}}, {"shard": shard}
+        return {"model": asdict(spec), "data": announce("rotten_tomatoes", 32)}, {"shard": shard}
 
     agg = Aggregator(run_id, {name: "calibrate"}, welcome, bind=bind, port=port)
     try:

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import numpy as np
 
 from node import trainer
-from node.data import load_dataset
+from node.data import announce, load_dataset
 from node.plan import Plan
 
 from . import partition
@@ -51,9 +51,8 @@ class Workload:
 
     def welcome(self, name: str) -> tuple[dict, dict]:
         """A node's WELCOME: the model to build, the data settings and its shard."""
-        meta = {"model": asdict(self.spec), "model_fingerprint": self.model_fingerprint, "data": {"source": self.sc.data.source().to_dict(),
-                                                     "fingerprint": self.dataset.fingerprint,
-                                                     "max_len": self.sc.data.max_len}}
+        meta = {"model": asdict(self.spec), "model_fingerprint": self.model_fingerprint,
+                "data": announce(self.sc.data.source(), self.sc.data.max_len)}
         return meta, {"shard": self.shards[name]}
 
     def initial_state(self, plan: Plan) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from emulation.backends.netns import NetnsBackend
 from emulation.backends.process import ProcessBackend, process_env
 from emulation.launch import Launcher
 from emulation.profiles import get_profile
+from node.data import announce
 from testbed.aggregator import Aggregator
 from testbed.auth import RunKeys
 
@@ -46,7 +47,7 @@ def keys():
 
 def welcome(_):
     import numpy as np
-    return {"model": SPEC, "data": {"dataset": "rotten_tomatoes", "max_len": 16}}, {"shard": np.arange(8, dtype=np.int32)}
+    return {"model": SPEC, "data": announce("rotten_tomatoes", 16)}, {"shard": np.arange(8, dtype=np.int32)}
 
 
 def registers(backend, keys, bind: str) -> None:
