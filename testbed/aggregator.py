@@ -12,6 +12,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -281,9 +282,14 @@ class Aggregator:
         for n, (plan, tensors) in tasks.items():
             self.peers[n].phase_at.clear()
             sent_at[n] = time.monotonic()
-            meta = {"plan": plan, "task_id": task_ids[n], **({"device": devices[n]} if n in (devices or {}) else {})}
+            meta = {"plan": plan, "task_id": task_ids[n]}
+            control = 0
+            if n in (devices or {}):  # emulation control, not the device's traffic: left out of bytes_down
+                control = -len(msgpack.packb(meta))
+                meta["device"] = devices[n]
+                control += len(msgpack.packb(meta))
             sent = self.send(n, P.TASK, rnd, meta, tensors)
-            records[n].bytes_down = sent
+            records[n].bytes_down = max(0, sent - control) if sent else 0
             if sent:
                 pending.add(n)
             else:
