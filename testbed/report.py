@@ -340,6 +340,31 @@ def cpu_disparity(groups: dict, tolerance: float = 1.5) -> list[str]:
     return out
 
 
+def share_shortfall(groups: dict, manifest: dict, tolerance: float = 0.9) -> list[str]:
+    """Device classes whose effective share (host CPU seconds over emulated compute seconds, over
+    all their ok node-rounds) fell below `tolerance` x their profile's cpu_share: the host did
+    not give them their CPU (other load on it, or too little dilation), so their compute times
+    are inflated. Kernel-limited backends only (netns, docker): on the process backend the node
+    stretches wall time, which already holds the contention."""
+    if manifest.get("backend") not in ("netns", "docker"):
+        return []
+    shares = {n["profile"]["name"]: float(n["profile"]["cpu_share"]) for n in manifest.get("nodes") or []
+              if isinstance(n.get("profile"), dict) and n["profile"].get("cpu_share")}
+    by_class: dict[str, list[dict]] = {}
+    for rows in groups.values():
+        for r in rows:
+            for n in r.get("nodes") or []:
+                by_class.setdefault(str(n.get("profile")), []).append(n)
+    out = []
+    for p, nodes in sorted(by_class.items()):
+        eff, want = effective_share(nodes), shares.get(p)
+        if eff is not None and want and eff < tolerance * min(want, 1.0):
+            out.append(f"{p} had an effective share of {eff:.2f} of a host core where its profile says "
+                       f"{want:g} ({eff / want:.0%} of its speed): the host did not give it its CPU (other load on "
+                       "the host, or too little dilation), so its compute times are inflated")
+    return out
+
+
 def _profile_table(groups: dict) -> list[str]:
     """Mean compute time and peak memory per device profile: the point of the
     testbed is to see how heterogeneous devices cope with each strategy."""
@@ -409,7 +434,7 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
              f"- baseline: {summary.get('baseline')}, target accuracy: {_fmt(summary.get('target_accuracy'))}"]
     if summary.get("majority_rate") is not None:
         lines.append(f"- majority-class rate: {_fmt(summary['majority_rate'])}")
-    warnings = [*(manifest.get("fidelity") or []), *cpu_disparity(groups)]
+    warnings = [*(manifest.get("fidelity") or []), *cpu_disparity(groups), *share_shortfall(groups, manifest)]
     if warnings:
         lines += ["", "## Fidelity warnings", "", "The host could not honour everything the scenario asked:", ""]
         lines += [f"- {w}" for w in warnings]

@@ -75,3 +75,17 @@ def test_a_class_that_needs_more_cpu_for_the_same_plan_is_a_fidelity_warning():
     fine = {"legend": [{"nodes": [_node("agx", 2.0), _node("tx2", 2.2), _node("tx2", 9.0, status="dropped"),
                                   _node("nx", 8.0, plan={"method": "lora", "blocks": [0]})]}]}
     assert cpu_disparity(fine) == []
+
+
+def test_a_class_below_its_profiles_share_is_a_fidelity_warning():
+    from testbed.report import share_shortfall
+    manifest = {"backend": "netns", "nodes": [{"profile": {"name": "agx", "cpu_share": 1.0}},
+                                              {"profile": {"name": "tx2", "cpu_share": 0.25}}]}
+    # an AGX that used 1.6 CPU-s in 2.4 emulated seconds had 0.67 of a core, not 1.0; the TX2 is faithful
+    rows = {"fedlora": [{"nodes": [{"profile": "agx", "status": "ok", "cpu_s": 1.6, "compute_s": 2.4},
+                                   {"profile": "tx2", "status": "ok", "cpu_s": 1.6, "compute_s": 6.4}]}]}
+    (line,) = share_shortfall(rows, manifest)
+    assert line.startswith("agx had an effective share of 0.67 of a host core where its profile says 1 (67% of its")
+    assert share_shortfall(rows, {**manifest, "backend": "process"}) == []
+    faithful = {"fedlora": [{"nodes": [{"profile": "agx", "status": "ok", "cpu_s": 1.9, "compute_s": 2.0}]}]}
+    assert share_shortfall(faithful, manifest) == []
