@@ -97,32 +97,27 @@ def test_a_node_whose_data_differ_from_the_runs_refuses_to_train(tmp_path):
     path = tmp_path / "reviews.csv"
     with open(path, "w", newline="") as fh:
         csv.writer(fh).writerows([("text", "label"), ("good", "pos"), ("bad", "neg"), ("fine", "pos")])
-    keys = RunKeys.generate(["n0"])
     welcome = {"model": {"name": "all-minilm-l6-v2", "num_labels": 2, "num_layers": 1, "seed": 0},
                "data": {"source": {"path": str(path)}, "fingerprint": "0123456789abcdef", "max_len": 16}}
-    agg = Aggregator("data-test", {"n0": "host"}, lambda name: (welcome, {"shard": np.arange(2)}),
-                     bind="127.0.0.1", port=0, keys=keys)
-    node = _node(agg.endpoint, "--max-idle-s=600", f"--server-key={keys.server_public}", key=keys.nodes["n0"][1])
-    try:
-        deadline = time.monotonic() + 90
-        while node.poll() is None and time.monotonic() < deadline:
-            agg.poll(0.1)
-        _, said = node.communicate(timeout=10)
-    finally:
-        node.kill()
-        agg.close(say_bye=False)
-    assert node.returncode == 5, said[-2000:]
+    code, said = _welcomed(welcome)
+    assert code == 5, said[-2000:]
     assert f"this node's data ({path}) differ from the aggregator's" in said and "0123456789abcdef" in said
 
 
 def test_a_node_whose_checkpoint_differs_from_the_runs_refuses_to_train(tmp_path):
     from tests.unit.test_local_checkpoints import checkpoint
     folder = checkpoint(tmp_path, "bert")
-    keys = RunKeys.generate(["n0"])
     welcome = {"model": {"name": "local", "num_labels": 2, "num_layers": None, "seed": 0, "path": folder},
                "model_fingerprint": "fedcba9876543210",
                "data": {"source": {"dataset": "rotten_tomatoes"}, "fingerprint": _rt_fingerprint(), "max_len": 16}}
-    agg = Aggregator("model-test", {"n0": "host"}, lambda name: (welcome, {"shard": np.arange(2)}),
+    code, said = _welcomed(welcome)
+    assert code == 5 and f"this node's model ({folder}) differs from the aggregator's" in said, said[-2000:]
+
+
+def _welcomed(welcome: dict) -> tuple[int | None, str]:
+    """Start node n0 against an aggregator whose WELCOME is `welcome`; its exit code and output."""
+    keys = RunKeys.generate(["n0"])
+    agg = Aggregator("welcome-test", {"n0": "host"}, lambda name: (welcome, {"shard": np.arange(2)}),
                      bind="127.0.0.1", port=0, keys=keys)
     node = _node(agg.endpoint, "--max-idle-s=600", f"--server-key={keys.server_public}", key=keys.nodes["n0"][1])
     try:
@@ -133,7 +128,7 @@ def test_a_node_whose_checkpoint_differs_from_the_runs_refuses_to_train(tmp_path
     finally:
         node.kill()
         agg.close(say_bye=False)
-    assert node.returncode == 5 and f"this node's model ({folder}) differs from the aggregator's" in said, said[-2000:]
+    return node.returncode, said
 
 
 def _rt_fingerprint() -> str:
