@@ -164,6 +164,7 @@ class DockerBackend(Backend):
         super().__init__(run_id, workdir, caps)
         from .. import image
         self.engine = engine
+        self.volumes: dict[str, dict] = {}  # host folder -> bind, the user's data and checkpoint (prepare)
         self.label = f"engine {engine.name}" if engine else "docker backend"
         here = engine is None or engine.same_host
         if engine is None:
@@ -310,7 +311,7 @@ class DockerBackend(Backend):
             environment={**launch.env, "PYTHONUNBUFFERED": "1"},
             labels={**self.labels, LABEL_NODE: name}, nano_cpus=int(round(cpus * 1e9)), mem_limit=mem,
             memswap_limit=mem, oom_score_adj=OOM_SCORE_ADJ, cap_add=["NET_ADMIN"], stdin_open=False,
-            volumes=getattr(self, "volumes", {}))
+            volumes=self.volumes)
         self.containers[name] = container
         self.profiles[name] = launch.profile
         self._states_at = 0.0
