@@ -8,14 +8,17 @@ from typing import Callable
 from emulation import hostmem
 from node.plan import Plan
 
-from . import costmodel
+from . import costmeasure, costmodel
 
 
 class HostWatch:
-    def __init__(self, here: frozenset[str], arch: costmodel.Arch, sampler: hostmem.PeakSampler,
-                 say: Callable[..., None], notes: list[str]):
-        """here: the nodes whose memory this host holds; notes: the run's fidelity notes (appended to)."""
+    def __init__(self, here: frozenset[str], arch: costmodel.Arch | None, sampler: hostmem.PeakSampler,
+                 say: Callable[..., None], notes: list[str], base=None):
+        """here: the nodes whose memory this host holds; notes: the run's fidelity notes (appended to).
+        `arch`: a BERT encoder's sizes for the analytic cost model; None for another family, whose
+        plans are measured on one step of `base` instead (testbed/costmeasure.py)."""
         self.here, self.arch, self.sampler, self.say, self.notes = here, arch, sampler, say, notes
+        self.base = base
         self._warned: set[str] = set()
         self._plan_mb: dict[Plan, float] = {}
 
@@ -25,7 +28,11 @@ class HostWatch:
         key = replace(plan, rank_penalty=None, train=replace(plan.train, seed=0, lr=1.0, weight_decay=0.0))
         if key not in self._plan_mb:
             try:
-                self._plan_mb[key] = costmodel.estimate(self.arch, plan, runtime_mb=0.0).peak_memory_mb
+                if self.arch is not None:
+                    self._plan_mb[key] = costmodel.estimate(self.arch, plan, runtime_mb=0.0).peak_memory_mb
+                else:  # weights are the base's, shared: the plan's own state and activations
+                    cost = costmeasure.measure(self.base, plan)
+                    self._plan_mb[key] = (cost.state_bytes + cost.saved_bytes) / costmeasure.MB
             except (ValueError, KeyError, TypeError):  # a plan the cost model does not know: no estimate
                 self._plan_mb[key] = 0.0
         return self._plan_mb[key]

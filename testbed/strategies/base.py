@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from node.plan import HeadSpec, Plan, TrainSpec, block_of
 
@@ -37,6 +37,26 @@ class HeadParams(Params):
 
     def head(self) -> HeadSpec:
         return HeadSpec(train=True, pooler=self.pooler)
+
+
+class LoraParams(HeadParams):
+    """Parameters of a strategy that trains LoRA adapters: by default on peft's target modules
+    for the model's architecture (BERT: query and value)."""
+    target_modules: list[str] | None = Field(None, min_length=1, description="the modules LoRA adapts; default "
+                                             "peft's for the model's architecture")
+
+    @model_validator(mode="after")
+    def _peft_targets(self, info: ValidationInfo):
+        if self.target_modules is None:
+            from node.arch import LayoutError, default_lora_targets
+            ctx = context(info)
+            config = ctx.model_config if ctx is not None and ctx.model_config is not None else {}
+            kind = (config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)) or "bert"
+            try:
+                self.target_modules = list(default_lora_targets(kind))
+            except LayoutError as exc:
+                raise ValueError(f"@target_modules: {exc}") from None
+        return self
 
 
 def context(info: ValidationInfo) -> "Context | None":

@@ -13,14 +13,13 @@ from pydantic import Field
 
 from node.plan import LoraSpec, Plan
 
-from .base import HeadParams, NodeInfo, State, Strategy, Task, Update, weighted_average
+from .base import LoraParams, NodeInfo, State, Strategy, Task, Update, weighted_average
 
 
-class FedLoRAParams(HeadParams):
+class FedLoRAParams(LoraParams):
     rank: int = Field(8, ge=1, le=384)
     alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default 2 x rank")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
 
 
 class FedLoRA(Strategy):

@@ -43,18 +43,17 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from node.plan import LoraSpec, Plan
 
-from .base import (HeadParams, NodeInfo, State, Strategy, Task, Update, blocks_of, check_profile_keys, context,
+from .base import (LoraParams, NodeInfo, State, Strategy, Task, Update, blocks_of, check_profile_keys, context,
                    weighted_average)
 
 _SALT = 0xFED7A  # keeps this RNG stream apart from the runner's node sampling ([seed, round])
 
 
-class FedRAParams(HeadParams):
+class FedRAParams(LoraParams):
     rank: int = Field(8, ge=1, le=384)
     alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default = rank (the "
                                 "official code: r 8, alpha 8)")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     capacity_from: Literal["cpu_share", "memory_mb", "fixed"] = "cpu_share"
     reference: float | Literal["sampled", "all"] = Field(
         "sampled", description="value of the profile field that earns all blocks: a number, "

@@ -59,11 +59,11 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from node.plan import LoraSpec, Plan, RankPenalty
 
-from .base import (HeadParams, NodeInfo, State, Strategy, Task, Update, check_profile_keys, context,
+from .base import (LoraParams, NodeInfo, State, Strategy, Task, Update, check_profile_keys, context,
                    weighted_average)
 from .padded import A, is_lora, module_of, padded_average, pair, truncate
 
-class HetLoRAParams(HeadParams):
+class HetLoRAParams(LoraParams):
     ranks: dict[str, int] = Field(default_factory=dict, description="profile name -> rank; others use the rule")
     rank_min: int = Field(2, ge=1, le=384)
     rank_max: int = Field(16, ge=1, le=384, description="rank of the global modules (r_max)")
@@ -72,7 +72,6 @@ class HetLoRAParams(HeadParams):
         1.0, description="cpu_share that earns rank_max; 'all' = the strongest device of the scenario")
     alpha_per_rank: float = Field(2.0, gt=0, description="alpha = alpha_per_rank x r on every device")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     weighting: Literal["norm", "samples"] = Field("norm", description="norm: the paper's ||B A||_F weights")
     norm_scope: Literal["device", "module"] = Field("device", description="one norm weight per device (its "
                                                     "whole update) or per LoRA module")

@@ -47,14 +47,13 @@ from pydantic import Field, ValidationInfo, model_validator
 
 from node.plan import LoraSpec, Plan, block_of
 
-from .base import HeadParams, NodeInfo, State, Strategy, Task, Update, blocks_of, context, weighted_average
+from .base import LoraParams, NodeInfo, State, Strategy, Task, Update, blocks_of, context, weighted_average
 from .padded import is_lora, padded_average, truncate
 
 
-class LegendParams(HeadParams):
+class LegendParams(LoraParams):
     rank_distribution: list[int] | None = Field(None, description="rank of each block, input to output")
     alpha_per_rank: float = Field(2.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
     deadline: Literal["straggler", "fastest_full", "quantile"] = Field(
         "straggler", description="straggler: the slowest sampled device's time at min_depth")
     deadline_quantile: float = Field(0.5, ge=0, le=1)

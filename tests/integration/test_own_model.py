@@ -43,13 +43,35 @@ def test_a_local_bert_checkpoint_runs_end_to_end(tmp_path):
     assert all(r["participants"] == 2 for r in run.rounds if r["round"] > 0)
 
 
-@pytest.mark.parametrize("model, make, match", [
-    ("{path: llama}", "llama", "model.path: a 'llama' model: the cost model"),
-    ("{path: nowhere}", None, "model.path: no such checkpoint folder"),
-    ("{name: all-minilm-l6-v2, path: bert}", "bert", "model: give either name"),
+def test_a_local_llama_checkpoint_runs_the_lora_family_and_full_end_to_end(tmp_path):
+    """A decoder: padded with its end-of-sequence token, LoRA on peft's default targets (q_proj,
+    v_proj), per-device ranks (HetLoRA), sub-models of its blocks (FedRA), full fine-tuning."""
+    checkpoint(tmp_path, "llama")
+    text = SCENARIO.replace("MODEL", "{path: llama}").replace(
+        "run: [{name: fedlora, params: {rank: 2}}, {name: full}]",
+        "run: [{name: fedlora, params: {rank: 2}}, {name: hetlora}, {name: fedra}, {name: full}]")
+    sc = write_scenario(tmp_path, text, "llama.yaml")
+    try:
+        run = run_scenario(sc, tmp_path / "run", timeout=600)
+    finally:
+        kill_run_processes(tmp_path / "run")
+    assert run.manifest["model"]["blocks"] == 2
+    assert {r["strategy"] for r in run.rounds} == {"fedlora", "hetlora", "fedra", "full"}
+    trained = [r for r in run.rounds if r["round"] > 0]
+    assert all(r["participants"] == 2 and not r["failed"] for r in trained), [(r["strategy"], r["round"]) for r in trained]
+    assert all(r["payload"] for r in trained)
+
+
+@pytest.mark.parametrize("model, make, strategies, match", [
+    ("{path: llama}", "llama", "[{name: legend}, {name: fedlora}]", "strategies legend need a BERT model for now"),
+    ("{path: nowhere}", None, None, "model.path: no such checkpoint folder"),
+    ("{name: all-minilm-l6-v2, path: bert}", "bert", None, "model: give either name"),
 ])
-def test_a_checkpoint_the_run_cannot_use_is_refused_at_validate(tmp_path, model, make, match):
+def test_a_checkpoint_the_run_cannot_use_is_refused_at_validate(tmp_path, model, make, strategies, match):
     if make:
         checkpoint(tmp_path, make)
+    text = SCENARIO.replace("MODEL", model)
+    if strategies:
+        text = text.replace("run: [{name: fedlora, params: {rank: 2}}, {name: full}]", f"run: {strategies}")
     with pytest.raises(ScenarioError, match=match):
-        load(_scenario(tmp_path, model))
+        load(write_scenario(tmp_path, text, "own.yaml"))

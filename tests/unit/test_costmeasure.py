@@ -60,3 +60,18 @@ def test_a_tiny_llamas_forward_flops_in_closed_form():
     assert got.flops_forward == want + lora
     assert got.trained_params == L * (2 * d + d * 2) + C * d  # LoRA A, B per block + the score head (no bias)
     assert got.saved_bytes > 0 and got.flops_backward > 0
+
+
+def test_the_host_memory_check_measures_a_family_the_analytic_model_does_not_walk():
+    from testbed.hostwatch import HostWatch
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=120, n_embd=32, n_head=2, n_layer=2, n_positions=64, pad_token_id=0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    model.requires_grad_(False)
+    watch = HostWatch(frozenset({"n0"}), None, None, print, [], base=model)
+    plan = Plan("lora", [1], head=HeadSpec(pooler=False), lora=LoraSpec(r=2, alpha=4, target_modules=("c_attn",)),
+                train=_train())
+    cost = costmeasure.measure(model, plan)
+    assert watch.training_mb(plan) == pytest.approx((cost.state_bytes + cost.saved_bytes) / costmeasure.MB)
+    # block 1 only: LoRA A (2 x 32) and B (96 x 2) on c_attn (d -> 3d), and the score head (2 classes x 32)
+    assert cost.saved_bytes > 0 and cost.trained_params == (2 * 32 + 96 * 2) + 2 * 32
