@@ -543,15 +543,15 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
     return sc
 
 
-COST_MODEL_FAMILIES = ("bert",)  # what testbed/costmodel.py prices analytically (LEGEND, CAFF, the memory check)
+COST_MODEL_FAMILIES = ("bert",)  # what testbed/costmodel.py walks analytically; others are measured (costmeasure)
 # strategies that need a BERT model for now: LEGEND and CAFF plan with the analytic cost model,
 # adapters and (IA)^3 are placed on BERT's sublayers
 BERT_ONLY_STRATEGIES = ("legend", "caff", "fedadapter", "fedia3")
 
 
 def _read_model(sc: Scenario, path: str) -> None:
-    """Resolve a local checkpoint against the scenario file and check it now: its files, and a
-    family the cost model prices."""
+    """Resolve a local checkpoint against the scenario file and check it now: its files, and that
+    its family suits every strategy of the scenario."""
     import json
     from node.trainer import ModelError, check_checkpoint
     m = sc.model
