@@ -31,11 +31,11 @@ def block_index(name: str) -> int | None:
 
 def layer_count(config) -> int:
     """The number of transformer blocks a config declares (num_hidden_layers; GPT-2: n_layer)."""
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
         value = getattr(config, key, None) if not isinstance(config, dict) else config.get(key)
         if isinstance(value, int):
             return value
-    raise LayoutError("the model's config declares no number of layers (num_hidden_layers or n_layer)")
+    raise LayoutError("the model's config declares no number of layers (num_hidden_layers, n_layer or n_layers)")
 
 
 def default_lora_targets(model_type: str) -> tuple[str, ...]:

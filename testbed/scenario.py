@@ -474,11 +474,12 @@ def model_spec(sc: Scenario):
 def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
     """What a strategy may know of this scenario (testbed.strategies.Context): the training
     settings, the model's config and blocks, every node's profile and the profiles faults switch to."""
+    from node.arch import layer_count
     from node.trainer import model_config
     from .strategies import Context
     config = model_config(model_spec(sc))
     nodes = expand_nodes(sc) if nodes is None else nodes
-    return Context(training=sc.training, max_len=sc.data.max_len, num_blocks=int(config["num_hidden_layers"]),
+    return Context(training=sc.training, max_len=sc.data.max_len, num_blocks=layer_count(config),
                    seed=sc.seed, model_config=config, profiles={n.name: n.profile for n in nodes},
                    known_profiles=tuple(sc.profiles),
                    profile_names=frozenset(ev.profile for ev in sc.faults.events if ev.profile))

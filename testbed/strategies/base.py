@@ -55,7 +55,7 @@ class LoraParams(HeadParams):
             try:
                 self.target_modules = list(default_lora_targets(kind))
             except LayoutError as exc:
-                raise ValueError(f"@target_modules: {exc}") from None
+                raise ValueError(f"target_modules: {exc}") from None
         return self
 
 

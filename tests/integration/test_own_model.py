@@ -43,11 +43,13 @@ def test_a_local_bert_checkpoint_runs_end_to_end(tmp_path):
     assert all(r["participants"] == 2 for r in run.rounds if r["round"] > 0)
 
 
-def test_a_local_llama_checkpoint_runs_the_lora_family_and_full_end_to_end(tmp_path):
-    """A decoder: padded with its end-of-sequence token, LoRA on peft's default targets (q_proj,
-    v_proj), per-device ranks (HetLoRA), sub-models of its blocks (FedRA), full fine-tuning."""
-    checkpoint(tmp_path, "llama")
-    text = SCENARIO.replace("MODEL", "{path: llama}").replace(
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_local_decoder_checkpoint_runs_the_lora_family_and_full_end_to_end(tmp_path, family):
+    """A decoder: padded with its end-of-sequence token, LoRA on peft's default targets (Llama:
+    q_proj and v_proj; GPT-2: c_attn, whose config counts its blocks as n_layer), per-device
+    ranks (HetLoRA), sub-models of its blocks (FedRA), full fine-tuning."""
+    checkpoint(tmp_path, family)
+    text = SCENARIO.replace("MODEL", f"{{path: {family}}}").replace(
         "run: [{name: fedlora, params: {rank: 2}}, {name: full}]",
         "run: [{name: fedlora, params: {rank: 2}}, {name: hetlora}, {name: fedra}, {name: full}]")
     sc = write_scenario(tmp_path, text, "llama.yaml")
@@ -75,3 +77,21 @@ def test_a_checkpoint_the_run_cannot_use_is_refused_at_validate(tmp_path, model,
         text = text.replace("run: [{name: fedlora, params: {rank: 2}}, {name: full}]", f"run: {strategies}")
     with pytest.raises(ScenarioError, match=match):
         load(write_scenario(tmp_path, text, "own.yaml"))
+
+
+def test_lora_targets_follow_the_architecture_or_must_be_named(tmp_path):
+    """LoRA strategies take peft's default targets for the model's type; where peft has none
+    (DistilBERT), validate says to name them, and named ones are taken."""
+    from testbed.rounds import resolved_params
+    from testbed.scenario import strategy_context
+    checkpoint(tmp_path, "llama")
+    sc = load(_scenario(tmp_path, "{path: llama}"))
+    assert resolved_params(sc, strategy_context(sc))["fedlora"]["target_modules"] == ["q_proj", "v_proj"]
+    checkpoint(tmp_path, "distilbert")
+    with pytest.raises(ScenarioError, match=r"params.target_modules: peft has no default LoRA target modules for "
+                                            r"'distilbert' models: name them"):
+        load(_scenario(tmp_path, "{path: distilbert}"))
+    named = SCENARIO.replace("MODEL", "{path: distilbert}").replace(
+        "{name: fedlora, params: {rank: 2}}", "{name: fedlora, params: {rank: 2, target_modules: [q_lin, v_lin]}}")
+    sc = load(write_scenario(tmp_path, named, "named.yaml"))
+    assert resolved_params(sc, strategy_context(sc))["fedlora"]["target_modules"] == ["q_lin", "v_lin"]
