@@ -194,6 +194,14 @@ def load_run(dir: str | Path) -> tuple[dict, list[dict], dict | None]:
     return manifest, rounds, summary
 
 
+def emulation_warnings(manifest: dict, rounds: list[dict]) -> list[str]:
+    """What the run's own measurements say the host did not honour (unlike the manifest's
+    fidelity notes, which are known before the run): classes that needed more CPU seconds than
+    another for the same plan, or that got less CPU than their profile's share."""
+    groups = _by_strategy(rounds)
+    return [*cpu_disparity(groups), *share_shortfall(groups, manifest)]
+
+
 def _default_summary(manifest: dict, rounds: list[dict]) -> dict:
     """Recompute a missing summary (a run that died before writing it) from the
     baseline and target the manifest's resolved scenario names."""
@@ -203,9 +211,11 @@ def _default_summary(manifest: dict, rounds: list[dict]) -> dict:
     if baseline is None or target is None:
         raise ValueError("manifest.json names no baseline or target accuracy: cannot summarize this run")
     if baseline not in _by_strategy(rounds):
-        return {"baseline": baseline, "target_accuracy": target, "majority_rate": None, "strategies": {}}
-    return summarize(rounds, baseline, float(target),
-                     majority_rate=(manifest.get("data") or {}).get("majority_rate"))
+        return {"baseline": baseline, "target_accuracy": target, "majority_rate": None, "strategies": {},
+                "emulation_warnings": emulation_warnings(manifest, rounds)}
+    return {**summarize(rounds, baseline, float(target),
+                        majority_rate=(manifest.get("data") or {}).get("majority_rate")),
+            "emulation_warnings": emulation_warnings(manifest, rounds)}
 
 
 # ---------------------------------------------------------------- plots

@@ -27,7 +27,7 @@ from .aggregator import Aggregator
 from .faults import Injector
 from .hostwatch import HostWatch
 from .progress import Progress
-from .report import summarize, write_report
+from .report import emulation_warnings, summarize, write_report
 from .rounds import RoundLoop, resolved_params
 from .scenario import COST_MODEL_FAMILIES, ZYGOTE_AUTO_NODES, NodeSpec, Scenario, expand_nodes, parse, strategy_context
 from .store import Checkpoint, RunError, RunStore, params_changed
@@ -276,13 +276,15 @@ class Run:
             extra["rejected_messages"] = agg.rejected_total
             extra["refused_connections"] = agg.refused_total
             extra["traffic"] = {n: {"up": agg.traffic[(n, "up")], "down": agg.traffic[(n, "down")]} for n in agg.peers}
-        self.store.write_json("manifest.json", self.manifest(**extra))
+        manifest = self.manifest(**extra)
+        self.store.write_json("manifest.json", manifest)
         rows, baseline = self.store.rows, self.sc.strategies.baseline
         if any(r["strategy"] == baseline for r in rows):
             self.summary = summarize(rows, baseline, self.sc.training.target_accuracy)
             self.summary["majority_rate"] = self.work.majority_rate if self.work else None
             self.summary["status"] = status
             self.summary["stopped_early"] = extra["stopped_early"]
+            self.summary["emulation_warnings"] = emulation_warnings(manifest, rows)
             self.store.write_json("summary.json", self.summary)
             write_report(self.out)
         if status == "finished":

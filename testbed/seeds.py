@@ -52,8 +52,10 @@ def summarize_seeds(per_seed: dict[int, dict]) -> dict:
     for name in names:
         runs = [s.get("strategies", {}).get(name, {}) for s in per_seed.values()]
         strategies[name] = {**{m: spread([r.get(m) for r in runs]) for m in METRICS}, "by_class": _classes(runs)}
+    unfaithful = {str(seed): s["emulation_warnings"] for seed, s in sorted(per_seed.items())
+                  if s.get("emulation_warnings")}
     return {"seeds": sorted(per_seed), "baseline": first.get("baseline"), "target_accuracy": first.get("target_accuracy"),
-            "strategies": strategies}
+            "strategies": strategies, "emulation_warnings": unfaithful}
 
 
 def _classes(runs: list[dict]) -> dict:
@@ -174,6 +176,11 @@ def write_seeds_report(out: Path, summary: dict) -> list[Path]:
             lines.append(f"| {name} | {p} | {_cell(c['peak_memory_mb'], 1, '.0f')} | {st.get('ok', 0)} / "
                          f"{st.get('dropped', 0)} / {st.get('failed', 0) + st.get('rejected', 0)} "
                          f"| {given_text(c['given'])} |")
+    if summary.get("emulation_warnings"):
+        lines += ["", "## Seeds whose emulation was not faithful", "",
+                  "The host did not give these seeds' devices what their profiles say, so their times are "
+                  "not comparable with the other seeds' (each seed's report has the details):", ""]
+        lines += [f"- seed {s}: {w}" for s, ws in summary["emulation_warnings"].items() for w in ws]
     lines += ["", f"![error bars]({PLOT})", "", "Seeds:", ""]
     lines += [f"- [seed {s}](seed-{s}/report.md)" for s in summary["seeds"]]
     (out / REPORT).write_text("\n".join(lines) + "\n")

@@ -37,6 +37,13 @@ def test_a_campaign_summary_and_report(tmp_path):
     text = paths[0].read_text()
     assert "| b | 5.0 (1/2) |" in text and "[seed 2](seed-2/report.md)" in text
     assert paths[1].stat().st_size > 1000
+    assert s["emulation_warnings"] == {} and "not faithful" not in text
+    per[2]["emulation_warnings"] = ["agx had an effective share of 0.65 of a host core where its profile says 1"]
+    s = summarize_seeds(per)
+    assert s["emulation_warnings"] == {"2": per[2]["emulation_warnings"]}
+    text = write_seeds_report(tmp_path, s)[0].read_text()
+    assert "## Seeds whose emulation was not faithful" in text
+    assert "- seed 2: agx had an effective share of 0.65" in text
 
 
 def _node(profile, status, peak, **plan):
