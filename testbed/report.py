@@ -110,14 +110,17 @@ def given_text(given: dict) -> str:
     return "; ".join(parts) or "-"
 
 
-def _strategy_summary(rows: list[dict], target: float) -> dict:
+def _strategy_summary(rows: list[dict], target: float, target_loss: float | None = None) -> dict:
     times, accs = _elapsed(rows), [_acc(r) for r in rows]
     known = [a for a in accs if a is not None]
     ttt = btt = None
     cum = 0
     for r, t, a in zip(rows, times, accs):
         cum += _bytes(r)
-        if a is not None and a >= target:
+        loss = r.get("loss")
+        reached = (loss is not None and loss <= target_loss) if target_loss is not None else \
+            (a is not None and a >= target)
+        if reached:
             ttt, btt = t, cum
             break
     peaks: dict[str, float] = {}  # profile -> the largest peak memory any of its nodes reported
@@ -149,7 +152,7 @@ def _strategy_summary(rows: list[dict], target: float) -> dict:
 
 
 def summarize(rounds: list[dict], baseline: str, target_accuracy: float, *,
-              majority_rate: float | None = None) -> dict:
+              majority_rate: float | None = None, target_loss: float | None = None) -> dict:
     """Build the ``summary.json`` dict from ``rounds.jsonl`` rows.
 
     Speedup is baseline time-to-target / strategy time-to-target (null when
@@ -161,7 +164,7 @@ def summarize(rounds: list[dict], baseline: str, target_accuracy: float, *,
     if baseline not in groups:
         raise ValueError(f"baseline strategy {baseline!r} not found in rounds "
                          f"(strategies present: {sorted(groups) or 'none'})")
-    strategies = {name: _strategy_summary(rows, target_accuracy) for name, rows in groups.items()}
+    strategies = {name: _strategy_summary(rows, target_accuracy, target_loss) for name, rows in groups.items()}
     base_ttt = strategies[baseline]["time_to_target_s"]
     base_end = _elapsed(groups[baseline])[-1]
     for name, s in strategies.items():
@@ -171,7 +174,7 @@ def summarize(rounds: list[dict], baseline: str, target_accuracy: float, *,
         window = [a for t, a in zip(_elapsed(groups[name]), map(_acc, groups[name]))
                   if t <= base_end + _EPS and a is not None]
         s["accuracy_at_baseline_time"] = max(window) if window else None
-    return {"baseline": baseline, "target_accuracy": target_accuracy,
+    return {"baseline": baseline, "target_accuracy": target_accuracy, "target_loss": target_loss,
             "majority_rate": majority_rate, "strategies": strategies}
 
 
@@ -213,8 +216,8 @@ def _default_summary(manifest: dict, rounds: list[dict]) -> dict:
     if baseline not in _by_strategy(rounds):
         return {"baseline": baseline, "target_accuracy": target, "majority_rate": None, "strategies": {},
                 "emulation_warnings": emulation_warnings(manifest, rounds)}
-    return {**summarize(rounds, baseline, float(target),
-                        majority_rate=(manifest.get("data") or {}).get("majority_rate")),
+    return {**summarize(rounds, baseline, float(target), majority_rate=(manifest.get("data") or {}).get("majority_rate"),
+                        target_loss=(scen.get("training") or {}).get("target_loss")),
             "emulation_warnings": emulation_warnings(manifest, rounds)}
 
 

@@ -150,7 +150,7 @@ class Run:
             if sc.zygote == "on":
                 self.notes.append(f"zygote: on has no effect on the {self.setup.backend} backend")
             want = False
-        self.backend.prepare(asdict(self.work.spec), sc.data.source().to_dict(), want and bool(local))
+        self.backend.prepare(asdict(self.work.spec), self.work.source.to_dict(), want and bool(local))
         self.notes += self.backend.zygote_notes([n.profile for n in local])
 
     def _make_keys(self):
@@ -262,7 +262,8 @@ class Run:
         return {"name": n.name, "group": n.group, "profile": n.profile.as_dict(),
                 **({"engine": n.engine} if n.engine else {}),
                 **({"remote": True, "device": self.devices.get(n.name)} if n.remote else {}),
-                "samples": len(shard), **({"labels": self.work.shard_labels[n.name]} if self.work else {})}
+                "samples": len(shard),
+                **({"labels": self.work.shard_labels[n.name]} if self.work and n.name in self.work.shard_labels else {})}
 
     def _finish(self, status: str, agg: Aggregator | None) -> None:
         """Whatever happened: manifest status, summary and report of the rounds that finished."""
@@ -280,7 +281,8 @@ class Run:
         self.store.write_json("manifest.json", manifest)
         rows, baseline = self.store.rows, self.sc.strategies.baseline
         if any(r["strategy"] == baseline for r in rows):
-            self.summary = summarize(rows, baseline, self.sc.training.target_accuracy)
+            self.summary = summarize(rows, baseline, self.sc.training.target_accuracy,
+                                     target_loss=self.sc.training.target_loss)
             self.summary["majority_rate"] = self.work.majority_rate if self.work else None
             self.summary["status"] = status
             self.summary["stopped_early"] = extra["stopped_early"]

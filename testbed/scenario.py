@@ -33,6 +33,8 @@ class ModelConfig(Strict):
     path: str | None = Field(None, description="a local Hugging Face checkpoint folder (config, weights, "
                              "tokenizer), relative to the scenario file; BERT models for now")
     num_layers: int | None = Field(None, ge=1, description="cut the pretrained model to its first blocks")
+    task: Literal["classification", "causal_lm"] = Field("classification", description="sequence classification, "
+                                                          "or instruction tuning of a causal LM (needs path)")
 
     @field_validator("name")
     @classmethod
@@ -48,6 +50,8 @@ class ModelConfig(Strict):
             raise ValueError("give either name (a built-in model) or path (a local checkpoint folder), not both")
         if self.name is None and self.path is None:
             self.name = "all-minilm-l6-v2"
+        if self.task == "causal_lm" and self.path is None:
+            raise ValueError("task causal_lm needs path: a local causal-LM checkpoint (the built-in model is an encoder)")
         return self
 
 
@@ -66,6 +70,8 @@ class DataConfig(Strict):
     split: str = Field("train", description="the training split of a saved DatasetDict")
     test_path: str | None = Field(None, description="a file of the same format holding the test set")
     test_split: str | None = Field(None, description="the test split of a saved DatasetDict")
+    prompt_column: str = Field("prompt", min_length=1, description="causal_lm: the instruction")
+    response_column: str = Field("response", min_length=1, description="causal_lm: the answer the loss is on")
     partition: Partition = Partition()
     test_size: int = Field(500, ge=10, description="held-out examples, cut with the seed (from the dataset's own "
                            "test set where it has one)")
@@ -89,11 +95,11 @@ class DataConfig(Strict):
             raise ValueError(exc.message) from None
         return self
 
-    def source(self):
+    def source(self, task: str = "classification"):
         """The node-side description of where the examples come from (node.data.DataSource)."""
         from node.data import DataSource
         return DataSource(self.dataset, self.path, self.text_column, self.label_column, self.split,
-                          self.test_path, self.test_split)
+                          self.test_path, self.test_split, task, self.prompt_column, self.response_column)
 
     @property
     def name(self) -> str:
@@ -111,6 +117,8 @@ class TrainingConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     target_accuracy: float = Field(0.7, gt=0, le=1)
+    target_loss: float | None = Field(None, gt=0, description="time to target is when the held-out loss first "
+                                      "falls to this (instead of target_accuracy; causal_lm)")
     round_deadline_s: float = Field(600.0, gt=0, description="emulated seconds before stragglers are dropped")
     min_results: int = Field(1, ge=1, description="fewer results than this and the round is recorded as failed")
     time_budget_s: float | None = Field(None, gt=0, description="emulated seconds per strategy: no new round "
@@ -467,6 +475,9 @@ def model_spec(sc: Scenario):
     output per class of the data."""
     from node.data import load_dataset
     from node.trainer import ModelSpec
+    if sc.model.task == "causal_lm":
+        return ModelSpec(sc.model.name or "local", 2, sc.model.num_layers, sc.seed, path=sc.model.path,
+                         task="causal_lm")
     return ModelSpec(sc.model.name or "local", len(load_dataset(sc.data.source()).classes), sc.model.num_layers,
                      sc.seed, path=sc.model.path)
 
@@ -479,7 +490,7 @@ def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
     from .strategies import Context
     config = model_config(model_spec(sc))
     nodes = expand_nodes(sc) if nodes is None else nodes
-    return Context(training=sc.training, max_len=sc.data.max_len, num_blocks=layer_count(config),
+    return Context(training=sc.training, max_len=sc.data.max_len, num_blocks=layer_count(config), task=sc.model.task,
                    seed=sc.seed, model_config=config, profiles={n.name: n.profile for n in nodes},
                    known_profiles=tuple(sc.profiles),
                    profile_names=frozenset(ev.profile for ev in sc.faults.events if ev.profile))
@@ -582,8 +593,11 @@ def _read_data(sc: Scenario, path: str) -> None:
         value = getattr(d, key)
         if value is not None and not Path(value).is_absolute() and path != "<scenario>":
             setattr(d, key, str(Path(path).resolve().parent / value))
+    if sc.model.task == "causal_lm" and d.partition.kind != "iid":
+        raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: data.partition.kind: causal_lm records have "
+                            "no labels to skew by: use iid")
     try:
-        load_dataset(d.source())
+        load_dataset(d.source(sc.model.task))
     except DataError as exc:
         raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: {exc.field}: {exc.message}") from None
     except FileNotFoundError as exc:  # a built-in's package is missing

@@ -11,11 +11,18 @@ from dataclasses import asdict
 import numpy as np
 
 from node import trainer
-from node.data import announce, load_dataset
+from node.data import InstructionSet, announce, load_dataset
 from node.plan import Plan
 
 from . import partition
 from .scenario import NodeSpec, Scenario, model_spec
+
+
+def examples(tokenizer, ds, idx, max_len: int):
+    """The examples `idx` of a dataset, tokenized: labelled texts, or instruction records."""
+    if isinstance(ds, InstructionSet):
+        return trainer.TokenizedPairs(tokenizer, [ds.prompts[i] for i in idx], [ds.responses[i] for i in idx], max_len)
+    return trainer.Tokenized(tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx], max_len)
 
 
 class Workload:
@@ -26,17 +33,21 @@ class Workload:
         # a local checkpoint: every node checks its copy against this hash of its files
         self.model_fingerprint = trainer.checkpoint_fingerprint(self.spec.path) if self.spec.path else None
         self.base, tok = trainer.load_base(self.spec)
-        ds = self.dataset
-        self.test = trainer.Tokenized(tok, [ds.texts[i] for i in self.test_idx], [ds.labels[i] for i in self.test_idx],
-                                      sc.data.max_len)
+        self.test = examples(tok, self.dataset, self.test_idx, sc.data.max_len)
         self.num_blocks = trainer.num_blocks(self.base)
 
     def _split(self, nodes: list[NodeSpec]) -> None:
         sc = self.sc
-        ds = self.dataset = load_dataset(sc.data.source())
-        labels = np.asarray(ds.labels)
+        source = self.source = sc.data.source(sc.model.task)
+        ds = self.dataset = load_dataset(source)
         train, test = partition.train_test_split(len(ds), sc.data.test_size, sc.data.train_size, sc.seed,
                                                  ds.test_start)
+        if isinstance(ds, InstructionSet):  # causal_lm: no labels, so no label skew and no majority class
+            parts = partition.iid(len(train), len(nodes), sc.seed)
+            self.shards = {node.name: train[p].astype(np.int32) for node, p in zip(nodes, parts)}
+            self.test_idx, self.majority_rate, self.shard_labels = test, None, {}
+            return
+        labels = np.asarray(ds.labels)
         if sc.data.partition.kind == "iid":
             parts = partition.iid(len(train), len(nodes), sc.seed)
         else:
@@ -52,7 +63,7 @@ class Workload:
     def welcome(self, name: str) -> tuple[dict, dict]:
         """A node's WELCOME: the model to build, the data settings and its shard."""
         meta = {"model": asdict(self.spec), "model_fingerprint": self.model_fingerprint,
-                "data": announce(self.sc.data.source(), self.sc.data.max_len)}
+                "data": announce(self.source, self.sc.data.max_len)}
         return meta, {"shard": self.shards[name]}
 
     def initial_state(self, plan: Plan) -> dict[str, np.ndarray]:
@@ -67,8 +78,8 @@ class Workload:
 
     def manifest(self) -> dict:
         ds = self.dataset
-        return {"data": {"dataset": ds.name, "source": self.sc.data.source().to_dict(), "fingerprint": ds.fingerprint,
-                         "classes": len(ds.classes), "own_test_set": ds.test_start is not None,
+        return {"data": {"dataset": ds.name, "source": self.source.to_dict(), "fingerprint": ds.fingerprint,
+                         "classes": len(getattr(ds, "classes", ())), "own_test_set": ds.test_start is not None,
                          "train": int(sum(len(s) for s in self.shards.values())),
                          "test": len(self.test_idx), "majority_rate": self.majority_rate},
                 "model": {**asdict(self.spec), "blocks": self.num_blocks, "fingerprint": self.model_fingerprint}}

@@ -113,6 +113,7 @@ class Context:
     profiles: dict = field(default_factory=dict)  # every node of the scenario -> its Profile
     known_profiles: tuple[str, ...] = ()   # profile names per-profile parameters may use
     profile_names: frozenset = frozenset()  # every profile a device of the run can have
+    task: str = "classification"  # or causal_lm: the LM head (often tied to the embeddings) stays frozen
 
     def __post_init__(self):
         from emulation.profiles import PROFILES
@@ -128,6 +129,13 @@ class Strategy(ABC):
     def __init__(self, params: dict, ctx: Context):
         self.p = self.Params.model_validate(params, context=ctx)
         self.ctx = ctx
+
+    def head(self) -> HeadSpec:
+        """The task head a LoRA-family plan trains: the parameters' choice, or none for a causal
+        LM, whose head is the vocabulary projection (tied to the embeddings in many models)."""
+        if self.ctx.task == "causal_lm":
+            return HeadSpec(train=False)
+        return self.p.head()
 
     # -- the two halves --------------------------------------------------------------------
     @abstractmethod

@@ -69,7 +69,7 @@ class FedAdapter(Strategy):
     def global_plan(self) -> Plan:
         n = self.ctx.num_blocks
         k = min(self.p.last_blocks or n, n)
-        return Plan("adapter", tuple(range(n - k, n)), head=self.p.head(), adapter=self.adapter_spec(),
+        return Plan("adapter", tuple(range(n - k, n)), head=self.head(), adapter=self.adapter_spec(),
                     train=self.train_spec(0))
 
     def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:

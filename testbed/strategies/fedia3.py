@@ -50,7 +50,7 @@ class FedIA3(Strategy):
     def global_plan(self) -> Plan:
         n = self.ctx.num_blocks
         k = min(self.p.last_blocks or n, n)
-        return Plan("ia3", tuple(range(n - k, n)), head=self.p.head(),
+        return Plan("ia3", tuple(range(n - k, n)), head=self.head(),
                     ia3=self.p.spec(), train=self.train_spec(0))
 
     def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:

@@ -31,7 +31,7 @@ class FedLoRA(Strategy):
         return LoraSpec(r=p.rank, alpha=p.alpha or 2 * p.rank, dropout=p.dropout, target_modules=tuple(p.target_modules))
 
     def global_plan(self) -> Plan:
-        return Plan("lora", tuple(range(self.ctx.num_blocks)), head=self.p.head(), lora=self.lora_spec(),
+        return Plan("lora", tuple(range(self.ctx.num_blocks)), head=self.head(), lora=self.lora_spec(),
                     train=self.train_spec(0))
 
     def configure(self, rnd: int, nodes: list[NodeInfo], state: State) -> dict[str, Task]:

@@ -137,7 +137,7 @@ class FedRA(Strategy):
     def plan_for(self, blocks: list[int], rnd: int = 0, index: int = 0, submodel: bool = False) -> Plan:
         p = self.p
         lora = LoraSpec(r=p.rank, alpha=p.alpha or p.rank, dropout=p.dropout, target_modules=tuple(p.target_modules))
-        return Plan("lora", tuple(blocks), head=p.head(), lora=lora, train=self.train_spec(rnd, index),
+        return Plan("lora", tuple(blocks), head=self.head(), lora=lora, train=self.train_spec(rnd, index),
                     submodel=submodel)
 
     def global_plan(self) -> Plan:

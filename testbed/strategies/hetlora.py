@@ -157,7 +157,7 @@ class HetLoRA(Strategy):
     def plan_for(self, r: int, rnd: int = 0, index: int = 0) -> Plan:
         p = self.p
         lora = LoraSpec(r=int(r), alpha=p.alpha_per_rank * r, dropout=p.dropout, target_modules=tuple(p.target_modules))
-        return Plan("lora", tuple(range(self.ctx.num_blocks)), head=p.head(), lora=lora, train=self.train_spec(rnd, index))
+        return Plan("lora", tuple(range(self.ctx.num_blocks)), head=self.head(), lora=lora, train=self.train_spec(rnd, index))
 
     def global_plan(self) -> Plan:
         return self.plan_for(self.r_max)

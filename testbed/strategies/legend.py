@@ -120,7 +120,7 @@ class Legend(Strategy):
         top = max(ranks[b] for b in blocks)
         lora = LoraSpec(r=top, alpha=k * top, target_modules=tuple(self.p.target_modules),
                         rank_pattern={b: ranks[b] for b in blocks}, alpha_pattern={b: k * ranks[b] for b in blocks})
-        return Plan("lora", blocks, head=self.p.head(), lora=lora, train=self.train_spec(rnd, index))
+        return Plan("lora", blocks, head=self.head(), lora=lora, train=self.train_spec(rnd, index))
 
     def global_plan(self) -> Plan:
         return self.plan_for(self.ctx.num_blocks)

@@ -95,3 +95,70 @@ def test_lora_targets_follow_the_architecture_or_must_be_named(tmp_path):
         "{name: fedlora, params: {rank: 2}}", "{name: fedlora, params: {rank: 2, target_modules: [q_lin, v_lin]}}")
     sc = load(write_scenario(tmp_path, named, "named.yaml"))
     assert resolved_params(sc, strategy_context(sc))["fedlora"]["target_modules"] == ["q_lin", "v_lin"]
+
+
+def test_instruction_tuning_a_local_causal_lm(tmp_path):
+    """model.task causal_lm: JSONL prompt/response records, the loss on the responses, the held-out
+    loss and perplexity each round, time to target by loss; the LM head stays frozen under LoRA."""
+    import json
+    import transformers
+    from tests.unit.test_local_checkpoints import FACTS, _words_tokenizer
+    words = [w for p, r in FACTS for w in (p + " " + r).split()]
+    config = transformers.LlamaConfig(vocab_size=len(set(words)) + 2, hidden_size=32, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64, num_hidden_layers=2,
+                                      max_position_embeddings=32)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
+    _words_tokenizer(words).save_pretrained(tmp_path / "lm")
+    with open(tmp_path / "sft.jsonl", "w") as fh:
+        for p, r in FACTS * 12:
+            fh.write(json.dumps({"instruction": p, "output": r}) + "\n")
+    text = f"""
+name: sft
+seed: 2
+backend: process
+dilation: off
+model: {{path: lm, task: causal_lm}}
+data: {{path: sft.jsonl, prompt_column: instruction, response_column: output, test_size: 12, max_len: 12,
+        partition: {{kind: iid}}}}
+training: {{rounds: 4, local_steps: 15, batch_size: 8, lr: 0.03, target_accuracy: 0.99, target_loss: 2.5}}
+nodes:
+  - {{group: n, count: 2, profile: host}}
+strategies:
+  baseline: fedlora
+  run: [{{name: fedlora, params: {{rank: 8}}}}]
+"""
+    sc = write_scenario(tmp_path, text, "sft.yaml")
+    try:
+        run = run_scenario(sc, tmp_path / "run", timeout=600)
+    finally:
+        kill_run_processes(tmp_path / "run")
+    rows = run.rows("fedlora")
+    loss = [r["loss"] for r in rows]
+    assert loss[-1] < 0.9 * loss[0], loss
+    assert all(r["perplexity"] > 1 for r in rows)
+    assert run.manifest["data"]["classes"] == 0 and run.manifest["data"]["majority_rate"] is None
+    trained = {k for r in rows if r["round"] > 0 for k in (r["payload"] or {})}
+    assert trained, "payload recorded"
+    # measured: loss 2.90, 2.60, 2.42, 2.39, 2.35 (perplexity 18.1 -> 10.4), next-token accuracy 0.13 -> 1.0
+    s = run.summary["strategies"]["fedlora"]
+    assert run.summary["target_loss"] == 2.5
+    reached = next(r for r in rows if r["loss"] <= 2.5)  # by loss, not by accuracy (0.99: only in the last round)
+    assert s["time_to_target_s"] == pytest.approx(reached["elapsed_s"]) and reached["round"] < rows[-1]["round"]
+
+
+@pytest.mark.parametrize("model, data, match", [
+    ("{task: causal_lm}", "{path: sft.jsonl}", "task causal_lm needs path"),
+    ("{path: lm, task: causal_lm}", "{path: sft.jsonl, partition: {kind: dirichlet}}",
+     "data.partition.kind: causal_lm records have no labels to skew by: use iid"),
+    ("{path: lm, task: causal_lm}", "{path: sft.jsonl, partition: {kind: iid}, response_column: answer}",
+     "data.response_column: no column 'answer'"),
+])
+def test_an_instruction_scenario_that_cannot_run_is_refused_at_validate(tmp_path, model, data, match):
+    checkpoint(tmp_path, "llama")
+    (tmp_path / "llama").rename(tmp_path / "lm")
+    (tmp_path / "sft.jsonl").write_text('{"prompt": "say hi", "response": "hi"}\n' * 4)
+    text = SCENARIO.replace("MODEL", model).replace(
+        "data: {dataset: rotten_tomatoes, test_size: 40, train_size: 120, max_len: 12, partition: {kind: iid}}",
+        f"data: {data}")
+    with pytest.raises(ScenarioError, match=match):
+        load(write_scenario(tmp_path, text, "bad.yaml"))
