@@ -444,7 +444,9 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
              f"- host: {host.get('cores', 'n/a')} cores, {host.get('memory_mb', 'n/a')} MB memory"
              + (f"; at most {host['peak_used_mb']:.0f} MB in use during rounds" if host.get("peak_used_mb") else "")
              + (f"; {host['oom_kills']} process(es) killed for lack of host memory" if host.get("oom_kills") else ""),
-             f"- baseline: {summary.get('baseline')}, target accuracy: {_fmt(summary.get('target_accuracy'))}"]
+             f"- baseline: {summary.get('baseline')}, "
+             + (f"target loss: {_fmt(summary['target_loss'])}" if summary.get("target_loss") is not None
+                else f"target accuracy: {_fmt(summary.get('target_accuracy'))}")]
     if summary.get("majority_rate") is not None:
         lines.append(f"- majority-class rate: {_fmt(summary['majority_rate'])}")
     warnings = [*(manifest.get("fidelity") or []), *cpu_disparity(groups), *share_shortfall(groups, manifest)]

@@ -144,6 +144,7 @@ strategies:
     assert run.summary["target_loss"] == 2.5
     reached = next(r for r in rows if r["loss"] <= 2.5)  # by loss, not by accuracy (0.99: only in the last round)
     assert s["time_to_target_s"] == pytest.approx(reached["elapsed_s"]) and reached["round"] < rows[-1]["round"]
+    assert "target loss: 2.5" in (tmp_path / "run" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("model, data, match", [
