@@ -117,12 +117,7 @@ class Agent:
         idx = np.asarray(msg.tensors["shard"], dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
             raise ValueError(f"shard indices outside dataset {ds.name} of {len(ds)} examples")
-        if hasattr(ds, "prompts"):  # instruction records (causal_lm)
-            self.data = trainer.TokenizedPairs(self.tokenizer, [ds.prompts[i] for i in idx],
-                                               [ds.responses[i] for i in idx], int(data["max_len"]))
-        else:
-            self.data = trainer.Tokenized(self.tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx],
-                                          int(data["max_len"]))
+        self.data = trainer.examples(self.tokenizer, ds, idx, int(data["max_len"]))
         log.info("%s: welcome to run %s, %d examples", self.name, self.run_id, len(self.data))
         self.phase("ready")
 

@@ -436,6 +436,14 @@ def _evaluate_responses(model, data: TokenizedPairs, batch_size: int) -> dict:
     return {"accuracy": correct / max(1, tokens), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def examples(tokenizer, ds, idx, max_len: int):
+    """The examples `idx` of a dataset (node/data.py), tokenized: instruction records for a
+    causal LM, or labelled texts."""
+    if hasattr(ds, "prompts"):
+        return TokenizedPairs(tokenizer, [ds.prompts[i] for i in idx], [ds.responses[i] for i in idx], max_len)
+    return Tokenized(tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx], max_len)
+
+
 class PeakRSS:
     """Samples this process's resident memory while training: the node's peak_mem_mb."""
 

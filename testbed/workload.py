@@ -18,13 +18,6 @@ from . import partition
 from .scenario import NodeSpec, Scenario, model_spec
 
 
-def examples(tokenizer, ds, idx, max_len: int):
-    """The examples `idx` of a dataset, tokenized: labelled texts, or instruction records."""
-    if isinstance(ds, InstructionSet):
-        return trainer.TokenizedPairs(tokenizer, [ds.prompts[i] for i in idx], [ds.responses[i] for i in idx], max_len)
-    return trainer.Tokenized(tokenizer, [ds.texts[i] for i in idx], [ds.labels[i] for i in idx], max_len)
-
-
 class Workload:
     def __init__(self, sc: Scenario, nodes: list[NodeSpec]):
         self.sc = sc
@@ -33,7 +26,7 @@ class Workload:
         # a local checkpoint: every node checks its copy against this hash of its files
         self.model_fingerprint = trainer.checkpoint_fingerprint(self.spec.path) if self.spec.path else None
         self.base, tok = trainer.load_base(self.spec)
-        self.test = examples(tok, self.dataset, self.test_idx, sc.data.max_len)
+        self.test = trainer.examples(tok, self.dataset, self.test_idx, sc.data.max_len)
         self.num_blocks = trainer.num_blocks(self.base)
 
     def _split(self, nodes: list[NodeSpec]) -> None:
