@@ -418,11 +418,13 @@ class TokenizedPairs:
 
 
 def _evaluate_responses(model, data: TokenizedPairs, batch_size: int) -> dict:
-    """Held-out loss per response token, its perplexity, and the share of response tokens the
-    model predicts exactly (next-token accuracy)."""
+    """Held-out loss per response token, its perplexity, the share of response tokens the model
+    predicts exactly (next-token accuracy), and the share of records whose whole response it
+    predicts (exact match: every response token right given the ones before, which is what
+    greedy decoding of the response would produce)."""
     import math
     import torch
-    loss_sum, tokens, correct = 0.0, 0, 0
+    loss_sum, tokens, correct, exact = 0.0, 0, 0, 0
     with torch.no_grad():
         for i in range(0, len(data), batch_size):
             sl = slice(i, i + batch_size)
@@ -431,9 +433,12 @@ def _evaluate_responses(model, data: TokenizedPairs, batch_size: int) -> dict:
             keep = target != -100
             loss_sum += float(torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="sum"))
             tokens += int(keep.sum())
-            correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+            right = logits.argmax(-1) == target
+            correct += int(right[keep].sum())
+            exact += int(((right | ~keep).all(dim=1) & keep.any(dim=1)).sum())
     loss = loss_sum / max(1, tokens)
-    return {"accuracy": correct / max(1, tokens), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return {"accuracy": correct / max(1, tokens), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "exact_match": exact / max(1, len(data))}
 
 
 def examples(tokenizer, ds, idx, max_len: int):

@@ -137,4 +137,7 @@ def test_instruction_tuning_a_tiny_llama_lowers_the_held_out_loss(tmp_path):
     # measured: loss 2.89 -> 2.39, next-token accuracy on the responses 0.08 -> 1.0 (frozen, untied lm_head)
     assert after["loss"] < 0.9 * before["loss"] and after["perplexity"] < before["perplexity"], (before, after)
     assert before["accuracy"] < 0.5 <= 0.9 <= after["accuracy"], (before, after)
+    # exact match: a record counts when its whole response (2 tokens: the answer and the end) is
+    # right, so with every record's 2 tokens it is at most the token accuracy, and 1 when that is 1
+    assert before["exact_match"] <= before["accuracy"] and after["accuracy"] == 1.0 == after["exact_match"]
     assert not any("lm_head" in k or "embed" in k for k in out), "the head does not train under LoRA here"
