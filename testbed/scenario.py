@@ -544,9 +544,7 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
     av = sc.faults.availability
     if av.trace is not None:  # read now: a bad trace never starts a run
         from .faults import TraceError, load_trace
-        trace = Path(av.trace)
-        if not trace.is_absolute() and path != "<scenario>":
-            trace = Path(path).resolve().parent / trace
+        trace = Path(beside(path, av.trace))
         try:
             load_trace(trace, {n.name for n in expand_nodes(sc)})
         except TraceError as exc:
@@ -561,6 +559,14 @@ COST_MODEL_FAMILIES = ("bert",)  # what testbed/costmodel.py walks analytically;
 BERT_ONLY_STRATEGIES = ("legend", "caff", "fedadapter", "fedia3")
 
 
+def beside(scenario_path: str, value: str) -> str:
+    """A path the scenario gives, relative to the scenario file's folder (as it is when absolute,
+    or when the scenario did not come from a file)."""
+    if Path(value).is_absolute() or scenario_path == "<scenario>":
+        return value
+    return str(Path(scenario_path).resolve().parent / value)
+
+
 def _read_model(sc: Scenario, path: str) -> None:
     """Resolve a local checkpoint against the scenario file and check it now: its files, and that
     its family suits every strategy of the scenario."""
@@ -569,8 +575,7 @@ def _read_model(sc: Scenario, path: str) -> None:
     m = sc.model
     if m.path is None:
         return
-    if not Path(m.path).is_absolute() and path != "<scenario>":
-        m.path = str(Path(path).resolve().parent / m.path)
+    m.path = beside(path, m.path)
     try:
         check_checkpoint(m.path)
         kind = json.loads((Path(m.path) / "config.json").read_text()).get("model_type")
@@ -590,9 +595,8 @@ def _read_data(sc: Scenario, path: str) -> None:
     from node.data import DataError, load_dataset
     d = sc.data
     for key in ("path", "test_path"):
-        value = getattr(d, key)
-        if value is not None and not Path(value).is_absolute() and path != "<scenario>":
-            setattr(d, key, str(Path(path).resolve().parent / value))
+        if getattr(d, key) is not None:
+            setattr(d, key, beside(path, getattr(d, key)))
     if sc.model.task == "causal_lm" and d.partition.kind != "iid":
         raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: data.partition.kind: causal_lm records have "
                             "no labels to skew by: use iid")
