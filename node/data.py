@@ -203,15 +203,32 @@ def _read_table(path: Path, field_name: str, split: str):
         raise DataError(field_name, f"cannot read {path} as {kind}: {exc}") from None
 
 
-def _columns(table, src: DataSource, field_name: str) -> tuple[list[str], list]:
+def _needs(table, src: DataSource, keys: tuple[str, str], field_name: str, why: str = "") -> list[list]:
+    """The columns named by `keys` (fields of `src`) of a table that has rows, or a DataError
+    naming the field whose column is missing."""
     if len(table) == 0:
         raise DataError(field_name, "has no rows")
-    for key in ("text_column", "label_column"):
+    for key in keys:
         col = getattr(src, key)
         if col not in table.column_names:
-            raise DataError(f"data.{key}", f"no column {col!r} in {field_name} "
+            raise DataError(f"data.{key}", f"no column {col!r} in {field_name}{why} "
                             f"(columns: {', '.join(table.column_names)})")
-    texts, labels = table[src.text_column], table[src.label_column]
+    return [table[getattr(src, key)] for key in keys]
+
+
+def _train_then_test(src: DataSource, columns) -> tuple[list[list], int | None]:
+    """`columns(table, field)` of the training table, followed by those of the test file or split
+    where one is given; the index where the test part starts (None without one)."""
+    cols = [list(c) for c in columns(_read_table(Path(src.path), "data.path", src.split), "data.path")]
+    if not (src.test_path or src.test_split):
+        return cols, None
+    field_name = "data.test_path" if src.test_path else "data.test_split"
+    test = columns(_read_table(Path(src.test_path or src.path), field_name, src.test_split or src.split), field_name)
+    return [c + list(t) for c, t in zip(cols, test)], len(cols[0])
+
+
+def _columns(table, src: DataSource, field_name: str) -> tuple[list[str], list]:
+    texts, labels = _needs(table, src, ("text_column", "label_column"), field_name)
     for i, (t, y) in enumerate(zip(texts, labels)):
         if not isinstance(t, str) or not t.strip():
             raise DataError("data.text_column", f"row {i} of {field_name}: empty or not text ({t!r})")
@@ -223,16 +240,7 @@ def _columns(table, src: DataSource, field_name: str) -> tuple[list[str], list]:
 
 def _from_files(src: DataSource) -> TextDataset:
     """The user's data: labels may be strings or integers, mapped to 0..K-1 in sorted order."""
-    train = _read_table(Path(src.path), "data.path", src.split)
-    texts, labels = _columns(train, src, "data.path")
-    test_start = None
-    if src.test_path or src.test_split:
-        where = Path(src.test_path or src.path)
-        field_name = "data.test_path" if src.test_path else "data.test_split"
-        test = _read_table(where, field_name, src.test_split or src.split)
-        t_texts, t_labels = _columns(test, src, field_name)
-        test_start = len(texts)
-        texts, labels = list(texts) + list(t_texts), list(labels) + list(t_labels)
+    (texts, labels), test_start = _train_then_test(src, lambda table, where: _columns(table, src, where))
     kinds = {type(y) for y in labels}
     if len(kinds) > 1:
         raise DataError("data.label_column", f"labels mix strings and integers ({', '.join(k.__name__ for k in kinds)})")
@@ -244,33 +252,19 @@ def _from_files(src: DataSource) -> TextDataset:
     return make_dataset(src.label, texts, [index[y] for y in labels], [str(c) for c in classes], test_start)
 
 
-def _pairs(table, src: DataSource, field_name: str) -> tuple[list[str], list[str]]:
-    if len(table) == 0:
-        raise DataError(field_name, "has no rows")
-    cols = []
-    for key in ("prompt_column", "response_column"):
-        col = getattr(src, key)
-        if col not in table.column_names:
-            raise DataError(f"data.{key}", f"no column {col!r} in {field_name}: causal_lm records need a prompt "
-                            f"and a response (columns: {', '.join(table.column_names)})")
-        values = table[col]
+def _pairs(table, src: DataSource, field_name: str) -> list[list]:
+    cols = _needs(table, src, ("prompt_column", "response_column"), field_name,
+                  ": causal_lm records need a prompt and a response")
+    for key, values in zip(("prompt_column", "response_column"), cols):
         for i, v in enumerate(values):
             if not isinstance(v, str) or not v.strip():
                 raise DataError(f"data.{key}", f"row {i} of {field_name}: empty or not text ({v!r})")
-        cols.append(values)
-    return cols[0], cols[1]
+    return cols
 
 
 def _instructions(src: DataSource) -> InstructionSet:
     """The user's instruction records (causal_lm), with a test file or split where given."""
-    prompts, responses = _pairs(_read_table(Path(src.path), "data.path", src.split), src, "data.path")
-    test_start = None
-    if src.test_path or src.test_split:
-        field_name = "data.test_path" if src.test_path else "data.test_split"
-        table = _read_table(Path(src.test_path or src.path), field_name, src.test_split or src.split)
-        t_prompts, t_responses = _pairs(table, src, field_name)
-        test_start = len(prompts)
-        prompts, responses = list(prompts) + list(t_prompts), list(responses) + list(t_responses)
+    (prompts, responses), test_start = _train_then_test(src, lambda table, where: _pairs(table, src, where))
     h = hashlib.sha256(b"causal_lm")
     for p, r in zip(prompts, responses):
         h.update(f"{len(p)}\t{len(r)}\t{p}{r}".encode())
