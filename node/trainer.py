@@ -91,7 +91,8 @@ def checkpoint_fingerprint(path: str) -> str:
     modification times), so nodes forked from the zygote, which computed it, do not read it again."""
     from pathlib import Path
     files = sorted(f for f in Path(path).rglob("*") if f.is_file())
-    return _fingerprint_of(str(path), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    stats = [(str(f), f.stat()) for f in files]
+    return _fingerprint_of(str(path), tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats))
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,13 +100,12 @@ def _fingerprint_of(path: str, state: tuple) -> str:
     import hashlib
     from pathlib import Path
     h = hashlib.sha256()
-    for name, _, _ in state:
+    for name, size, _ in state:
         f = Path(name)
-        if f.is_file():
-            h.update(f"{f.relative_to(path)}\t{f.stat().st_size}\n".encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
+        h.update(f"{f.relative_to(path)}\t{size}\n".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 

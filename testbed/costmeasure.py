@@ -74,11 +74,10 @@ def _measure(base, plan, causal: bool, vocab_floor: int) -> StepCost:
     from torch.utils.flop_counter import FlopCounterMode
     from node import trainer
     batch = _batch(base, plan, causal, vocab_floor)
-    state = trainer.trainable_state(trainer.build_model(base, plan))
-    trained = sum(int(v.size) for v in state.values())
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = trainer.build_model(base, plan)
+        trained = sum(int(v.size) for v in trainer.trainable_state(model).values())  # before the step writes grads
         model.train()
         frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
         frozen |= {b.untyped_storage().data_ptr() for b in model.buffers()}
