@@ -250,8 +250,8 @@ class DockerBackend(Backend):
                                f"data or model ({', '.join(map(str, files))}); use the built-in ones, or run those "
                                "nodes on an engine of this host")
         # the user's data files and checkpoint folder, read-only at the same path in every container
-        self.volumes = {str(f if f.is_dir() else f.parent): {"bind": str(f if f.is_dir() else f.parent), "mode": "ro"}
-                        for f in files}
+        folders = {str(f if f.is_dir() else f.parent) for f in files}
+        self.volumes = {d: {"bind": d, "mode": "ro"} for d in folders}
         if self.engine is not None:  # the node image of this code, copied from this host's engine if missing
             from .. import image
             try:
