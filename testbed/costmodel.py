@@ -342,10 +342,15 @@ def header_bytes(arch: Arch, plan: Plan, meta_bytes: int = 600) -> int:
     The tensor specs are packed exactly as node.protocol.encode packs them; `meta_bytes`
     stands for the message metadata (the plan on the way down, metrics on the way up, a
     few hundred bytes)."""
+    return header_bytes_of(trainable_tensors(arch, plan), meta_bytes)
+
+
+def header_bytes_of(shapes: dict[str, tuple[int, ...]], meta_bytes: int = 600) -> int:
+    """header_bytes for the float32 tensors `shapes` (name -> shape), of any model."""
     import msgpack
 
     from node.protocol import PROTOCOL_VERSION
-    specs = [[name, "float32", list(shape)] for name, shape in trainable_tensors(arch, plan).items()]
+    specs = [[name, "float32", list(shape)] for name, shape in shapes.items()]
     header = {"type": "RESULT", "version": PROTOCOL_VERSION, "run": "r" * 12, "round": 0, "meta": {}, "tensors": specs}
     return len(msgpack.packb(header, use_bin_type=True)) + int(meta_bytes)
 
@@ -793,14 +798,12 @@ def calibrate_runtime_mb(arch: Arch, plan: Plan, measured_peak_mb: float, **kw) 
 # ----------------------------------------------------------------------------------------------
 _CHILD = r'''
 import ctypes, gc, json, sys
-import numpy as np
 import psutil
 args = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(int(args["threads"]))
 from node import trainer
 from node.data import load_dataset
-from testbed import costmodel as cm
 proc = psutil.Process()
 def rss():
     return proc.memory_info().rss / 2 ** 20
@@ -810,7 +813,8 @@ def trim():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-base, tok = trainer.load_base(trainer.ModelSpec(num_layers=args["num_layers"]))
+spec = trainer.ModelSpec.from_dict(args["model"]) if args["model"] else trainer.ModelSpec(num_layers=args["num_layers"])
+base, tok = trainer.load_base(spec)
 ds = load_dataset(args["dataset"])
 n = int(args["examples"])
 from node.plan import Plan
@@ -818,26 +822,8 @@ plan = Plan.from_dict(args["plan"])
 data = trainer.Tokenized(tok, ds.texts[:n], ds.labels[:n], plan.train.max_len)
 trim()
 out = {"idle_rss_mb": rss()}
-# what the aggregator would send: the plan's tensors (names and shapes from the cost model;
-# load_trainable refuses unknown names and wrong shapes), values from the base model, LoRA A
-# small random and B zero as peft initialises them
-arch = cm.Arch.from_config(base.config)
-state = {k: v for k, v in base.state_dict().items()}
-rng = np.random.default_rng(0)
-tensors = {}
-for name, shape in cm.trainable_tensors(arch, plan).items():
-    key = name[len(cm.LORA_PREFIX):] if name.startswith(cm.LORA_PREFIX) else name
-    if "lora_A" in name:
-        tensors[name] = (rng.standard_normal(shape) * 0.01).astype(np.float32)
-    elif "lora_B" in name:
-        tensors[name] = np.zeros(shape, np.float32)
-    elif name.endswith(".ia3_l"):
-        tensors[name] = np.ones(shape, np.float32)
-    elif ".adapter." in name:
-        tensors[name] = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-    else:
-        tensors[name] = state[key].detach().numpy().copy()
-del state
+# what the aggregator sends: the tensors of a fresh build of the plan's model
+tensors = trainer.trainable_state(trainer.build_model(base, plan))
 trim()
 out["received_rss_mb"] = rss()
 _, metrics = trainer.train(base, plan, tensors, data)
@@ -851,11 +837,15 @@ print("RESULT " + json.dumps(out))
 
 def measure_round(plan: Plan, *, num_layers: int | None = None, threads: int = 1, examples: int = 256,
                   dataset: str = "rotten_tomatoes", env: dict | None = None, timeout: float = 300,
-                  repeats: int = 1) -> dict:
+                  repeats: int = 1, model: dict | None = None) -> dict:
     """Run one round of `plan` with node.trainer.train in a fresh interpreter and return
     {idle_rss_mb (model loaded, data tokenized, nothing else), received_rss_mb (+ the plan's
     tensors), peak_mb (the node's peak_mem_mb, first round), compute_s (fastest of `repeats`
     rounds), trained_params, loss (first round)}.
+
+    `model`: a node.trainer.ModelSpec as a dict (a local checkpoint of any family; default the
+    built-in model cut to `num_layers`). The plan's tensors are those a fresh build of the
+    plan's model holds (peft's initial LoRA, the base's values elsewhere), as the aggregator sends.
 
     A fresh process, so that nothing this process allocated before pollutes the peak. Needs
     torch and the model package (it runs the node's own code)."""
@@ -865,7 +855,7 @@ def measure_round(plan: Plan, *, num_layers: int | None = None, threads: int = 1
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    args = {"plan": plan.to_dict(), "num_layers": num_layers, "threads": threads, "examples": examples, "dataset": dataset,
+    args = {"plan": plan.to_dict(), "num_layers": num_layers, "model": model, "threads": threads, "examples": examples, "dataset": dataset,
             "repeats": repeats}
     child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
                  **(env or {})}

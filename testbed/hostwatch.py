@@ -30,9 +30,8 @@ class HostWatch:
             try:
                 if self.arch is not None:
                     self._plan_mb[key] = costmodel.estimate(self.arch, plan, runtime_mb=0.0).peak_memory_mb
-                else:  # weights are the base's, shared: the plan's own state and activations
-                    cost = costmeasure.measure(self.base, plan)
-                    self._plan_mb[key] = (cost.state_bytes + cost.saved_bytes) / costmeasure.MB
+                else:  # weights are the base's, shared: the round's own tensors, measured
+                    self._plan_mb[key] = costmeasure.measure(self.base, plan).memory_mb()
             except (ValueError, KeyError, TypeError):  # a plan the cost model does not know: no estimate
                 self._plan_mb[key] = 0.0
         return self._plan_mb[key]

@@ -29,7 +29,8 @@ from .hostwatch import HostWatch
 from .progress import Progress
 from .report import emulation_warnings, summarize, write_report
 from .rounds import RoundLoop, resolved_params
-from .scenario import COST_MODEL_FAMILIES, ZYGOTE_AUTO_NODES, NodeSpec, Scenario, expand_nodes, parse, strategy_context
+from .scenario import (ZYGOTE_AUTO_NODES, NodeSpec, Scenario, expand_nodes, parse, strategy_context,
+                       walked_analytically)
 from .store import Checkpoint, RunError, RunStore, params_changed
 from .workload import Workload
 
@@ -99,7 +100,7 @@ class Run:
                                     {n: sec for n, (_, sec) in self.keys.nodes.items()} if self.keys else {})
                 self._start_nodes(agg, launcher, join, progress)
                 injector = Injector(self.sc, self.nodes, self.backend, s.dilation, progress.message)
-                bert = self.work.base.config.model_type in COST_MODEL_FAMILIES
+                bert = walked_analytically(self.work.base.config.model_type, self.work.spec.dtype)
                 watch = HostWatch(s.here, costmodel.Arch.from_config(self.work.base.config) if bert else None,
                                   host_mem, progress.message, self.notes, base=self.work.base)
                 self.loop = RoundLoop(self.sc, self.nodes, s, self.work, self.store, agg, self.backend, injector,

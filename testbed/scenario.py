@@ -31,10 +31,12 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     name: str | None = Field(None, description="a built-in model (default all-minilm-l6-v2 when no path)")
     path: str | None = Field(None, description="a local Hugging Face checkpoint folder (config, weights, "
-                             "tokenizer), relative to the scenario file; BERT models for now")
+                             "tokenizer), relative to the scenario file")
     num_layers: int | None = Field(None, ge=1, description="cut the pretrained model to its first blocks")
     task: Literal["classification", "causal_lm"] = Field("classification", description="sequence classification, "
                                                           "or instruction tuning of a causal LM (needs path)")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="the frozen weights' type (trained tensors "
+                                                  "and the wire stay float32)")
 
     @field_validator("name")
     @classmethod
@@ -477,9 +479,15 @@ def model_spec(sc: Scenario):
     from node.trainer import ModelSpec
     if sc.model.task == "causal_lm":
         return ModelSpec(sc.model.name or "local", 2, sc.model.num_layers, sc.seed, path=sc.model.path,
-                         task="causal_lm")
+                         task="causal_lm", dtype=sc.model.dtype)
     return ModelSpec(sc.model.name or "local", len(load_dataset(sc.data.source()).classes), sc.model.num_layers,
-                     sc.seed, path=sc.model.path)
+                     sc.seed, path=sc.model.path, dtype=sc.model.dtype)
+
+
+def walked_analytically(model_type: str | None, dtype: str) -> bool:
+    """Whether testbed/costmodel.py prices this model (a BERT encoder in float32); any other is
+    measured on the model itself (testbed/costmeasure.py)."""
+    return model_type in COST_MODEL_FAMILIES and dtype == "float32"
 
 
 def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
@@ -488,10 +496,13 @@ def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
     from node.arch import layer_count
     from node.trainer import model_config
     from .strategies import Context
-    config = model_config(model_spec(sc))
+    from .costmeasure import Measured
+    spec = model_spec(sc)
+    config = model_config(spec)
     nodes = expand_nodes(sc) if nodes is None else nodes
+    measured = None if walked_analytically(config.get("model_type"), spec.dtype) else Measured(spec)
     return Context(training=sc.training, max_len=sc.data.max_len, num_blocks=layer_count(config), task=sc.model.task,
-                   seed=sc.seed, model_config=config, profiles={n.name: n.profile for n in nodes},
+                   seed=sc.seed, model_config=config, cost_of=measured, profiles={n.name: n.profile for n in nodes},
                    known_profiles=tuple(sc.profiles),
                    profile_names=frozenset(ev.profile for ev in sc.faults.events if ev.profile))
 
@@ -554,9 +565,8 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
 
 
 COST_MODEL_FAMILIES = ("bert",)  # what testbed/costmodel.py walks analytically; others are measured (costmeasure)
-# strategies that need a BERT model for now: LEGEND and CAFF plan with the analytic cost model,
-# adapters and (IA)^3 are placed on BERT's sublayers
-BERT_ONLY_STRATEGIES = ("legend", "caff", "fedadapter", "fedia3")
+# strategies that need a BERT model for now: adapters and (IA)^3 are placed on BERT's sublayers
+BERT_ONLY_STRATEGIES = ("fedadapter", "fedia3")
 
 
 def beside(scenario_path: str, value: str) -> str:
@@ -584,9 +594,8 @@ def _read_model(sc: Scenario, path: str) -> None:
     needs_bert = [e.name for e in sc.strategies.run if e.type in BERT_ONLY_STRATEGIES]
     if kind not in COST_MODEL_FAMILIES and needs_bert:
         raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: model.path: a {kind!r} model: strategies "
-                            f"{', '.join(needs_bert)} need a BERT model for now (LEGEND and CAFF plan with the "
-                            "analytic cost model; adapters and (IA)^3 sit on BERT's sublayers); full, fedlora, "
-                            "hetlora and fedra run on any family")
+                            f"{', '.join(needs_bert)} need a BERT model for now (adapters and (IA)^3 sit on BERT's "
+                            "sublayers); full, fedlora, hetlora, fedra, legend and caff run on any family")
 
 
 def _read_data(sc: Scenario, path: str) -> None:

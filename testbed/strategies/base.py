@@ -114,12 +114,21 @@ class Context:
     known_profiles: tuple[str, ...] = ()   # profile names per-profile parameters may use
     profile_names: frozenset = frozenset()  # every profile a device of the run can have
     task: str = "classification"  # or causal_lm: the LM head (often tied to the embeddings) stays frozen
+    cost_of: Any = None  # plan -> costmodel.Cost for a model the analytic walk does not know (costmeasure.Measured)
 
     def __post_init__(self):
         from emulation.profiles import PROFILES
         names = {p.name for p in self.profiles.values()} | set(self.profile_names)
         object.__setattr__(self, "profile_names", frozenset(names))
         object.__setattr__(self, "known_profiles", tuple(sorted({*PROFILES, *self.known_profiles, *names})))
+
+    def cost(self, plan: Plan):
+        """One round of `plan` on one device (testbed.costmodel.Cost): the analytic walk of a BERT
+        encoder, or the plan measured on the model itself for another family."""
+        if self.cost_of is not None:
+            return self.cost_of(plan)
+        from ..costmodel import Arch, estimate
+        return estimate(Arch.from_config(self.model_config), plan)
 
 
 class Strategy(ABC):

@@ -97,9 +97,7 @@ class Budgets:
     """The cost side of CAFF: what each configuration costs, what each device may spend."""
 
     def __init__(self, p: CaffParams, ctx: Context):
-        from ..costmodel import Arch
         self.p, self.ctx = p, ctx
-        self.arch = Arch.from_config(ctx.model_config)
         t = ctx.training
         self.train = TrainSpec(local_steps=p.local_steps or t.local_steps, batch_size=t.batch_size,
                                lr=p.lr or t.lr, weight_decay=t.weight_decay, max_len=ctx.max_len)
@@ -112,8 +110,7 @@ class Budgets:
 
     def cost(self, n: int):
         if n not in self._costs:
-            from ..costmodel import estimate
-            self._costs[n] = estimate(self.arch, self.plan(n))
+            self._costs[n] = self.ctx.cost(self.plan(n))
         return self._costs[n]
 
     def fraction(self, profile) -> float:

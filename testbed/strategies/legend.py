@@ -95,9 +95,7 @@ class Legend(Strategy):
 
     def __init__(self, params: dict, ctx):
         super().__init__(params, ctx)
-        from ..costmodel import Arch
         self.ranks = list(self.p.rank_distribution or default_ranks(ctx.num_blocks))
-        self.arch = Arch.from_config(ctx.model_config)
         self.speed: dict[str, float] = {}     # FLOP per emulated second
         self.bw_up: dict[str, float] = {}     # bit per emulated second
         self.bw_down: dict[str, float] = {}
@@ -129,8 +127,7 @@ class Legend(Strategy):
         """Cost-model figures of LoRA at `depth` with `ranks` (the same for every round)."""
         key = (depth, tuple(self.ranks if ranks is None else ranks))
         if key not in self._costs:
-            from ..costmodel import estimate
-            self._costs[key] = estimate(self.arch, self.plan_for(depth, ranks))
+            self._costs[key] = self.ctx.cost(self.plan_for(depth, ranks))
         return self._costs[key]
 
     def predict_s(self, node: str, depth: int, ranks: list[int] | None = None) -> float:

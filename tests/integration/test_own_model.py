@@ -44,28 +44,31 @@ def test_a_local_bert_checkpoint_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_a_local_decoder_checkpoint_runs_the_lora_family_and_full_end_to_end(tmp_path, family):
+def test_a_local_decoder_checkpoint_runs_every_block_wise_strategy_end_to_end(tmp_path, family):
     """A decoder: padded with its end-of-sequence token, LoRA on peft's default targets (Llama:
     q_proj and v_proj; GPT-2: c_attn, whose config counts its blocks as n_layer), per-device
-    ranks (HetLoRA), sub-models of its blocks (FedRA), full fine-tuning."""
+    ranks (HetLoRA), sub-models of its blocks (FedRA), LEGEND's depths and CAFF's last blocks
+    planned with costs measured on the model itself, full fine-tuning."""
     checkpoint(tmp_path, family)
+    strategies = ["fedlora", "hetlora", "fedra", "legend", "caff", "full"]
     text = SCENARIO.replace("MODEL", f"{{path: {family}}}").replace(
         "run: [{name: fedlora, params: {rank: 2}}, {name: full}]",
-        "run: [{name: fedlora, params: {rank: 2}}, {name: hetlora}, {name: fedra}, {name: full}]")
+        "run: [{name: fedlora, params: {rank: 2}}, {name: hetlora}, {name: fedra}, {name: legend}, {name: caff}, "
+        "{name: full}]")
     sc = write_scenario(tmp_path, text, "llama.yaml")
     try:
         run = run_scenario(sc, tmp_path / "run", timeout=600)
     finally:
         kill_run_processes(tmp_path / "run")
     assert run.manifest["model"]["blocks"] == 2
-    assert {r["strategy"] for r in run.rounds} == {"fedlora", "hetlora", "fedra", "full"}
+    assert {r["strategy"] for r in run.rounds} == set(strategies)
     trained = [r for r in run.rounds if r["round"] > 0]
     assert all(r["participants"] == 2 and not r["failed"] for r in trained), [(r["strategy"], r["round"]) for r in trained]
     assert all(r["payload"] for r in trained)
 
 
 @pytest.mark.parametrize("model, make, strategies, match", [
-    ("{path: llama}", "llama", "[{name: legend}, {name: fedlora}]", "strategies legend need a BERT model for now"),
+    ("{path: llama}", "llama", "[{name: fedadapter}, {name: fedlora}]", "strategies fedadapter need a BERT model"),
     ("{path: nowhere}", None, None, "model.path: no such checkpoint folder"),
     ("{name: all-minilm-l6-v2, path: bert}", "bert", None, "model: give either name"),
 ])
@@ -125,7 +128,7 @@ nodes:
   - {{group: n, count: 2, profile: host}}
 strategies:
   baseline: fedlora
-  run: [{{name: fedlora, params: {{rank: 8}}}}]
+  run: [{{name: fedlora, params: {{rank: 8}}}}, {{name: legend}}, {{name: caff}}]
 """
     sc = write_scenario(tmp_path, text, "sft.yaml")
     try:
@@ -145,6 +148,10 @@ strategies:
     reached = next(r for r in rows if r["loss"] <= 2.5)  # by loss, not by accuracy (0.99: only in the last round)
     assert s["time_to_target_s"] == pytest.approx(reached["elapsed_s"]) and reached["round"] < rows[-1]["round"]
     assert "target loss: 2.5" in (tmp_path / "run" / "report.md").read_text()
+    # LEGEND and CAFF plan the decoder's blocks with costs measured on it, and their rounds train
+    for name in ("legend", "caff"):
+        done = [r for r in run.rows(name) if r["round"] > 0]
+        assert done and all(r["participants"] == 2 and not r["failed"] and r["loss"] > 0 for r in done), name
 
 
 @pytest.mark.parametrize("model, data, match", [
@@ -163,3 +170,23 @@ def test_an_instruction_scenario_that_cannot_run_is_refused_at_validate(tmp_path
         f"data: {data}")
     with pytest.raises(ScenarioError, match=match):
         load(write_scenario(tmp_path, text, "bad.yaml"))
+
+
+def test_a_checkpoint_runs_in_bfloat16_and_a_wrong_dtype_is_named(tmp_path):
+    """model.dtype: the nodes and the aggregator load the frozen weights in bfloat16 (recorded in
+    the manifest); LEGEND then plans with costs measured on the bfloat16 model, as the analytic
+    walk counts float32 weights. Any other dtype is refused at validate, with the allowed ones."""
+    checkpoint(tmp_path, "llama")
+    text = SCENARIO.replace("MODEL", "{path: llama, dtype: bfloat16}").replace(
+        "run: [{name: fedlora, params: {rank: 2}}, {name: full}]", "run: [{name: fedlora, params: {rank: 2}}, {name: legend}]")
+    with pytest.raises(ScenarioError, match=r"model.dtype: .*'float32' or 'bfloat16'"):
+        load(write_scenario(tmp_path, text.replace("bfloat16", "float16"), "f16.yaml"))
+    sc = write_scenario(tmp_path, text, "bf16.yaml")
+    try:
+        run = run_scenario(sc, tmp_path / "run", timeout=600)
+    finally:
+        kill_run_processes(tmp_path / "run")
+    assert run.manifest["model"]["dtype"] == "bfloat16"
+    trained = [r for r in run.rounds if r["round"] > 0]
+    assert {r["strategy"] for r in trained} == {"fedlora", "legend"}
+    assert all(r["participants"] == 2 and not r["failed"] for r in trained)

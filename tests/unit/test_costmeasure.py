@@ -72,6 +72,57 @@ def test_the_host_memory_check_measures_a_family_the_analytic_model_does_not_wal
     plan = Plan("lora", [1], head=HeadSpec(pooler=False), lora=LoraSpec(r=2, alpha=4, target_modules=("c_attn",)),
                 train=_train())
     cost = costmeasure.measure(model, plan)
-    assert watch.training_mb(plan) == pytest.approx((cost.state_bytes + cost.saved_bytes) / costmeasure.MB)
+    assert watch.training_mb(plan) == pytest.approx(
+        (cost.payload_bytes + cost.live_peak_bytes + cost.retained_bytes) / costmeasure.MB)
+    # the round's own tensors hold at least the trained state and what autograd saves
+    assert cost.live_peak_bytes >= cost.state_bytes - 4 * cost.trained_params + cost.saved_bytes
     # block 1 only: LoRA A (2 x 32) and B (96 x 2) on c_attn (d -> 3d), and the score head (2 classes x 32)
     assert cost.saved_bytes > 0 and cost.trained_params == (2 * 32 + 96 * 2) + 2 * 32
+
+
+@pytest.fixture(scope="module")
+def llama4():
+    """A tiny Llama of 4 blocks, for the block-wise planners."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=120, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, num_hidden_layers=4, max_position_embeddings=128,
+                                      pad_token_id=0, num_labels=2)
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    model.requires_grad_(False)
+    return model
+
+
+def _llama_ctx(model, profiles=None):
+    from testbed.scenario import TrainingConfig
+    from testbed.strategies.base import Context
+    return Context(training=TrainingConfig(local_steps=2, batch_size=16), max_len=64, num_blocks=4, seed=0,
+                   model_config=model.config, profiles=profiles or {},
+                   cost_of=lambda plan: costmeasure.estimate(model, plan))
+
+
+def test_caff_gives_a_llama_the_blocks_its_budget_allows(llama4):
+    """Every block of a Llama costs the same to train, so the cost of the last n blocks grows
+    linearly from the head's: a budget b of the trainable range buys floor(b x 4) blocks, here 4,
+    2 and 0 for budgets 1, 0.5 and 0.05 (whatever the measured figures are)."""
+    from emulation.profiles import get_profile
+    from testbed.strategies.base import NodeInfo
+    from testbed.strategies.caff import Caff
+    groups = {"caff-strong": 1.0, "caff-medium": 0.5, "caff-weak": 0.05}
+    ctx = _llama_ctx(llama4, {f"{g}-0": get_profile(g) for g in groups})
+    s = Caff({"upload_factor": [1.0, 1.0], "budgets": groups}, ctx)
+    tasks = s.configure(1, [NodeInfo(n, p, 100) for n, p in ctx.profiles.items()], {})
+    got = {n.removesuffix("-0"): (t.choices["caff_blocks"], t.plan.blocks) for n, t in tasks.items()}
+    assert got == {"caff-strong": (4, (0, 1, 2, 3)), "caff-medium": (2, (2, 3)), "caff-weak": (0, ())}
+
+
+def test_legend_caps_a_llamas_depth_by_its_measured_memory(llama4):
+    from emulation.profiles import get_profile
+    from testbed.strategies.base import NodeInfo
+    from testbed.strategies.legend import Legend
+    s = Legend({}, _llama_ctx(llama4))
+    need = {d: s._cost(d).peak_memory_mb for d in range(1, 5)}
+    assert all(need[d] + 1 < need[d + 1] for d in range(1, 4)), need  # MB apart: a profile's memory is whole MB
+    assert s._cost(2).breakdown["memory_mb"]["measured"], "the Llama is measured, not walked as a BERT"
+    cap = (need[2] + need[3]) / 2
+    tasks = s.configure(1, [NodeInfo("small", get_profile("host").with_overrides(memory_mb=int(cap)), 100)], {})
+    assert tasks["small"].choices["legend_depth"] == 2 and tasks["small"].plan.blocks == (2, 3)
