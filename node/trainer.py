@@ -85,6 +85,25 @@ def check_checkpoint(path: str) -> None:
                          f"{' or '.join(WEIGHT_FILES[::2])}, and its tokenizer's files)")
 
 
+def checkpoint_layout(path: str, task: str = "classification") -> Layout:
+    """The blocks, embeddings and head of a checkpoint's task model, built on the meta device from
+    its config alone (no weight is read): `testbed validate` checks that the family has the task's
+    head and that its blocks can be found."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    _quiet_transformers()
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config)
+    except ValueError as exc:  # no such head for this family: transformers lists the families it has
+        kind = "causal-LM" if task == "causal_lm" else "sequence-classification"
+        raise ModelError(f"a {config.model_type!r} model has no {kind} head in transformers "
+                         f"({str(exc).splitlines()[0][:200]})") from None
+    return Layout.of(model)
+
+
 def checkpoint_fingerprint(path: str) -> str:
     """A hash of every file of a checkpoint folder (names, sizes and contents): a node whose copy
     differs from the aggregator's refuses to train. Remembered per folder state (names, sizes,

@@ -580,15 +580,18 @@ def beside(scenario_path: str, value: str) -> str:
 def _read_model(sc: Scenario, path: str) -> None:
     """Resolve a local checkpoint against the scenario file and check it now: its files, and that
     its family suits every strategy of the scenario."""
-    import json
-    from node.trainer import ModelError, check_checkpoint
+    from node.arch import LayoutError
+    from node.trainer import ModelError, check_checkpoint, checkpoint_layout
     m = sc.model
     if m.path is None:
         return
     m.path = beside(path, m.path)
     try:
         check_checkpoint(m.path)
-        kind = json.loads((Path(m.path) / "config.json").read_text()).get("model_type")
+        kind = checkpoint_layout(m.path, m.task).model_type
+    except LayoutError as exc:
+        raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: model.path: {exc}; every strategy addresses "
+                            "the model's blocks") from None
     except (ModelError, OSError, ValueError) as exc:
         raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: model.path: {exc}") from None
     needs_bert = [e.name for e in sc.strategies.run if e.type in BERT_ONLY_STRATEGIES]

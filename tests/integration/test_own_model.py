@@ -67,13 +67,38 @@ def test_a_local_decoder_checkpoint_runs_every_block_wise_strategy_end_to_end(tm
     assert all(r["payload"] for r in trained)
 
 
+def _save(model, folder) -> None:
+    from tests.unit.test_local_checkpoints import tokenizer
+    model.save_pretrained(folder)
+    tokenizer(decoder=False).save_pretrained(folder)
+
+
+def _other(name: str):
+    import transformers
+    if name == "clip":
+        return transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
+    return transformers.T5Model(transformers.T5Config(vocab_size=120, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                                      num_heads=2))
+
+
+OTHER_MODELS = {name: (lambda folder, name=name: _save(_other(name), folder)) for name in ("clip", "t5")}
+
+
 @pytest.mark.parametrize("model, make, strategies, match", [
     ("{path: llama}", "llama", "[{name: fedadapter}, {name: fedlora}]", "strategies fedadapter need a BERT model"),
     ("{path: nowhere}", None, None, "model.path: no such checkpoint folder"),
+    ("{path: clip}", "clip", None, "model.path: a 'clip_text_model' model has no sequence-classification head"),
+    ("{path: t5}", "t5", None, "model.path: cannot find the 2 transformer blocks of this t5 model"),
     ("{name: all-minilm-l6-v2, path: bert}", "bert", None, "model: give either name"),
 ])
 def test_a_checkpoint_the_run_cannot_use_is_refused_at_validate(tmp_path, model, make, strategies, match):
-    if make:
+    """Checked from the files and the config alone (the task model is built on the meta device):
+    CLIP's text model has no sequence-classification head; T5's blocks are not a list this
+    testbed can find."""
+    if make in OTHER_MODELS:
+        OTHER_MODELS[make](tmp_path / make)
+    elif make:
         checkpoint(tmp_path, make)
     text = SCENARIO.replace("MODEL", model)
     if strategies:
