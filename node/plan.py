@@ -35,6 +35,7 @@ BLOCK_LINEARS = ("attention.self.query", "attention.self.key", "attention.self.v
 ADAPTER_PLACES = {"houlsby": ("attention.output", "output"),  # after attention and after the feed-forward
                   "pfeiffer": ("output",)}                     # after the feed-forward only
 ADAPTER_ACTIVATIONS = ("relu", "gelu", "silu")
+MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def block_of(name: str) -> int | None:
@@ -170,8 +171,10 @@ class IA3Spec:
     """(IA)^3 (Liu et al. 2022, https://arxiv.org/abs/2205.05638) through peft: learned vectors
     that rescale, in every planned block, the output of the `targets` projections, or their
     input for the `feedforward` ones (the input of the feed-forward's second layer in the
-    paper). Paths inside a block, exact (peft's suffix matching would also take the attention
-    output's `dense` for `output.dense`)."""
+    paper). A target with a dot is a path inside a block, matched exactly (peft's suffix
+    matching would also take BERT's attention-output `dense` for `output.dense`); a plain name
+    matches the modules of that name anywhere in the block (Llama's `k_proj`). The defaults are
+    BERT's; strategies.fedia3 takes peft's defaults for other families."""
     targets: tuple[str, ...] = ("attention.self.key", "attention.self.value", "output.dense")
     feedforward: tuple[str, ...] = ("output.dense",)
 
@@ -180,18 +183,23 @@ class IA3Spec:
             value = getattr(self, name)
             _require(isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value),
                      f"ia3.{name} must be a list of block paths")
-            unknown = [t for t in value if t not in BLOCK_LINEARS]
-            _require(not unknown, f"ia3.{name}: {unknown} are not linear modules of a block; allowed: "
-                     f"{', '.join(BLOCK_LINEARS)}")
+            bad = [t for t in value if not MODULE_PATH.fullmatch(t)]
+            _require(not bad, f"ia3.{name}: {bad} are not module paths (names joined by dots)")
             object.__setattr__(self, name, tuple(value))
         _require(len(self.targets) > 0, "ia3.targets must name at least one projection")
         _require(set(self.feedforward) <= set(self.targets), "ia3.feedforward must be among ia3.targets")
 
-    def peft_regexes(self, blocks: list[int]) -> tuple[str, str | None]:
-        """peft's target_modules and feedforward_modules, as regexes over full module names."""
+    @staticmethod
+    def matches(target: str, path: str) -> bool:
+        """Whether `target` names the module at `path` inside a block (see the class docstring)."""
+        return path == target or ("." not in target and path.rsplit(".", 1)[-1] == target)
+
+    def peft_regexes(self, blocks: list[int], segment: str = "layer") -> tuple[str, str | None]:
+        """peft's target_modules and feedforward_modules, as regexes over full module names
+        (`segment`: the name of the model's block list, node.arch.Layout.segment)."""
         def rx(paths):
-            alts = "|".join(re.escape(p) for p in paths)
-            return rf".*\.layer\.({'|'.join(map(str, blocks))})\.({alts})"
+            alts = "|".join(re.escape(p) if "." in p else rf"(?:[\w.]*\.)?{re.escape(p)}" for p in paths)
+            return rf".*\.{re.escape(segment)}\.({'|'.join(map(str, blocks))})\.({alts})"
         return rx(self.targets), (rx(self.feedforward) if self.feedforward else None)
 
 

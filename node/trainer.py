@@ -85,10 +85,9 @@ def check_checkpoint(path: str) -> None:
                          f"{' or '.join(WEIGHT_FILES[::2])}, and its tokenizer's files)")
 
 
-def checkpoint_layout(path: str, task: str = "classification") -> Layout:
-    """The blocks, embeddings and head of a checkpoint's task model, built on the meta device from
-    its config alone (no weight is read): `testbed validate` checks that the family has the task's
-    head and that its blocks can be found."""
+def meta_model(path: str, task: str = "classification"):
+    """The task model of a checkpoint folder, built on torch's meta device from its config alone
+    (no weight is read): its layout and module names, cheaply, at `testbed validate`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     _quiet_transformers()
@@ -96,12 +95,25 @@ def checkpoint_layout(path: str, task: str = "classification") -> Layout:
     auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     try:
         with torch.device("meta"):
-            model = auto.from_config(config)
+            return auto.from_config(config)
     except ValueError as exc:  # no such head for this family: transformers lists the families it has
         kind = "causal-LM" if task == "causal_lm" else "sequence-classification"
         raise ModelError(f"a {config.model_type!r} model has no {kind} head in transformers "
                          f"({str(exc).splitlines()[0][:200]})") from None
-    return Layout.of(model)
+
+
+def checkpoint_layout(path: str, task: str = "classification") -> Layout:
+    """The blocks, embeddings and head of a checkpoint's task model (meta_model): `testbed
+    validate` checks that the family has the task's head and that its blocks can be found."""
+    return Layout.of(meta_model(path, task))
+
+
+def block_projections(model) -> tuple[str, ...]:
+    """The paths inside block 0 of its linear projections (torch Linear, or GPT-2's Conv1D)."""
+    lay = layout(model)
+    block = model.get_submodule(lay.blocks + "0")
+    return tuple(n for n, m in block.named_modules()
+                 if n and (type(m).__name__ in ("Linear", "Conv1D")))
 
 
 def checkpoint_fingerprint(path: str) -> str:
@@ -258,7 +270,7 @@ def build_model(base, plan: Plan):
     if plan.method == "adapter":
         return _with_adapters(base, plan, blocks, head, lay)
     if plan.method == "ia3":
-        return _with_ia3(base, plan, blocks, head)
+        return _with_ia3(base, plan, blocks, head, lay)
     from peft import LoraConfig, get_peft_model
     # peft freezes every base weight and adds new adapter tensors; the head it trains is a
     # copy it makes itself (modules_to_save), but the head is kept private here too
@@ -305,12 +317,12 @@ def _peft_head(head: tuple[str, ...]) -> list[str] | None:
     return [p.rstrip(".").rsplit(".", 1)[-1] for p in head] or None
 
 
-def _with_ia3(base, plan: Plan, blocks: list[int], head: tuple[str, ...]):
+def _with_ia3(base, plan: Plan, blocks: list[int], head: tuple[str, ...], lay: Layout):
     """A copy of `base` with peft's (IA)^3 vectors (initialised to ones) on the planned
     projections of the planned blocks; they and the head train."""
     from peft import IA3Config, get_peft_model
     model = _copy_sharing_frozen(base, lambda name: bool(head) and name.startswith(head))
-    targets, feedforward = plan.ia3.peft_regexes(blocks)
+    targets, feedforward = plan.ia3.peft_regexes(blocks, lay.segment)
     return get_peft_model(model, IA3Config(target_modules=targets, feedforward_modules=feedforward or [],
                                            modules_to_save=_peft_head(head)))
 

@@ -496,13 +496,16 @@ def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
     from node.arch import layer_count
     from node.trainer import model_config
     from .strategies import Context
+    from node.trainer import block_projections, meta_model, model_path
     from .costmeasure import Measured
     spec = model_spec(sc)
     config = model_config(spec)
+    projections = block_projections(meta_model(model_path(spec.name, spec.path), spec.task))
     nodes = expand_nodes(sc) if nodes is None else nodes
     measured = None if walked_analytically(config.get("model_type"), spec.dtype) else Measured(spec)
     return Context(training=sc.training, max_len=sc.data.max_len, num_blocks=layer_count(config), task=sc.model.task,
-                   seed=sc.seed, model_config=config, cost_of=measured, profiles={n.name: n.profile for n in nodes},
+                   seed=sc.seed, model_config=config, cost_of=measured, block_projections=projections,
+                   profiles={n.name: n.profile for n in nodes},
                    known_profiles=tuple(sc.profiles),
                    profile_names=frozenset(ev.profile for ev in sc.faults.events if ev.profile))
 
@@ -565,8 +568,8 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
 
 
 COST_MODEL_FAMILIES = ("bert",)  # what testbed/costmodel.py walks analytically; others are measured (costmeasure)
-# strategies that need a BERT model for now: adapters and (IA)^3 are placed on BERT's sublayers
-BERT_ONLY_STRATEGIES = ("fedadapter", "fedia3")
+# strategies that need a BERT model for now: bottleneck adapters are placed on BERT's sublayers
+BERT_ONLY_STRATEGIES = ("fedadapter",)
 
 
 def beside(scenario_path: str, value: str) -> str:
@@ -597,8 +600,8 @@ def _read_model(sc: Scenario, path: str) -> None:
     needs_bert = [e.name for e in sc.strategies.run if e.type in BERT_ONLY_STRATEGIES]
     if kind not in COST_MODEL_FAMILIES and needs_bert:
         raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: model.path: a {kind!r} model: strategies "
-                            f"{', '.join(needs_bert)} need a BERT model for now (adapters and (IA)^3 sit on BERT's "
-                            "sublayers); full, fedlora, hetlora, fedra, legend and caff run on any family")
+                            f"{', '.join(needs_bert)} need a BERT model for now (bottleneck adapters sit on BERT's "
+                            "sublayers); every other strategy runs on any family")
 
 
 def _read_data(sc: Scenario, path: str) -> None:

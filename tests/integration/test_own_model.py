@@ -48,13 +48,14 @@ def test_a_local_decoder_checkpoint_runs_every_block_wise_strategy_end_to_end(tm
     """A decoder: padded with its end-of-sequence token, LoRA on peft's default targets (Llama:
     q_proj and v_proj; GPT-2: c_attn, whose config counts its blocks as n_layer), per-device
     ranks (HetLoRA), sub-models of its blocks (FedRA), LEGEND's depths and CAFF's last blocks
-    planned with costs measured on the model itself, full fine-tuning."""
+    planned with costs measured on the model itself, (IA)^3 on peft's default projections of the
+    family, full fine-tuning."""
     checkpoint(tmp_path, family)
-    strategies = ["fedlora", "hetlora", "fedra", "legend", "caff", "full"]
+    strategies = ["fedlora", "hetlora", "fedra", "legend", "caff", "fedia3", "full"]
     text = SCENARIO.replace("MODEL", f"{{path: {family}}}").replace(
         "run: [{name: fedlora, params: {rank: 2}}, {name: full}]",
         "run: [{name: fedlora, params: {rank: 2}}, {name: hetlora}, {name: fedra}, {name: legend}, {name: caff}, "
-        "{name: full}]")
+        "{name: fedia3}, {name: full}]")
     sc = write_scenario(tmp_path, text, "llama.yaml")
     try:
         run = run_scenario(sc, tmp_path / "run", timeout=600)
@@ -153,7 +154,7 @@ nodes:
   - {{group: n, count: 2, profile: host}}
 strategies:
   baseline: fedlora
-  run: [{{name: fedlora, params: {{rank: 8}}}}, {{name: legend}}, {{name: caff}}]
+  run: [{{name: fedlora, params: {{rank: 8}}}}, {{name: legend}}, {{name: caff}}, {{name: fedia3}}]
 """
     sc = write_scenario(tmp_path, text, "sft.yaml")
     try:
@@ -173,8 +174,9 @@ strategies:
     reached = next(r for r in rows if r["loss"] <= 2.5)  # by loss, not by accuracy (0.99: only in the last round)
     assert s["time_to_target_s"] == pytest.approx(reached["elapsed_s"]) and reached["round"] < rows[-1]["round"]
     assert "target loss: 2.5" in (tmp_path / "run" / "report.md").read_text()
-    # LEGEND and CAFF plan the decoder's blocks with costs measured on it, and their rounds train
-    for name in ("legend", "caff"):
+    # LEGEND and CAFF plan the decoder's blocks with costs measured on it, and their rounds train;
+    # (IA)^3 on Llama's k_proj, v_proj and down_proj
+    for name in ("legend", "caff", "fedia3"):
         done = [r for r in run.rows(name) if r["round"] > 0]
         assert done and all(r["participants"] == 2 and not r["failed"] and r["loss"] > 0 for r in done), name
 

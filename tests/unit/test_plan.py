@@ -66,7 +66,8 @@ def test_block_of(name, block):
     (lambda: Plan("adapter", (), adapter=AdapterSpec()), "plan method adapter needs at least one block"),
     (lambda: Plan("ia3"), "plan method ia3 needs its ia3 spec"),
     (lambda: Plan("lora", lora=LoraSpec(4, 8), ia3=IA3Spec()), "the ia3 spec goes with method ia3, not lora"),
-    (lambda: IA3Spec(targets=("query", )), r"ia3.targets: \['query'\] are not linear modules of a block"),
+    (lambda: IA3Spec(targets=("attention..key", ), feedforward=()), r"ia3.targets: \['attention..key'\] are not "
+                                                                      "module paths"),
     (lambda: IA3Spec(targets=("attention.self.key",)), "ia3.feedforward must be among ia3.targets"),
     (lambda: IA3Spec(targets=()), "ia3.targets must name at least one projection"),
     (lambda: Plan("adapter", adapter=AdapterSpec(), train_embeddings=True), "train_embeddings goes with method full, not adapter"),

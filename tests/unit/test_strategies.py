@@ -191,6 +191,34 @@ def test_fedadapter_aggregates_by_samples_or_plain_mean():
     np.testing.assert_allclose(FedAdapter({"weighting": "mean"}, ctx).aggregate(1, ups, state)[0]["w"], [2, 2])
 
 
+BERT_PROJECTIONS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                    "intermediate.dense", "output.dense")
+LLAMA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj")
+
+
+def test_fedia3_on_another_family_takes_peft_defaults_and_matches_plain_names_anywhere_in_a_block():
+    import re
+    ctx = replace(_ctx(2), model_config={"model_type": "llama"}, block_projections=LLAMA_PROJECTIONS)
+    plan = FedIA3({}, ctx).global_plan()
+    assert (plan.ia3.targets, plan.ia3.feedforward) == (("k_proj", "v_proj", "down_proj"), ("down_proj",))
+    targets, feedforward = plan.ia3.peft_regexes([1], "layers")
+    names = [f"model.layers.{b}.{p}" for b in (0, 1) for p in LLAMA_PROJECTIONS]
+    assert [n for n in names if re.fullmatch(targets, n)] == [
+        "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    assert [n for n in names if re.fullmatch(feedforward, n)] == ["model.layers.1.mlp.down_proj"]
+    # BERT's dotted paths stay exact: output.dense is not the attention's output dense
+    bert = FedIA3({}, replace(_ctx(2), block_projections=BERT_PROJECTIONS)).global_plan()
+    targets, _ = bert.ia3.peft_regexes([0])
+    assert [p for p in BERT_PROJECTIONS if re.fullmatch(targets, f"bert.encoder.layer.0.{p}")] == [
+        "attention.self.key", "attention.self.value", "output.dense"]
+    with pytest.raises(ValidationError, match=r"\['key'\] name no projection of a llama block; its projections: "
+                                              r"self_attn.q_proj"):
+        FedIA3({"targets": ["key"]}, ctx)
+    with pytest.raises(ValidationError, match="peft has no default .IA.\\^3 target modules for 'distilbert'"):
+        FedIA3({}, replace(_ctx(2), model_config={"model_type": "distilbert"}))
+
+
 def test_fedia3_plan():
     plan = FedIA3({}, _ctx(6)).global_plan()
     assert plan.method == "ia3" and plan.blocks == (0, 1, 2, 3, 4, 5) and not plan.head.pooler
@@ -227,10 +255,10 @@ def test_aggregate_is_weighted_average():
     (FedAdapter, {"kind": "lora"}, "kind"),
     (FedAdapter, {"size": 0}, "size"),
     (FedAdapter, {"activation": "tanh"}, "activation"),
-    (FedIA3, {"targets": ["value"]}, "targets"),
-    (FedIA3, {"targets": ["attention.self.key"]}, "feedforward"),
+    (FedIA3, {"targets": ["values"]}, "targets: ['values'] name no projection of a bert block"),
+    (FedIA3, {"targets": ["attention.self.key"], "feedforward": ["output.dense"]}, "feedforward"),
 ])
 def test_bad_params_raise_validation_error(cls, params, field):
     with pytest.raises(ValidationError) as err:
-        cls(params, _ctx())
+        cls(params, replace(_ctx(), block_projections=BERT_PROJECTIONS))
     assert field in str(err.value)
