@@ -29,12 +29,20 @@ def block_index(name: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
-def layer_count(config) -> int:
-    """The number of transformer blocks a config declares (num_hidden_layers; GPT-2: n_layer)."""
-    for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
+def _first_int(config, keys) -> int | None:
+    """The first of `keys` a config (a dict or an HF config) sets to an integer."""
+    for key in keys:
         value = getattr(config, key, None) if not isinstance(config, dict) else config.get(key)
         if isinstance(value, int):
             return value
+    return None
+
+
+def layer_count(config) -> int:
+    """The number of transformer blocks a config declares (num_hidden_layers; GPT-2: n_layer)."""
+    value = _first_int(config, ("num_hidden_layers", "n_layer", "n_layers", "num_layers"))
+    if value is not None:
+        return value
     raise LayoutError("the model's config declares no number of layers (num_hidden_layers, n_layer or n_layers)")
 
 
@@ -45,6 +53,31 @@ def default_lora_targets(model_type: str) -> tuple[str, ...]:
         raise LayoutError(f"peft has no default LoRA target modules for {model_type!r} models: name them in the "
                           "strategy's target_modules")
     return tuple(MAPPING[model_type])
+
+
+def hidden_size(config) -> int:
+    """The width of the residual stream (hidden_size; GPT-2 n_embd; DistilBERT dim)."""
+    value = _first_int(config, ("hidden_size", "n_embd", "dim", "d_model"))
+    if value is not None:
+        return value
+    raise LayoutError("the model's config declares no hidden size (hidden_size, n_embd or dim)")
+
+
+def sublayer_outputs(projections) -> tuple[str, str]:
+    """The attention's and the feed-forward's output projections among a block's projections
+    (paths inside the block, in the order the block defines them): the last projection of the
+    first child that holds any (the attention) and the block's last projection. BERT:
+    attention.output.dense and output.dense; Llama: self_attn.o_proj and mlp.down_proj; GPT-2:
+    attn.c_proj and mlp.c_proj; DistilBERT: attention.out_lin and ffn.lin2."""
+    projections = list(projections)
+    if not projections:
+        raise LayoutError("the block has no linear projections")
+    first = projections[0].split(".")[0]
+    attention = [p for p in projections if p.split(".")[0] == first][-1]
+    if attention == projections[-1]:
+        raise LayoutError(f"cannot tell the attention's output projection from the feed-forward's among "
+                          f"{', '.join(projections)}")
+    return attention, projections[-1]
 
 
 @dataclass(frozen=True)

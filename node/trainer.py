@@ -25,7 +25,7 @@ import numpy as np
 
 from dataclasses import replace
 
-from .arch import Layout, layer_count
+from .arch import Layout, hidden_size, layer_count, sublayer_outputs
 from .plan import Plan, block_of, pattern_key, renumber
 
 MODELS = {
@@ -334,8 +334,9 @@ def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...], l
     adapters everywhere."""
     import torch
     from .adapters import Bottleneck
-    spec, d = plan.adapter, int(base.config.hidden_size)
-    norms = tuple(f"{lay.blocks}{b}.{place}.LayerNorm." for b in blocks for place in spec.places
+    spec, d = plan.adapter, hidden_size(base.config)
+    sites = adapter_sites(base, spec.kind)  # (holder, projection) paths inside a block
+    norms = tuple(f"{lay.blocks}{b}.{holder}.LayerNorm." for b in blocks for holder, _ in sites
                   ) if spec.train_layer_norm else ()
     trains = head + norms
     model = _copy_sharing_frozen(base, lambda name: bool(trains) and name.startswith(trains))
@@ -345,9 +346,18 @@ def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...], l
         torch.manual_seed(plan.train.seed)
         for b in blocks:
             layer = model.get_submodule(f"{lay.blocks}{b}")
-            for place in spec.places:
-                Bottleneck(d, spec.size, spec.activation, spec.init_std).attach(layer.get_submodule(place))
+            for holder, projection in sites:
+                Bottleneck(d, spec.size, spec.activation, spec.init_std).attach(layer.get_submodule(holder), projection)
     return model
+
+
+def adapter_sites(model, kind: str) -> tuple[tuple[str, str], ...]:
+    """Where a block gets its bottleneck adapters: (holder, projection) paths inside a block, after
+    the attention's and the feed-forward's output projections (houlsby) or the feed-forward's
+    only (pfeiffer). BERT: (attention.output, dense) and (output, dense)."""
+    attention, feedforward = sublayer_outputs(block_projections(model))
+    chosen = (attention, feedforward) if kind == "houlsby" else (feedforward,)
+    return tuple((p.rpartition(".")[0], p.rpartition(".")[2]) for p in chosen)
 
 
 def trainable_state(model) -> dict[str, np.ndarray]:

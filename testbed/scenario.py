@@ -496,15 +496,17 @@ def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
     from node.arch import layer_count
     from node.trainer import model_config
     from .strategies import Context
-    from node.trainer import block_projections, meta_model, model_path
+    from node.trainer import block_projections, layout, meta_model, model_path
     from .costmeasure import Measured
     spec = model_spec(sc)
     config = model_config(spec)
-    projections = block_projections(meta_model(model_path(spec.name, spec.path), spec.task))
+    meta = meta_model(model_path(spec.name, spec.path), spec.task)
+    block = meta.get_submodule(layout(meta).blocks + "0")
     nodes = expand_nodes(sc) if nodes is None else nodes
     measured = None if walked_analytically(config.get("model_type"), spec.dtype) else Measured(spec)
     return Context(training=sc.training, max_len=sc.data.max_len, num_blocks=layer_count(config), task=sc.model.task,
-                   seed=sc.seed, model_config=config, cost_of=measured, block_projections=projections,
+                   seed=sc.seed, model_config=config, cost_of=measured, block_projections=block_projections(meta),
+                   block_modules=tuple(n for n, _ in block.named_modules() if n),
                    profiles={n.name: n.profile for n in nodes},
                    known_profiles=tuple(sc.profiles),
                    profile_names=frozenset(ev.profile for ev in sc.faults.events if ev.profile))
@@ -568,8 +570,6 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
 
 
 COST_MODEL_FAMILIES = ("bert",)  # what testbed/costmodel.py walks analytically; others are measured (costmeasure)
-# strategies that need a BERT model for now: bottleneck adapters are placed on BERT's sublayers
-BERT_ONLY_STRATEGIES = ("fedadapter",)
 
 
 def beside(scenario_path: str, value: str) -> str:
@@ -581,8 +581,8 @@ def beside(scenario_path: str, value: str) -> str:
 
 
 def _read_model(sc: Scenario, path: str) -> None:
-    """Resolve a local checkpoint against the scenario file and check it now: its files, and that
-    its family suits every strategy of the scenario."""
+    """Resolve a local checkpoint against the scenario file and check it now: its files, the
+    task's head and the blocks every strategy addresses."""
     from node.arch import LayoutError
     from node.trainer import ModelError, check_checkpoint, checkpoint_layout
     m = sc.model
@@ -591,17 +591,12 @@ def _read_model(sc: Scenario, path: str) -> None:
     m.path = beside(path, m.path)
     try:
         check_checkpoint(m.path)
-        kind = checkpoint_layout(m.path, m.task).model_type
+        checkpoint_layout(m.path, m.task)
     except LayoutError as exc:
         raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: model.path: {exc}; every strategy addresses "
                             "the model's blocks") from None
     except (ModelError, OSError, ValueError) as exc:
         raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: model.path: {exc}") from None
-    needs_bert = [e.name for e in sc.strategies.run if e.type in BERT_ONLY_STRATEGIES]
-    if kind not in COST_MODEL_FAMILIES and needs_bert:
-        raise ScenarioError(f"{path}: 1 error(s) in scenario\n  {path}: model.path: a {kind!r} model: strategies "
-                            f"{', '.join(needs_bert)} need a BERT model for now (bottleneck adapters sit on BERT's "
-                            "sublayers); every other strategy runs on any family")
 
 
 def _read_data(sc: Scenario, path: str) -> None:

@@ -116,6 +116,7 @@ class Context:
     task: str = "classification"  # or causal_lm: the LM head (often tied to the embeddings) stays frozen
     cost_of: Any = None  # plan -> costmodel.Cost for a model the analytic walk does not know (costmeasure.Measured)
     block_projections: tuple[str, ...] = ()  # paths of the linear modules inside one block (unknown: empty)
+    block_modules: tuple[str, ...] = ()      # paths of every module inside one block (unknown: empty)
 
     def __post_init__(self):
         from emulation.profiles import PROFILES

@@ -31,13 +31,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, model_validator
 
+from node.arch import LayoutError, hidden_size, sublayer_outputs
 from node.plan import AdapterSpec, Plan
 
-from ..costmodel import Arch
-
-from .base import HeadParams, NodeInfo, State, Strategy, Task, Update, weighted_average
+from .base import HeadParams, NodeInfo, State, Strategy, Task, Update, context, weighted_average
 
 DEFAULT_ACTIVATION = {"houlsby": "gelu", "pfeiffer": "relu"}
 
@@ -53,6 +52,27 @@ class FedAdapterParams(HeadParams):
     last_blocks: int | None = Field(None, ge=1, description="adapters in the last n blocks only; None = all")
     weighting: Literal["samples", "mean"] = "samples"
 
+    @model_validator(mode="after")
+    def _norms_where_the_block_has_them(self, info: ValidationInfo):
+        """train_layer_norm needs a LayerNorm beside each adapted projection, as in BERT's
+        post-norm sublayers; pre-norm families (Llama, GPT-2) have none there, so Houlsby's
+        default is false on them."""
+        ctx = context(info)
+        if ctx is None or not ctx.block_projections:
+            return self
+        try:
+            sites = sublayer_outputs(ctx.block_projections)
+        except LayoutError as exc:
+            raise ValueError(f"kind: {exc}") from None
+        sites = sites if self.kind == "houlsby" else sites[1:]
+        norms = all(f"{s.rpartition('.')[0]}.LayerNorm" in ctx.block_modules for s in sites)
+        if self.train_layer_norm and not norms:
+            raise ValueError(f"train_layer_norm: the adapted sublayers ({', '.join(sites)}) have no LayerNorm of "
+                             "their own in this model's blocks (pre-norm); allowed: false")
+        if self.train_layer_norm is None and not norms:  # (None stays: resolved as before on BERT)
+            self.train_layer_norm = False
+        return self
+
 
 class FedAdapter(Strategy):
     name = "fedadapter"
@@ -60,7 +80,7 @@ class FedAdapter(Strategy):
 
     def adapter_spec(self) -> AdapterSpec:
         p = self.p
-        hidden = Arch.from_config(self.ctx.model_config).hidden
+        hidden = hidden_size(self.ctx.model_config)
         norms = p.kind == "houlsby" if p.train_layer_norm is None else p.train_layer_norm
         return AdapterSpec(size=p.size or max(1, hidden // 16), kind=p.kind,
                            activation=p.activation or DEFAULT_ACTIVATION[p.kind], init_std=p.init_std,

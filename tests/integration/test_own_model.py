@@ -49,13 +49,14 @@ def test_a_local_decoder_checkpoint_runs_every_block_wise_strategy_end_to_end(tm
     q_proj and v_proj; GPT-2: c_attn, whose config counts its blocks as n_layer), per-device
     ranks (HetLoRA), sub-models of its blocks (FedRA), LEGEND's depths and CAFF's last blocks
     planned with costs measured on the model itself, (IA)^3 on peft's default projections of the
-    family, full fine-tuning."""
+    family, Houlsby adapters after its attention and feed-forward output projections (no
+    LayerNorm of their own in these pre-norm blocks: none trains), full fine-tuning."""
     checkpoint(tmp_path, family)
-    strategies = ["fedlora", "hetlora", "fedra", "legend", "caff", "fedia3", "full"]
+    strategies = ["fedlora", "hetlora", "fedra", "legend", "caff", "fedia3", "fedadapter", "full"]
     text = SCENARIO.replace("MODEL", f"{{path: {family}}}").replace(
         "run: [{name: fedlora, params: {rank: 2}}, {name: full}]",
         "run: [{name: fedlora, params: {rank: 2}}, {name: hetlora}, {name: fedra}, {name: legend}, {name: caff}, "
-        "{name: fedia3}, {name: full}]")
+        "{name: fedia3}, {name: fedadapter}, {name: full}]")
     sc = write_scenario(tmp_path, text, "llama.yaml")
     try:
         run = run_scenario(sc, tmp_path / "run", timeout=600)
@@ -87,7 +88,8 @@ OTHER_MODELS = {name: (lambda folder, name=name: _save(_other(name), folder)) fo
 
 
 @pytest.mark.parametrize("model, make, strategies, match", [
-    ("{path: llama}", "llama", "[{name: fedadapter}, {name: fedlora}]", "strategies fedadapter need a BERT model"),
+    ("{path: llama}", "llama", "[{name: fedlora}, {name: fedadapter, params: {train_layer_norm: true}}]",
+     "train_layer_norm: the adapted sublayers .self_attn.o_proj, mlp.down_proj. have no LayerNorm of their own"),
     ("{path: nowhere}", None, None, "model.path: no such checkpoint folder"),
     ("{path: clip}", "clip", None, "model.path: a 'clip_text_model' model has no sequence-classification head"),
     ("{path: t5}", "t5", None, "model.path: cannot find the 2 transformer blocks of this t5 model"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+np = pytest.importorskip("numpy")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -141,3 +142,30 @@ def test_instruction_tuning_a_tiny_llama_lowers_the_held_out_loss(tmp_path):
     # right, so with every record's 2 tokens it is at most the token accuracy, and 1 when that is 1
     assert before["exact_match"] <= before["accuracy"] and after["accuracy"] == 1.0 == after["exact_match"]
     assert not any("lm_head" in k or "embed" in k for k in out), "the head does not train under LoRA here"
+
+
+# the adapters' holders in block 1, written out by hand: after the attention's output projection
+# and after the feed-forward's (houlsby), the latter only (pfeiffer)
+ADAPTER_HOLDERS = {
+    "bert": ("bert.encoder.layer.1.attention.output.", "bert.encoder.layer.1.output."),
+    "distilbert": ("distilbert.transformer.layer.1.attention.", "distilbert.transformer.layer.1.ffn."),
+    "llama": ("model.layers.1.self_attn.", "model.layers.1.mlp."),
+    "gpt2": ("transformer.h.1.attn.", "transformer.h.1.mlp."),
+}
+
+
+@pytest.mark.parametrize("family", list(ADAPTER_HOLDERS))
+@pytest.mark.parametrize("kind", ["houlsby", "pfeiffer"])
+def test_bottleneck_adapters_sit_after_each_familys_sublayer_output_projections(tmp_path, family, kind):
+    from node.plan import AdapterSpec
+    spec = trainer.ModelSpec("local", num_labels=2, path=checkpoint(tmp_path, family))
+    base, tok = trainer.load_base(spec)
+    plan = Plan("adapter", [1], head=HeadSpec(pooler=False), adapter=AdapterSpec(size=4, kind=kind),
+                train=TrainSpec(local_steps=2, batch_size=8, lr=1e-2, seed=1))
+    init = trainer.trainable_state(trainer.build_model(base, plan))
+    holders = ADAPTER_HOLDERS[family] if kind == "houlsby" else ADAPTER_HOLDERS[family][1:]
+    want = {f"{h}adapter.{lin}.{p}" for h in holders for lin in ("down", "up") for p in ("weight", "bias")}
+    assert {k for k in init if ".adapter." in k} == want
+    out, metrics = trainer.train(base, plan, init, trainer.Tokenized(tok, TEXTS, LABELS, 8))
+    assert set(out) == set(init) and metrics["loss"] > 0
+    assert any(not np.allclose(out[k], init[k]) for k in want), "the adapters trained"
