@@ -26,13 +26,19 @@ def train_test_split(n: int, test_size: int, train_size: int | None, seed: int,
     return np.sort(train), np.sort(test)
 
 
-def dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, seed: int, min_per_node: int = 1) -> list[np.ndarray]:
+def dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, seed: int, min_per_node: int = 1,
+              fill: str = "random") -> list[np.ndarray]:
     """Label-skewed shards (Hsu et al. 2019): node i's class mix q_i ~ Dir(alpha), equal sizes.
 
     Small alpha gives each node few classes. Every example goes to exactly one node; when a
     class runs out, a node's remaining share is filled from the classes with the most left.
     (Splitting each class over the nodes instead cannot give 100 nodes any data at alpha 0.1
     with two classes, which CAFF-style scenarios need.)
+
+    The nodes drawn last get what the others left: once a class has run dry, only the other
+    classes. `fill` "random" draws the nodes in a seeded random order, so that this lands on
+    nodes at random; "in_order" (the only order before) draws them in the scenario's order,
+    which gives the last groups (often the strongest devices) the single-class shards.
     """
     labels = np.asarray(labels)
     n = len(labels)
@@ -42,8 +48,12 @@ def dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, seed: int, min_p
     classes = np.unique(labels)
     pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
     sizes = [len(part) for part in np.array_split(np.arange(n), num_nodes)]
-    shards = []
-    for size in sizes:
+    if fill not in ("random", "in_order"):
+        raise ValueError(f"fill must be random or in_order, got {fill!r}")
+    order = rng.permutation(num_nodes) if fill == "random" else range(num_nodes)
+    shards: list = [None] * num_nodes
+    for i in order:
+        size = sizes[i]
         want = rng.multinomial(size, rng.dirichlet(np.full(len(classes), alpha)))
         got: list[int] = []
         for c, k in zip(classes, want):
@@ -54,7 +64,7 @@ def dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, seed: int, min_p
             k = size - len(got)
             got.extend(pools[c][:k])
             del pools[c][:k]
-        shards.append(np.sort(np.array(got, dtype=np.int64)))
+        shards[i] = np.sort(np.array(got, dtype=np.int64))
     return shards
 
 

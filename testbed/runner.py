@@ -29,7 +29,7 @@ from .hostwatch import HostWatch
 from .progress import Progress
 from .report import emulation_warnings, summarize, write_report
 from .rounds import RoundLoop, resolved_params
-from .scenario import (ZYGOTE_AUTO_NODES, NodeSpec, Scenario, expand_nodes, parse, strategy_context,
+from .scenario import (ZYGOTE_AUTO_NODES, NodeSpec, Scenario, as_it_began, expand_nodes, parse, strategy_context,
                        walked_analytically)
 from .store import Checkpoint, RunError, RunStore, params_changed
 from .workload import Workload
@@ -126,7 +126,7 @@ class Run:
             return
         self.checkpoint, old = self.store.resume(self.sc.model_dump(mode="json"),
                                                  [e.name for e in self.sc.strategies.run], self.run_id,
-                                                 normalize=lambda d: parse(d).model_dump(mode="json"),
+                                                 normalize=lambda d: parse(as_it_began(d)).model_dump(mode="json"),
                                                  check=self._same_strategies)
         if old:
             from emulation.cleanup import clean

@@ -61,6 +61,9 @@ class Partition(Strict):
     kind: Literal["dirichlet", "iid"] = "dirichlet"
     alpha: float = Field(1.0, gt=0, description="Dirichlet concentration; small = strong label skew")
     min_per_node: int = Field(16, ge=1)
+    fill: Literal["random", "in_order"] = Field("random", description="dirichlet: the order nodes take their "
+                                                "shards in; the last ones get the classes left over, so in_order "
+                                                "(before this field existed) ties that skew to the last groups")
 
 
 class DataConfig(Strict):
@@ -482,6 +485,15 @@ def model_spec(sc: Scenario):
                          task="causal_lm", dtype=sc.model.dtype)
     return ModelSpec(sc.model.name or "local", len(load_dataset(sc.data.source()).classes), sc.model.num_layers,
                      sc.seed, path=sc.model.path, dtype=sc.model.dtype)
+
+
+def as_it_began(doc: dict) -> dict:
+    """A scenario as a run that began before a default changed read it (a checkpoint's copy):
+    dirichlet shards were drawn in the nodes' order before `data.partition.fill` existed."""
+    part = (doc.get("data") or {}).get("partition") or {}
+    if part.get("kind", "dirichlet") == "dirichlet" and "fill" not in part:
+        doc = {**doc, "data": {**doc["data"], "partition": {**part, "fill": "in_order"}}}
+    return doc
 
 
 def walked_analytically(model_type: str | None, dtype: str) -> bool:

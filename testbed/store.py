@@ -124,6 +124,14 @@ def _from_version_1(ck: dict) -> Checkpoint:
                       restarts=ck["restarts"], faults=_fields(ck["faults"]), strategy_params=params, version=1)
 
 
+def differences(then, now, at: str = "") -> list[str]:
+    """Where two scenario dumps differ: "a.b.c: then -> now", field by field."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [d for k in sorted({*then, *now}, key=str)
+                for d in differences(then.get(k, "(none)"), now.get(k, "(none)"), f"{at}.{k}" if at else str(k))]
+    return [] if then == now else [f"{at}: {then} -> {now}"]
+
+
 def params_changed(then: dict[str, dict], now: dict[str, dict]) -> list[str]:
     """How this version resolves the strategies' parameters differently from the version that
     began a run: "strategy: field: then -> now" (a field that version did not have: "(none)")."""
@@ -204,9 +212,9 @@ class RunStore:
         except ValueError as exc:
             raise RunError(f"{ck_path}: the scenario this run started with no longer validates: {exc}") from None
         if started != scenario:
-            diff = sorted(k for k in {*scenario, *started} if scenario.get(k) != started.get(k))
-            raise RunError(f"{self.out}: the scenario differs from the one this run started with (fields: "
-                           f"{', '.join(diff)}); resume with the same file and --set options")
+            diff = "; ".join(differences(started, scenario)[:6])
+            raise RunError(f"{self.out}: the scenario differs from the one this run started with ({diff}); resume "
+                           "with the same file and --set options")
         check(ck)
         order = {name: i for i, name in enumerate(strategy_order)}
         upto = (ck.strategy_index, ck.round)

@@ -45,7 +45,7 @@ class Workload:
             parts = partition.iid(len(train), len(nodes), sc.seed)
         else:
             parts = partition.dirichlet(labels[train], len(nodes), sc.data.partition.alpha, sc.seed,
-                                        sc.data.partition.min_per_node)
+                                        sc.data.partition.min_per_node, sc.data.partition.fill)
         self.shards = {node.name: train[p].astype(np.int32) for node, p in zip(nodes, parts)}
         self.test_idx = test
         counts = np.bincount(labels[test], minlength=len(ds.classes))

@@ -134,3 +134,37 @@ def test_iid_reproducible_and_shuffled():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     # shuffled: shard 0 is not simply the first quarter
     assert not np.array_equal(a[0], np.arange(250))
+
+
+# -- which nodes get the leftovers --------------------------------------------------------
+
+def _purity(labels, shard) -> float:
+    counts = np.bincount(labels[shard], minlength=2)
+    return counts.max() / counts.sum()
+
+
+def test_in_order_the_single_class_shards_are_the_last_nodes():
+    """Drawn in the nodes' order, once a class runs dry every later node gets the other class
+    only: the single-class shards that appear by running dry form a suffix of the order."""
+    labels = np.repeat([0, 1], 6000)  # balanced, two classes (as Rotten Tomatoes)
+    suffixes = 0
+    for seed in range(30):
+        shards = dirichlet(labels, 16, 1.0, seed, fill="in_order")
+        pure = [bool(_purity(labels, s) == 1.0) for s in shards]
+        first_dry = next((i for i in range(16) if all(pure[i:])), 16)
+        suffixes += first_dry < 16 and first_dry > 0
+        assert all(pure[first_dry:])
+    assert suffixes >= 10, "running dry happens often at alpha 1 with 16 nodes"
+
+
+def test_a_random_fill_order_spreads_the_leftovers_over_the_nodes():
+    """Over 200 seeds (16 nodes, two balanced classes, alpha 1): in the nodes' order the last
+    node's shard is far purer than the first's; in a random order the two are alike."""
+    labels = np.repeat([0, 1], 6000)
+
+    def mean_purity(fill, node):
+        return np.mean([_purity(labels, dirichlet(labels, 16, 1.0, s, fill=fill)[node]) for s in range(200)])
+    assert mean_purity("in_order", 15) > mean_purity("in_order", 0) + 0.15
+    assert abs(mean_purity("random", 15) - mean_purity("random", 0)) < 0.06
+    with pytest.raises(ValueError, match="fill must be random or in_order"):
+        dirichlet(labels, 4, 1.0, 0, fill="sorted")

@@ -133,7 +133,7 @@ def test_resume_cuts_rounds_back_to_the_checkpoint(tmp_path):
     assert [(r["strategy"], r["round"]) for r in store.rows] == [("fedlora", 0), ("fedlora", 1), ("fedlora", 2),
                                                                   ("legend", 0)]
     assert store.resumed[-1]["from_run_id"] == "old" and store.resumed[-1]["checkpoint_version"] == 2
-    with pytest.raises(RunError, match=r"the scenario differs .*\(fields: name\)"):
+    with pytest.raises(RunError, match=r"the scenario differs .*\(name: s -> other\)"):
         RunStore(tmp_path).resume({"name": "other"}, ["fedlora", "legend"], "new")
 
 
@@ -145,3 +145,29 @@ def test_a_resume_names_every_parameter_this_version_resolves_otherwise():
     assert params_changed(then, now) == ["legend: deadline: fastest_full -> straggler",
                                          "legend: pooler: (none) -> False"]
     assert params_changed(now, now) == []
+
+
+def test_a_run_that_began_before_the_fill_order_resumes_only_in_that_order(tmp_path):
+    """Dirichlet shards were drawn in the nodes' order before data.partition.fill existed; such a
+    run's checkpoint reads as fill in_order, so resuming it under the new default is refused
+    naming the field, and with fill: in_order it goes on."""
+    import json
+    from testbed.scenario import as_it_began, parse
+    base = {"name": "s", "data": {"dataset": "rotten_tomatoes", "partition": {"kind": "dirichlet", "alpha": 1.0}},
+            "nodes": [{"group": "n", "count": 2, "profile": "host"}],
+            "strategies": {"baseline": "fedlora", "run": [{"name": "fedlora"}]}}
+    old = parse(base).model_dump(mode="json")
+    del old["data"]["partition"]["fill"]  # as a version before the field wrote it
+    (tmp_path / "manifest.json").write_text(json.dumps({"run_id": "old", "status": "running"}))
+    (tmp_path / "rounds.jsonl").write_text(json.dumps({"strategy": "fedlora", "round": 0}) + "\n")
+    write_checkpoint(tmp_path / "checkpoint.pkl", checkpoint(scenario=old, strategy_index=0, strategy="fedlora", round=0,
+                                                             row={"strategy": "fedlora", "round": 0}))
+    normalize = lambda d: parse(as_it_began(d)).model_dump(mode="json")  # noqa: E731  (the runner's)
+    now = parse(base).model_dump(mode="json")
+    with pytest.raises(RunError, match=r"data.partition.fill: in_order -> random"):
+        RunStore(tmp_path).resume(now, ["fedlora"], "new", normalize=normalize)
+    pinned = {**base, "data": {**base["data"], "partition": {"kind": "dirichlet", "alpha": 1.0, "fill": "in_order"}}}
+    ck, _ = RunStore(tmp_path).resume(parse(pinned).model_dump(mode="json"), ["fedlora"], "new", normalize=normalize)
+    assert ck.round == 0
+    iid = {**base, "data": {**base["data"], "partition": {"kind": "iid"}}}
+    assert as_it_began(iid) == iid, "iid shards do not depend on the order"
