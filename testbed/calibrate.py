@@ -141,8 +141,33 @@ def write(path: Path, name: str, result: dict) -> None:
     Path(path).write_text("\n".join(head) + body + "\n" + "\n".join(f"# {ln}" for ln in raw) + "\n")
 
 
+def measured_power(idle_w: float | None, load_w: float | None, tx_w: float | None = None,
+                   rx_w: float | None = None) -> dict | None:
+    """The profile's power model from a power meter's readings (emulation.profiles.Power): idle and
+    under training load, and while sending and receiving if measured (else the radio counts as
+    idle: nothing above it). None without readings; ValueError for half a pair or an impossible one."""
+    from emulation.profiles import Power
+    if idle_w is None and load_w is None:
+        if tx_w is not None or rx_w is not None:
+            raise ValueError("--tx-w and --rx-w need --idle-w and --load-w")
+        return None
+    if idle_w is None or load_w is None:
+        raise ValueError("give both --idle-w and --load-w (watts at idle and while training)")
+    if (tx_w is None) != (rx_w is None):
+        raise ValueError("give both --tx-w and --rx-w, or neither")
+    radio = "measured" if tx_w is not None else "not measured: counted at idle"
+    power = Power(idle_w, load_w, idle_w if tx_w is None else tx_w, idle_w if rx_w is None else rx_w,
+                  source=f"power meter readings given to calibrate; radio {radio}")
+    return {k: v for k, v in asdict(power).items() if v is not None}
+
+
 def cmd(args) -> int:
     import sys
+    try:
+        power = measured_power(args.idle_w, args.load_w, args.tx_w, args.rx_w)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         result = calibrate(args.name, args.bind, args.port, model=args.model, num_layers=args.num_layers,
                            steps=args.steps, repeats=args.repeats, timeout_s=args.timeout,
@@ -150,6 +175,8 @@ def cmd(args) -> int:
     except CalibrationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if power:
+        result["profile"]["power"] = power
     out = Path(args.out or f"{args.name}.profile.yaml")
     write(out, args.name, result)
     p = result["profile"]
@@ -169,5 +196,9 @@ def add_parser(sub) -> None:
     c.add_argument("--repeats", type=int, default=2, help="repetitions of each transfer, and of the compute round plus one (the fastest is kept)")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the device and for each task")
     c.add_argument("--out", help="profile file to write (default NAME.profile.yaml)")
+    c.add_argument("--idle-w", type=float, help="the device's power at idle, read from a power meter (W)")
+    c.add_argument("--load-w", type=float, help="its power while training, e.g. during the calibration's compute round (W)")
+    c.add_argument("--tx-w", type=float, help="its power while sending (W; default: counted at idle)")
+    c.add_argument("--rx-w", type=float, help="its power while receiving (W; default: counted at idle)")
     c.set_defaults(fn=cmd)
 

@@ -19,6 +19,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 MANIFEST, ROUNDS, SUMMARY, REPORT = "manifest.json", "rounds.jsonl", "summary.json", "report.md"
 ACC_PNG, BYTES_PNG, TIMELINE_PNG = "accuracy_vs_time.png", "bytes_vs_time.png", "timeline.png"
+ENERGY_PNG = "accuracy_vs_energy.png"
 MB = 1e6
 _EPS = 1e-9  # float slack when comparing emulated times
 _PHASES = [("download_s", "download", "tab:blue"), ("compute_s", "compute", "tab:orange"),
@@ -110,17 +111,43 @@ def given_text(given: dict) -> str:
     return "; ".join(parts) or "-"
 
 
-def _strategy_summary(rows: list[dict], target: float, target_loss: float | None = None) -> dict:
+def _reached(row: dict, target: float, target_loss: float | None) -> bool:
+    """Whether a round reached the target: its loss at or below target_loss when one is set,
+    else its accuracy at or above the target accuracy."""
+    loss, acc = row.get("loss"), _acc(row)
+    return (loss is not None and loss <= target_loss) if target_loss is not None else (acc is not None and acc >= target)
+
+
+def _energy(rows: list[dict], powers: dict, target: float, target_loss: float | None) -> dict:
+    """Joules of the devices sampled in each round (testbed/energy.py): in all, until the target,
+    per device class; or the profiles that have no power model."""
+    from .energy import Energy, round_energy
+    missing = sorted({str(nd.get("profile", "?")) for r in rows for nd in r.get("nodes") or []} - set(powers))
+    if missing:
+        return {"missing_power": missing}
+    total, by_class, to_target, per_round = Energy(), {}, None, []
+    for r in rows:
+        for cls, e in round_energy(r, powers).items():
+            by_class[cls] = by_class.get(cls, Energy()) + e
+            total = total + e
+        per_round.append(round(total.total_j, 3))
+        if to_target is None and _reached(r, target, target_loss):
+            to_target = total.total_j
+    parts = lambda e: {"total_j": e.total_j, "idle_j": e.idle_j, "compute_j": e.compute_j,  # noqa: E731
+                       "radio_j": e.radio_j}
+    return {"total_j": total.total_j, "to_target_j": to_target, **{k: v for k, v in parts(total).items() if k != "total_j"},
+            "by_class": {c: parts(e) for c, e in sorted(by_class.items())}, "cumulative_j": per_round}
+
+
+def _strategy_summary(rows: list[dict], target: float, target_loss: float | None = None,
+                      powers: dict | None = None) -> dict:
     times, accs = _elapsed(rows), [_acc(r) for r in rows]
     known = [a for a in accs if a is not None]
     ttt = btt = None
     cum = 0
-    for r, t, a in zip(rows, times, accs):
+    for r, t in zip(rows, times):
         cum += _bytes(r)
-        loss = r.get("loss")
-        reached = (loss is not None and loss <= target_loss) if target_loss is not None else \
-            (a is not None and a >= target)
-        if reached:
+        if _reached(r, target, target_loss):
             ttt, btt = t, cum
             break
     peaks: dict[str, float] = {}  # profile -> the largest peak memory any of its nodes reported
@@ -148,11 +175,13 @@ def _strategy_summary(rows: list[dict], target: float, target_loss: float | None
                                     for way in ("up", "down")) for part in ("blocks", "head")},
         "speedup": None,
         "accuracy_at_baseline_time": None,
+        "energy": _energy(rows, powers or {}, target, target_loss),
     }
 
 
 def summarize(rounds: list[dict], baseline: str, target_accuracy: float, *,
-              majority_rate: float | None = None, target_loss: float | None = None) -> dict:
+              majority_rate: float | None = None, target_loss: float | None = None,
+              powers: dict | None = None) -> dict:
     """Build the ``summary.json`` dict from ``rounds.jsonl`` rows.
 
     Speedup is baseline time-to-target / strategy time-to-target (null when
@@ -164,7 +193,7 @@ def summarize(rounds: list[dict], baseline: str, target_accuracy: float, *,
     if baseline not in groups:
         raise ValueError(f"baseline strategy {baseline!r} not found in rounds "
                          f"(strategies present: {sorted(groups) or 'none'})")
-    strategies = {name: _strategy_summary(rows, target_accuracy, target_loss) for name, rows in groups.items()}
+    strategies = {name: _strategy_summary(rows, target_accuracy, target_loss, powers) for name, rows in groups.items()}
     base_ttt = strategies[baseline]["time_to_target_s"]
     base_end = _elapsed(groups[baseline])[-1]
     for name, s in strategies.items():
@@ -197,6 +226,21 @@ def load_run(dir: str | Path) -> tuple[dict, list[dict], dict | None]:
     return manifest, rounds, summary
 
 
+def powers_of(manifest: dict) -> dict:
+    """Each profile's power model (emulation.profiles.Power): the run's nodes', the scenario's own
+    profiles (a fault may switch a device to one) and the built-in ones."""
+    from emulation.profiles import PROFILES, Power
+    out = {name: p.power for name, p in PROFILES.items() if p.power is not None}
+    for name, spec in ((manifest.get("scenario") or {}).get("profiles") or {}).items():
+        if spec.get("power"):
+            out[name] = Power(**spec["power"])
+    for node in manifest.get("nodes") or []:
+        prof = node.get("profile") or {}
+        if prof.get("power"):
+            out[str(prof.get("name"))] = Power(**prof["power"])
+    return out
+
+
 def emulation_warnings(manifest: dict, rounds: list[dict]) -> list[str]:
     """What the run's own measurements say the host did not honour (unlike the manifest's
     fidelity notes, which are known before the run): classes that needed more CPU seconds than
@@ -217,7 +261,7 @@ def _default_summary(manifest: dict, rounds: list[dict]) -> dict:
         return {"baseline": baseline, "target_accuracy": target, "majority_rate": None, "strategies": {},
                 "emulation_warnings": emulation_warnings(manifest, rounds)}
     return {**summarize(rounds, baseline, float(target), majority_rate=(manifest.get("data") or {}).get("majority_rate"),
-                        target_loss=(scen.get("training") or {}).get("target_loss")),
+                        target_loss=(scen.get("training") or {}).get("target_loss"), powers=powers_of(manifest)),
             "emulation_warnings": emulation_warnings(manifest, rounds)}
 
 
@@ -481,11 +525,58 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
         lines.append("Speedup is n/a where the baseline or the strategy never reached the target; "
                      "compare the \"acc at baseline time\" column instead: each strategy's best "
                      "accuracy within the baseline's total emulated time.")
+    lines += _energy_table(strategies)
     lines += _faults_table(manifest, groups)
     lines += ["", "## Per-profile cost", "", *_profile_table(groups), "", "## Plots", "",
               f"![accuracy vs time]({ACC_PNG})", "", f"![bytes vs time]({BYTES_PNG})", "",
               f"![per-node timeline]({TIMELINE_PNG})", ""]
+    if any("total_j" in (s.get("energy") or {}) for s in strategies.values()):
+        lines += [f"![accuracy vs energy]({ENERGY_PNG})", ""]
     return "\n".join(lines)
+
+
+def _energy_table(strategies: dict) -> list[str]:
+    """Energy of the devices sampled in each round (testbed/energy.py), per strategy and class."""
+    energies = {n: s.get("energy") or {} for n, s in strategies.items()}
+    if not any(energies.values()):
+        return []
+    lines = ["", "## Energy", "",
+             "Joules of the devices sampled in each round: on for the round, + training, + radio, from each "
+             "profile's power model (emulated seconds).", "",
+             "| strategy | energy (kJ) | to target (kJ) | idle / compute / radio (kJ) | per class (kJ) |",
+             "|---|---|---|---|---|"]
+    for name, e in energies.items():
+        if "missing_power" in e:
+            lines.append(f"| {name} | n/a: no power model for {', '.join(e['missing_power'])} | | | |")
+            continue
+        kj = lambda v: _fmt(None if v is None else v / 1e3, ".2f")  # noqa: E731
+        per_class = "; ".join(f"{c} {kj(v['total_j'])}" for c, v in e.get("by_class", {}).items())
+        lines.append(f"| {name} | {kj(e.get('total_j'))} | {kj(e.get('to_target_j'))} "
+                     f"| {kj(e.get('idle_j'))} / {kj(e.get('compute_j'))} / {kj(e.get('radio_j'))} | {per_class} |")
+    return lines
+
+
+def _plot_energy(groups: dict, summary: dict, path: Path) -> bool:
+    """Accuracy against the energy the devices have spent so far, per strategy."""
+    series = {n: (s.get("energy") or {}).get("cumulative_j") for n, s in (summary.get("strategies") or {}).items()}
+    if not any(series.values()):
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, rows in groups.items():
+        joules = series.get(name)
+        if joules:
+            pts = [(j / 1e3, a) for j, a in zip(joules, map(_acc, rows)) if a is not None]
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+    target = summary.get("target_accuracy")
+    if target is not None and summary.get("target_loss") is None:
+        ax.axhline(target, color="grey", ls="--", lw=1)
+    ax.set_xlabel("energy of the sampled devices (kJ)")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def write_report(dir: str | Path, recompute: bool = False) -> list[Path]:
@@ -510,5 +601,7 @@ def write_report(dir: str | Path, recompute: bool = False) -> list[Path]:
     _plot_accuracy(groups, summary, paths[1])
     _plot_bytes(groups, paths[2])
     _plot_timeline(groups, paths[3])
+    if _plot_energy(groups, summary, d / ENERGY_PNG):
+        paths.append(d / ENERGY_PNG)
     paths[0].write_text(_markdown(manifest, summary, groups))
     return paths

@@ -27,7 +27,7 @@ from .aggregator import Aggregator
 from .faults import Injector
 from .hostwatch import HostWatch
 from .progress import Progress
-from .report import emulation_warnings, summarize, write_report
+from .report import emulation_warnings, powers_of, summarize, write_report
 from .rounds import RoundLoop, resolved_params
 from .scenario import (ZYGOTE_AUTO_NODES, NodeSpec, Scenario, as_it_began, expand_nodes, parse, strategy_context,
                        walked_analytically)
@@ -283,7 +283,7 @@ class Run:
         rows, baseline = self.store.rows, self.sc.strategies.baseline
         if any(r["strategy"] == baseline for r in rows):
             self.summary = summarize(rows, baseline, self.sc.training.target_accuracy,
-                                     target_loss=self.sc.training.target_loss)
+                                     target_loss=self.sc.training.target_loss, powers=powers_of(manifest))
             self.summary["majority_rate"] = self.work.majority_rate if self.work else None
             self.summary["status"] = status
             self.summary["stopped_early"] = extra["stopped_early"]

@@ -14,7 +14,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from emulation.profiles import PROFILES, Profile
+from emulation.profiles import PROFILES, Power, Profile
 
 BACKENDS = ("auto", "process", "netns", "docker")
 PROFILE_FIELDS = ("cpu_share", "threads", "memory_mb", "uplink_mbit", "downlink_mbit", "latency_ms")
@@ -175,6 +175,8 @@ class ProfileSpec(Strict):
     downlink_mbit: float = Field(0.0, ge=0, description="0 = unshaped")
     latency_ms: float = Field(0.0, ge=0)
     source: str = "defined in the scenario"
+    power: Power | None = Field(None, description="watts by state, for energy: idle_w, compute_w, and tx_w + rx_w "
+                                "or tx_nj_per_byte + rx_nj_per_byte (emulation/profiles.py)")
 
 
 class StrategyEntry(Strict):

@@ -25,7 +25,8 @@ def _free_port() -> int:
 def test_calibrate_a_local_node_with_a_known_link_and_speed(tmp_path):
     port, out = _free_port(), tmp_path / "dev.profile.yaml"
     cal = subprocess.Popen([sys.executable, "-m", "testbed", "calibrate", "--name", "dev", "--port", str(port),
-                            "--num-layers", "2", "--steps", "3", "--timeout", "300", "--out", str(out)],
+                            "--num-layers", "2", "--steps", "3", "--timeout", "300", "--out", str(out),
+                            "--idle-w", "2.7", "--load-w", "6.4"],
                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # the device: the ordinary node program, emulating half a host core and 40 / 80 Mbit/s in its transport
     node = subprocess.Popen([sys.executable, "-m", "node", "--connect", f"tcp://127.0.0.1:{port}", "--name", "dev",
@@ -54,6 +55,16 @@ def test_calibrate_a_local_node_with_a_known_link_and_speed(tmp_path):
                 "strategies": {"baseline": "fedlora", "run": [{"name": "fedlora"}]}}
     nodes = expand_nodes(parse(scenario))
     assert nodes[0].profile.cpu_share == prof["cpu_share"] and nodes[1].profile.name == "dev"
+    # the power meter's readings: idle and training; the radio, not measured, counts at idle
+    power = nodes[0].profile.power
+    assert (power.idle_w, power.compute_w, power.tx_w, power.rx_w) == (2.7, 6.4, 2.7, 2.7)
+
+
+def test_calibrate_refuses_half_a_power_reading_before_waiting_for_a_device(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "testbed", "calibrate", "--name", "ghost", "--idle-w", "2.7",
+                           "--out", str(tmp_path / "x.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "give both --idle-w and --load-w" in proc.stderr
+    assert not (tmp_path / "x.yaml").exists()
 
 
 def test_calibrate_says_when_no_device_joins(tmp_path):

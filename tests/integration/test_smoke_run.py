@@ -82,6 +82,12 @@ def test_summary_and_learning(smoke_run):
     assert base["best_accuracy"] > s["majority_rate"], "federated fine-tuning did not beat the majority class"
     if base["time_to_target_s"] is not None:
         assert base["speedup"] == pytest.approx(1.0)
+    # energy from the built-in profiles' power models: every sampled class, idle + compute + radio
+    energy = base["energy"]
+    assert set(energy["by_class"]) == {n["profile"]["name"] for n in smoke_run.manifest["nodes"]}
+    assert energy["total_j"] == pytest.approx(energy["idle_j"] + energy["compute_j"] + energy["radio_j"])
+    assert energy["compute_j"] > 0 and energy["radio_j"] > 0
+    assert "## Energy" in (smoke_run.out / "report.md").read_text()
 
 
 def test_no_node_process_left(smoke_run):
