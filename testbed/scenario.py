@@ -61,9 +61,10 @@ class Partition(Strict):
     kind: Literal["dirichlet", "iid"] = "dirichlet"
     alpha: float = Field(1.0, gt=0, description="Dirichlet concentration; small = strong label skew")
     min_per_node: int = Field(16, ge=1)
-    fill: Literal["random", "in_order"] = Field("random", description="dirichlet: the order nodes take their "
-                                                "shards in; the last ones get the classes left over, so in_order "
-                                                "(before this field existed) ties that skew to the last groups")
+    fill: Literal["balanced", "random", "in_order"] = Field(
+        "balanced", description="dirichlet: balanced splits each class over the nodes in proportion to their draws; "
+        "random and in_order let nodes take exact shares one after another (in_order: the only way before this "
+        "field existed), so the last ones drawn get the classes left over")
 
 
 class DataConfig(Strict):

@@ -157,14 +157,44 @@ def test_in_order_the_single_class_shards_are_the_last_nodes():
     assert suffixes >= 10, "running dry happens often at alpha 1 with 16 nodes"
 
 
-def test_a_random_fill_order_spreads_the_leftovers_over_the_nodes():
+@pytest.mark.parametrize("fill", ["balanced", "random"])
+def test_no_place_in_the_order_gets_the_leftovers(fill):
     """Over 200 seeds (16 nodes, two balanced classes, alpha 1): in the nodes' order the last
-    node's shard is far purer than the first's; in a random order the two are alike."""
+    node's shard is far purer than the first's; balanced, or in a random order, the two are alike."""
     labels = np.repeat([0, 1], 6000)
 
     def mean_purity(fill, node):
         return np.mean([_purity(labels, dirichlet(labels, 16, 1.0, s, fill=fill)[node]) for s in range(200)])
     assert mean_purity("in_order", 15) > mean_purity("in_order", 0) + 0.15
-    assert abs(mean_purity("random", 15) - mean_purity("random", 0)) < 0.06
-    with pytest.raises(ValueError, match="fill must be random or in_order"):
+    assert abs(mean_purity(fill, 15) - mean_purity(fill, 0)) < 0.06
+    with pytest.raises(ValueError, match="fill must be one of balanced, random, in_order"):
         dirichlet(labels, 4, 1.0, 0, fill="sorted")
+
+
+def test_balanced_uses_every_class_exactly_with_equal_shares_and_no_single_class_leftovers():
+    """4 nodes, 1720 and 2280 examples of two classes, alpha 3 (the smoke scenario's split): drawn
+    one after another, some node ends up with one class in 14 of 50 seeds (a class ran dry);
+    balanced, no node ever does, every example is used once, and every node gets its share."""
+    labels = np.array([0] * 1720 + [1] * 2280)
+    pure = {fill: sum(_purity(labels, s) == 1.0 for seed in range(50) for s in dirichlet(labels, 4, 3.0, seed, 16, fill))
+            for fill in ("balanced", "in_order")}
+    assert pure["balanced"] == 0 and pure["in_order"] > 0
+    shards = dirichlet(labels, 4, 3.0, 7, 16)
+    assert sorted(np.concatenate(shards)) == list(range(len(labels)))
+    assert [len(s) for s in shards] == [1000] * 4
+
+
+def test_balanced_scales_every_nodes_odds_by_one_common_factor():
+    """With two classes, fitting the drawn mixes to both margins multiplies each node's odds of
+    class 1 against class 0 by the same factor: got odds / drawn odds is one constant (up to
+    rounding). The draws are replayed from the seed: the pools' permutations, then q."""
+    labels = np.array([0] * 3000 + [1] * 9000)
+    shards = dirichlet(labels, 6, 2.0, 5)
+    rng = np.random.default_rng(5)
+    for c in (0, 1):
+        rng.permutation(np.flatnonzero(labels == c))
+    draws = rng.dirichlet([2.0, 2.0], size=6)
+    got = np.array([np.bincount(labels[s], minlength=2) for s in shards], dtype=float)
+    factor = (got[:, 1] / got[:, 0]) / (draws[:, 1] / draws[:, 0])
+    assert np.allclose(factor, factor[0], rtol=0.02)
+    assert got[:, 1].sum() == 9000 and set(got.sum(1)) == {2000}
