@@ -164,7 +164,7 @@ def test_a_run_that_began_before_the_fill_order_resumes_only_in_that_order(tmp_p
                                                              row={"strategy": "fedlora", "round": 0}))
     normalize = lambda d: parse(as_it_began(d)).model_dump(mode="json")  # noqa: E731  (the runner's)
     now = parse(base).model_dump(mode="json")
-    with pytest.raises(RunError, match=r"data.partition.fill: in_order -> random"):
+    with pytest.raises(RunError, match=r"data.partition.fill: in_order -> balanced"):
         RunStore(tmp_path).resume(now, ["fedlora"], "new", normalize=normalize)
     pinned = {**base, "data": {**base["data"], "partition": {"kind": "dirichlet", "alpha": 1.0, "fill": "in_order"}}}
     ck, _ = RunStore(tmp_path).resume(parse(pinned).model_dump(mode="json"), ["fedlora"], "new", normalize=normalize)
