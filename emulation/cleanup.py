@@ -1,12 +1,17 @@
 """`python -m testbed clean`: remove what crashed runs left behind.
 
 Everything the testbed starts is tagged with its run id (processes carry it in their
-environment as TESTBED_RUN), so leftovers are found by tag, never by guessing.
+environment as TESTBED_RUN), so leftovers are found by tag, never by guessing. A run whose
+orchestrator is still alive is not a leftover: while it runs it holds a marker (`LiveRun`), and
+clean refuses to touch it unless forced.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import tempfile
+from pathlib import Path
 
 import psutil
 
@@ -28,8 +33,57 @@ def tagged_processes(run_id: str | None = None) -> list[psutil.Process]:
     return found
 
 
-def clean(run_id: str | None = None) -> list[str]:
-    """Kill tagged processes, remove containers and docker networks, then cgroups, namespaces, interfaces."""
+LIVE_DIR_ENV = "FEDGE_LIVE_DIR"  # where live runs leave their marker (default: the temp folder)
+
+
+class LiveRunError(RuntimeError):
+    """clean was asked to remove a run whose orchestrator is alive."""
+
+
+def live_dir() -> Path:
+    return Path(os.environ.get(LIVE_DIR_ENV) or Path(tempfile.gettempdir()) / "fedge-live")
+
+
+class LiveRun:
+    """A marker that run `run_id` is alive in this process, for as long as the `with` lasts."""
+
+    def __init__(self, run_id: str):
+        self.path = live_dir() / run_id
+
+    def __enter__(self) -> "LiveRun":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = psutil.Process()
+        self.path.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def live_runs() -> dict[str, int]:
+    """Run id -> pid of each run whose orchestrator is alive (markers of dead ones are dropped)."""
+    out = {}
+    for marker in sorted(live_dir().glob("*")) if live_dir().is_dir() else []:
+        try:
+            d = json.loads(marker.read_text())
+            if abs(psutil.Process(int(d["pid"])).create_time() - float(d["started"])) < 0.01:  # not a reused pid
+                out[marker.name] = int(d["pid"])
+                continue
+        except (OSError, ValueError, KeyError, psutil.Error):
+            pass
+        marker.unlink(missing_ok=True)
+    return out
+
+
+def clean(run_id: str | None = None, force: bool = False) -> list[str]:
+    """Kill tagged processes, remove containers and docker networks, then cgroups, namespaces,
+    interfaces. Refuses (LiveRunError) a live run's, or every run's while any is live, unless forced."""
+    live = {r: pid for r, pid in live_runs().items() if pid != os.getpid()}
+    hit = sorted(live) if run_id is None else [r for r in live if r == run_id]
+    if hit and not force:
+        which = ", ".join(f"{r} (pid {live[r]})" for r in hit)
+        raise LiveRunError(f"run(s) still running: {which}. Cleaning would break them: stop them first (Ctrl-C "
+                           "or kill PID, which cleans up), clean one crashed run with --run ID, or --force")
     removed = []
     procs = tagged_processes(run_id)
     for p in procs:

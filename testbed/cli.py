@@ -121,8 +121,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from emulation.cleanup import clean
-    removed = clean(run_id=args.run)
+    from emulation.cleanup import LiveRunError, clean
+    try:
+        removed = clean(run_id=args.run, force=args.force)
+    except LiveRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for item in removed:
         print(f"removed {item}")
     print(f"{len(removed)} leftover(s) removed")
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     add_calibrate(sub)
     c = sub.add_parser("clean", help="remove every sandbox, process and network object the testbed left behind")
     c.add_argument("--run", help="only this run id (default: all runs)")
+    c.add_argument("--force", action="store_true", help="also the objects of runs whose orchestrator is alive")
     c.set_defaults(fn=cmd_clean)
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from emulation import hostmem
+from emulation.cleanup import LiveRun
 from emulation.launch import Launcher
 from emulation.probe import describe
 
@@ -71,6 +72,10 @@ class Run:
 
     # -- the run ---------------------------------------------------------------------------
     def execute(self) -> dict:
+        with LiveRun(self.run_id):  # `testbed clean` leaves a live run alone
+            return self._execute()
+
+    def _execute(self) -> dict:
         self._prepare_output()
         self.setup, self.backend = run_setup.prepare(self.sc, self.nodes, self.requested_backend, self.run_id,
                                                      self.out)
