@@ -80,6 +80,15 @@ def sublayer_outputs(projections) -> tuple[str, str]:
     return attention, projections[-1]
 
 
+def adapter_sites(projections, kind: str) -> tuple[tuple[str, str], ...]:
+    """Where a block gets its bottleneck adapters: (holder, projection) paths inside a block, after
+    the attention's and the feed-forward's output projections (houlsby) or the feed-forward's
+    only (pfeiffer). BERT: (attention.output, dense) and (output, dense)."""
+    attention, feedforward = sublayer_outputs(projections)
+    chosen = (attention, feedforward) if kind == "houlsby" else (feedforward,)
+    return tuple((p.rpartition(".")[0], p.rpartition(".")[2]) for p in chosen)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Parameter-name prefixes of one model's parts (each ends with '.')."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from dataclasses import replace
 
-from .arch import Layout, hidden_size, layer_count, sublayer_outputs
+from .arch import Layout, adapter_sites, hidden_size, layer_count
 from .plan import Plan, block_of, pattern_key, renumber
 
 MODELS = {
@@ -85,6 +85,7 @@ def check_checkpoint(path: str) -> None:
                          f"{' or '.join(WEIGHT_FILES[::2])}, and its tokenizer's files)")
 
 
+@functools.lru_cache(maxsize=8)
 def meta_model(path: str, task: str = "classification"):
     """The task model of a checkpoint folder, built on torch's meta device from its config alone
     (no weight is read): its layout and module names, cheaply, at `testbed validate`."""
@@ -335,7 +336,7 @@ def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...], l
     import torch
     from .adapters import Bottleneck
     spec, d = plan.adapter, hidden_size(base.config)
-    sites = adapter_sites(base, spec.kind)  # (holder, projection) paths inside a block
+    sites = adapter_sites(block_projections(base), spec.kind)  # (holder, projection) paths inside a block
     norms = tuple(f"{lay.blocks}{b}.{holder}.LayerNorm." for b in blocks for holder, _ in sites
                   ) if spec.train_layer_norm else ()
     trains = head + norms
@@ -350,14 +351,6 @@ def _with_adapters(base, plan: Plan, blocks: list[int], head: tuple[str, ...], l
                 Bottleneck(d, spec.size, spec.activation, spec.init_std).attach(layer.get_submodule(holder), projection)
     return model
 
-
-def adapter_sites(model, kind: str) -> tuple[tuple[str, str], ...]:
-    """Where a block gets its bottleneck adapters: (holder, projection) paths inside a block, after
-    the attention's and the feed-forward's output projections (houlsby) or the feed-forward's
-    only (pfeiffer). BERT: (attention.output, dense) and (output, dense)."""
-    attention, feedforward = sublayer_outputs(block_projections(model))
-    chosen = (attention, feedforward) if kind == "houlsby" else (feedforward,)
-    return tuple((p.rpartition(".")[0], p.rpartition(".")[2]) for p in chosen)
 
 
 def trainable_state(model) -> dict[str, np.ndarray]:

@@ -509,10 +509,10 @@ def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
     """What a strategy may know of this scenario (testbed.strategies.Context): the training
     settings, the model's config and blocks, every node's profile and the profiles faults switch to."""
     from node.arch import layer_count
-    from node.trainer import model_config
-    from .strategies import Context
-    from node.trainer import block_projections, layout, meta_model, model_path
+    from node.trainer import block_projections, layout, meta_model, model_config, model_path
+
     from .costmeasure import Measured
+    from .strategies import Context
     spec = model_spec(sc)
     config = model_config(spec)
     meta = meta_model(model_path(spec.name, spec.path), spec.task)

@@ -33,7 +33,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, model_validator
 
-from node.arch import LayoutError, hidden_size, sublayer_outputs
+from node.arch import LayoutError, adapter_sites, hidden_size
 from node.plan import AdapterSpec, Plan
 
 from .base import HeadParams, NodeInfo, State, Strategy, Task, Update, context, weighted_average
@@ -61,14 +61,13 @@ class FedAdapterParams(HeadParams):
         if ctx is None or not ctx.block_projections:
             return self
         try:
-            sites = sublayer_outputs(ctx.block_projections)
+            sites = adapter_sites(ctx.block_projections, self.kind)
         except LayoutError as exc:
             raise ValueError(f"kind: {exc}") from None
-        sites = sites if self.kind == "houlsby" else sites[1:]
-        norms = all(f"{s.rpartition('.')[0]}.LayerNorm" in ctx.block_modules for s in sites)
+        norms = all(f"{holder}.LayerNorm" in ctx.block_modules for holder, _ in sites)
         if self.train_layer_norm and not norms:
-            raise ValueError(f"train_layer_norm: the adapted sublayers ({', '.join(sites)}) have no LayerNorm of "
-                             "their own in this model's blocks (pre-norm); allowed: false")
+            raise ValueError(f"train_layer_norm: the adapted sublayers ({', '.join(f'{h}.{p}' for h, p in sites)}) "
+                             "have no LayerNorm of their own in this model's blocks (pre-norm); allowed: false")
         if self.train_layer_norm is None and not norms:  # (None stays: resolved as before on BERT)
             self.train_layer_norm = False
         return self
