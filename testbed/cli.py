@@ -22,6 +22,10 @@ def cmd_validate(args) -> int:
     return 1 if bad else 0
 
 
+TRACK_HELP = ("also export the results: mlflow (to ./mlruns, or =URI) or tensorboard (event files in the run "
+              "folder, or =DIR); may repeat (optional packages: pip install -e '.[track]')")
+
+
 def _targets(values: list[str]):
     """The --track values, checked before anything runs (None: a bad one, already said)."""
     from .track import Target, TrackError
@@ -147,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                    "round (same scenario file and --set options)")
     r.add_argument("--seeds", metavar="S1,S2,...", help="run the scenario once per seed (repeated trials); "
                    "OUT/summary.json gives each strategy's mean and 95%% interval (overrides the scenario's seeds:)")
-    r.add_argument("--track", action="append", default=[], metavar="mlflow[=URI]|tensorboard[=DIR]",
-                   help="also export the results: mlflow (to ./mlruns, or =URI) or tensorboard (event files in the run "
-                   "folder, or =DIR); may repeat (optional packages: pip install -e '.[track]')")
+    r.add_argument("--track", action="append", default=[], metavar="mlflow[=URI]|tensorboard[=DIR]", help=TRACK_HELP)
     r.set_defaults(fn=cmd_run)
     v = sub.add_parser("validate", help="check scenario files and explain every error")
     v.add_argument("scenarios", nargs="+")
@@ -160,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                    "campaign's summary and report are rewritten)")
     p.add_argument("--recompute", action="store_true",
                    help="recompute summary.json from rounds.jsonl (a folder an older version summarized)")
-    p.add_argument("--track", action="append", default=[], metavar="mlflow[=URI]|tensorboard[=DIR]",
-                   help="also export the results: mlflow (to ./mlruns, or =URI) or tensorboard (event files in the run "
-                   "folder, or =DIR); may repeat (optional packages: pip install -e '.[track]')")
+    p.add_argument("--track", action="append", default=[], metavar="mlflow[=URI]|tensorboard[=DIR]", help=TRACK_HELP)
     p.set_defaults(fn=cmd_report)
     from .calibrate import add_parser as add_calibrate
     add_calibrate(sub)
