@@ -74,22 +74,21 @@ def flat(doc, prefix: str = "") -> dict[str, str]:
 
 
 def _scalars(rounds: list[dict], summary: dict) -> list[tuple[str, float, int, float]]:
-    """(name, value, step, emulated time) of every per-round figure of every strategy."""
+    """(name, value, step, emulated time) of every per-round figure of every strategy, in the
+    round order the summary's cumulative energy follows (report._by_strategy)."""
+    from .report import _by_strategy, _bytes
     out = []
-    cumulative = {n: (s.get("energy") or {}).get("cumulative_j") for n, s in (summary.get("strategies") or {}).items()}
-    seen: dict[str, int] = {}
-    for row in rounds:
-        name, step = row["strategy"], int(row.get("round", 0))
-        t = float(row.get("elapsed_s") or 0.0)
-        for key in PER_ROUND:
-            value = row.get(key)
-            if isinstance(value, (int, float)) and value == value:
-                out.append((f"{name}/{key}", float(value), step, t))
-        out.append((f"{name}/bytes", float((row.get("bytes_up") or 0) + (row.get("bytes_down") or 0)), step, t))
-        i = seen[name] = seen.get(name, -1) + 1
-        joules = cumulative.get(name)
-        if joules and i < len(joules):
-            out.append((f"{name}/energy_j", float(joules[i]), step, t))
+    for name, rows in _by_strategy(rounds).items():
+        joules = ((summary.get("strategies") or {}).get(name, {}).get("energy") or {}).get("cumulative_j") or []
+        for i, row in enumerate(rows):
+            step, t = int(row.get("round", 0)), float(row.get("elapsed_s") or 0.0)
+            for key in PER_ROUND:
+                value = row.get(key)
+                if isinstance(value, (int, float)) and value == value:
+                    out.append((f"{name}/{key}", float(value), step, t))
+            out.append((f"{name}/bytes", float(_bytes(row)), step, t))
+            if i < len(joules):
+                out.append((f"{name}/energy_j", float(joules[i]), step, t))
     return out
 
 
