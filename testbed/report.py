@@ -135,8 +135,8 @@ def _energy(rows: list[dict], powers: dict, target: float, target_loss: float | 
             to_target = total.total_j
     parts = lambda e: {"total_j": e.total_j, "idle_j": e.idle_j, "compute_j": e.compute_j,  # noqa: E731
                        "radio_j": e.radio_j}
-    return {"total_j": total.total_j, "to_target_j": to_target, **{k: v for k, v in parts(total).items() if k != "total_j"},
-            "by_class": {c: parts(e) for c, e in sorted(by_class.items())}, "cumulative_j": per_round}
+    return {**parts(total), "to_target_j": to_target, "by_class": {c: parts(e) for c, e in sorted(by_class.items())},
+            "cumulative_j": per_round}
 
 
 def _strategy_summary(rows: list[dict], target: float, target_loss: float | None = None,
