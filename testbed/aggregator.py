@@ -265,13 +265,14 @@ class Aggregator:
 
     def run_round(self, rnd: int, tag: str, tasks: dict[str, tuple[dict, dict]], deadline_real_s: float,
                   alive: Callable[[str], bool], check: Callable[[str, dict, P.Message], str | None],
-                  tick: Callable[[], None] | None = None, devices: dict[str, dict] | None = None) -> RoundOutcome:
+                  tick: Callable[[], float | None] | None = None, devices: dict[str, dict] | None = None) -> RoundOutcome:
         """Send each node its TASK, collect RESULTs until all are in or the deadline passes.
 
         `devices`: for an emulated node, the device it emulates itself now (node/device.py),
         sent with its task so a profile changed since its start reaches it without a restart.
         `check(node, sent_tensors, result)` returns a reason to reject a result, or None.
-        `tick()` runs between polls (at least every 0.25 s): the runner injects faults there.
+        `tick()` runs between polls (at least every 0.25 s): the runner injects faults there. It
+        returns the wall seconds until its next fault is due (or None), and the poll wakes by then.
         """
         t0 = time.monotonic()
         records = {n: NodeRecord(n, self.expected[n]) for n in tasks}
@@ -297,9 +298,9 @@ class Aggregator:
         results: dict[str, P.Message] = {}
         last_done = t0
         while pending and time.monotonic() - t0 < deadline_real_s:
-            if tick is not None:
-                tick()
-            for n, msg, nbytes in self.poll(min(0.25, deadline_real_s - (time.monotonic() - t0))):
+            due = tick() if tick is not None else None
+            wait = min(0.25, deadline_real_s - (time.monotonic() - t0), 0.25 if due is None else due)
+            for n, msg, nbytes in self.poll(max(0.0, wait)):
                 if n not in pending or msg.meta.get("task_id") != task_ids[n] or msg.round != rnd:
                     log.info("discarding stale %s from %s (round %d)", msg.type, n, msg.round)
                     continue

@@ -153,10 +153,15 @@ class Injector:
                     self._push(Due(elapsed + ev.after_s, 0, i, n, round_event=True))
         self.tick()
 
-    def tick(self) -> None:
+    def tick(self) -> float | None:
+        """Apply what is due; return the wall seconds until the next event (None: nothing queued),
+        so the caller's poll wakes in time for it."""
         now = self.now_s()
         while self.queue and self.queue[0].at_s <= now + 1e-9:
             self._fire(heapq.heappop(self.queue), now)
+        if not self.queue:
+            return None
+        return max(0.0, (self.queue[0].at_s - self.now_s()) * self.dilation)
 
     def end_round(self) -> list[dict]:
         """Round events whose time fell after the round's end happen now, late (and say so)."""

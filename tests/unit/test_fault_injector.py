@@ -84,10 +84,10 @@ def test_round_events_fire_before_the_tasks_and_mid_round_on_the_tick(clock):
     inj.begin_round(2, 10.0)
     assert b.calls == [("pause", "pi-0")]
     clock.t += 5.9          # 2.95 emulated seconds at dilation 2: not yet
-    inj.tick()
+    assert inj.tick() == pytest.approx(0.1), "0.05 emulated s to the kill: 0.1 wall s at dilation 2"
     assert b.calls == [("pause", "pi-0")]
     clock.t += 0.2
-    inj.tick()
+    assert inj.tick() is None, "nothing left to wait for"
     assert b.calls[-1] == ("kill", "pi-1")
     recs = inj.end_round()
     assert [(r["action"], r["node"], r["applied"]) for r in recs] == [("pause", "pi-0", True), ("kill", "pi-1", True)]
