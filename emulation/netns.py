@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 NS_PREFIX = "fedge-"     # namespaces: fedge-<tag>-<node>
 IF_PREFIX = "fe"         # interfaces: fe<tag>b (bridge), fe<tag>h<i> / fe<tag>n<i> (veth ends)
@@ -111,12 +111,27 @@ class Link:
 
     def __init__(self, node_if: str, node_prefix: list[str], host_if: str | None = None):
         self.node_if, self.node_prefix, self.host_if = node_if, list(node_prefix), host_if
+        self._applied: dict[str, tuple[Shaping, bool]] = {}  # interface -> what shape() put on it
 
     def shape(self, uplink: Shaping, downlink: Shaping, netem: bool) -> None:
-        """Uplink on the node side's egress, downlink on the host side's egress (towards the node)."""
-        _shape(self.node_prefix, self.node_if, uplink, netem)
+        """Uplink on the node side's egress, downlink on the host side's egress (towards the node).
+        A new rate on a shaped interface changes its htb class in place: nothing queued is lost
+        and nothing passes unshaped (a rate trace steps the link this way)."""
+        self._apply(self.node_prefix, self.node_if, uplink, netem)
         if self.host_if is not None:
-            _shape([], self.host_if, downlink, netem)
+            self._apply([], self.host_if, downlink, netem)
+
+    def _apply(self, prefix: list[str], dev: str, s: Shaping, netem: bool) -> None:
+        old = self._applied.get(dev)
+        if old == (s, netem):
+            return
+        same_delay = old is not None and old[1] == netem and (not netem or old[0].delay_ms == s.delay_ms)
+        changed = same_delay and old[0].rate_mbit > 0 and s.rate_mbit > 0 and sh(
+            *prefix, "tc", "class", "change", "dev", dev, "parent", "1:", "classid", "1:10", "htb",
+            *_htb_rate(s.rate_mbit), check=False).returncode == 0
+        if not changed:  # first shaping, another structure, or the class is gone (a restarted sandbox)
+            _shape(prefix, dev, s, netem)
+        self._applied[dev] = (replace(s), netem)
 
     def set_up(self, up: bool) -> None:
         """Carrier on or off: with the host end down nothing crosses the link (a cut cable)."""
@@ -164,16 +179,20 @@ def _shape(prefix: list[str], dev: str, s: Shaping, netem: bool) -> None:
     sh(*tc, "qdisc", "del", "dev", dev, "root", check=False)
     if s.rate_mbit > 0:
         cap_gso(prefix, dev)
-        kbit = max(8, int(s.rate_mbit * 1000))
-        burst = max(3028, int(s.rate_mbit * 1e6 / 8 / 100))  # about 10 ms of traffic, at least 2 MTU
         sh(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10")
-        sh(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", "rate", f"{kbit}kbit",
-           "ceil", f"{kbit}kbit", "burst", str(burst), "cburst", str(burst))
+        sh(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb", *_htb_rate(s.rate_mbit))
         if netem and s.delay_ms > 0:
             sh(*tc, "qdisc", "add", "dev", dev, "parent", "1:10", "handle", "10:", "netem", "delay", f"{s.delay_ms}ms",
                "limit", "10000")
     elif netem and s.delay_ms > 0:
         sh(*tc, "qdisc", "add", "dev", dev, "root", "netem", "delay", f"{s.delay_ms}ms", "limit", "10000")
+
+
+def _htb_rate(rate_mbit: float) -> list[str]:
+    """htb class arguments for a rate: burst about 10 ms of traffic, at least 2 MTU."""
+    kbit = max(8, int(rate_mbit * 1000))
+    burst = str(max(3028, int(rate_mbit * 1e6 / 8 / 100)))
+    return ["rate", f"{kbit}kbit", "ceil", f"{kbit}kbit", "burst", burst, "cburst", burst]
 
 
 def leftovers(tag: str | None = None) -> dict[str, list[str]]:

@@ -63,7 +63,11 @@ class Agent:
     def become(self, device: Emulated) -> None:
         """Emulate `device` from now on (a new CPU share, new transport links)."""
         self.device = device
-        self.uplink, self.downlink = Link(device.uplink_mbit, device.latency_ms), Link(device.downlink_mbit, device.latency_ms)
+        now = time.monotonic()  # a trace's steps count from the task that carries them
+        up = [(now + s, u) for s, u, _ in device.rate_steps]
+        down = [(now + s, d) for s, _, d in device.rate_steps]
+        self.uplink = Link(device.uplink_mbit, device.latency_ms, schedule=up)
+        self.downlink = Link(device.downlink_mbit, device.latency_ms, schedule=down)
 
     # -- messaging -------------------------------------------------------------------------
     def send(self, type_: str, round_: int = 0, meta: dict | None = None, tensors: dict | None = None,
@@ -127,8 +131,9 @@ class Agent:
         plan = Plan.from_dict(msg.meta.get("plan"))  # a bad plan: an ERROR reply, before any training
         if "device" in msg.meta:  # the device as it is now (a profile may have changed since the start)
             device = Emulated.from_dict(msg.meta["device"])
-            if device != self.device:
-                log.info("%s: now emulating %s", self.name, device)
+            if device != self.device or device.rate_steps:
+                if replace(device, rate_steps=()) != replace(self.device, rate_steps=()):  # not every trace step
+                    log.info("%s: now emulating %s", self.name, device)
                 self.become(device)
         download_s = self.downlink.transfer(received_bytes)
         self.phase("train", msg.round)

@@ -29,12 +29,14 @@ class Emulated:
     """The device as this node emulates it. `cpu_share`: with the `wall` clock, the fraction of
     the measured speed (at most 1: a node cannot run faster than it does); with the `cpu` clock,
     host cores' worth of throughput (dilated), so it may exceed 1 for a multi-threaded device.
-    Rates 0 = unshaped."""
+    Rates 0 = unshaped. `rate_steps`: a link trace's steps, (seconds from the task's arrival,
+    uplink, downlink Mbit/s), replayed by the transport (node/shaping.py)."""
     cpu_share: float = 1.0
     cpu_clock: str = "wall"
     uplink_mbit: float = 0.0
     downlink_mbit: float = 0.0
     latency_ms: float = 0.0
+    rate_steps: tuple[tuple[float, float, float], ...] = ()
 
     def __post_init__(self):
         if self.cpu_clock not in CPU_CLOCKS:
@@ -45,6 +47,9 @@ class Emulated:
         for name in ("uplink_mbit", "downlink_mbit", "latency_ms"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for step in self.rate_steps:
+            if len(step) != 3 or not all(isinstance(v, float) and v >= 0 for v in step):
+                raise ValueError(f"rate_steps: each step is (seconds, uplink, downlink), numbers >= 0; got {step!r}")
 
     def stretched(self, wall_s: float, cpu_s: float) -> float:
         return stretched(wall_s, cpu_s, self.cpu_share, self.cpu_clock)
@@ -58,7 +63,16 @@ class Emulated:
         known = {f.name for f in fields(cls)}
         if not isinstance(d, dict) or set(d) - known:
             raise ValueError(f"device: expected a mapping of {', '.join(sorted(known))}, got {d!r}")
+        steps = d.get("rate_steps", ())
+        if not isinstance(steps, (list, tuple)) or not all(
+                isinstance(s, (list, tuple)) and all(_number(v) for v in s) for s in steps):
+            raise ValueError(f"device.rate_steps must be a list of [seconds, uplink, downlink], got {steps!r}")
         for k, v in d.items():
-            if k != "cpu_clock" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            if k not in ("cpu_clock", "rate_steps") and not _number(v):
                 raise ValueError(f"device.{k} must be a number, got {v!r}")
-        return cls(**{k: (v if k == "cpu_clock" else float(v)) for k, v in d.items()})
+        return cls(**{k: (v if k == "cpu_clock" else float(v)) for k, v in d.items() if k != "rate_steps"},
+                   rate_steps=tuple(tuple(float(v) for v in s) for s in steps))
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -10,58 +10,20 @@ applied, with the reason, and the run goes on.
 """
 from __future__ import annotations
 
-import csv
 import heapq
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
 from emulation.backends import FaultUnsupported
 from emulation.profiles import PROFILES, Profile
 
+from .linktrace import TraceError, availability_of, rate_traces_of  # noqa: F401 (TraceError: re-exported)
+
 log = logging.getLogger("testbed.faults")
-TRACE_COLUMNS = ("node", "online_from_s", "online_to_s")
-
-
-class TraceError(ValueError):
-    """An availability trace that cannot be used; the message names the file and line."""
-
-
-def load_trace(path: str | Path, names: set[str]) -> dict[str, list[tuple[float, float]]]:
-    """node -> its online intervals [from, to) in emulated seconds since the strategy started."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    rows = list(csv.reader(text.splitlines()))
-    if not rows or tuple(c.strip() for c in rows[0]) != TRACE_COLUMNS:
-        raise TraceError(f"{path} line 1: the header must be {','.join(TRACE_COLUMNS)}")
-    out: dict[str, list[tuple[float, float]]] = {}
-    for i, row in enumerate(rows[1:], start=2):
-        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-            continue
-        if len(row) != 3:
-            raise TraceError(f"{path} line {i}: expected 3 fields ({','.join(TRACE_COLUMNS)}), got {len(row)}")
-        node = row[0].strip()
-        if node not in names:
-            raise TraceError(f"{path} line {i}: unknown node {node!r}; the scenario's nodes are "
-                             f"{', '.join(sorted(names)[:8])}{' ...' if len(names) > 8 else ''}")
-        try:
-            lo, hi = float(row[1]), float(row[2])
-        except ValueError:
-            raise TraceError(f"{path} line {i}: online_from_s and online_to_s must be numbers, got {row[1:]}") from None
-        if not (math.isfinite(lo) and 0 <= lo < hi):
-            raise TraceError(f"{path} line {i}: need 0 <= online_from_s < online_to_s, got {lo:g}, {hi:g}")
-        out.setdefault(node, []).append((lo, hi))
-    return out
-
-
 @dataclass(order=True)
 class Due:
     """A fault (or the undoing of one) due at `at_s` emulated seconds into the strategy."""
@@ -72,6 +34,7 @@ class Due:
     undo: bool = field(compare=False, default=False)
     round_event: bool = field(compare=False, default=False)
     prev: Profile | None = field(compare=False, default=None)  # link/profile: what to go back to
+    kind: str = field(compare=False, default="event")  # event, rate (a trace step) or online (an interval edge)
 
 
 class Injector:
@@ -81,8 +44,13 @@ class Injector:
         self.sc, self.backend, self.dilation, self.say = sc, backend, dilation, say
         self.events = sc.faults.events
         self.probability = sc.faults.availability.probability
-        self.trace = (load_trace(sc.faults.availability.trace, {n.name for n in nodes})
-                      if sc.faults.availability.trace else {})
+        self.intervals = availability_of(sc, nodes)  # node -> when it is online (trace or markov)
+        self.rates = rate_traces_of(sc, nodes)        # node -> its link's rates over time
+        self.link_now: dict[str, tuple[float, float]] = {}
+        self.offline: set[str] = set()               # nodes that went offline with work out: paused
+        self.gone: set[str] = set()                  # nodes whose work of this round went with them
+        self.rate_steps = 0                          # trace steps applied (every strategy)
+        self.dropped_offline = 0                     # tasks lost to a node going offline mid-round
         self.names = sorted(n.name for n in nodes)
         self.members = {g.group: [f"{g.group}-{i}" for i in range(g.count)] for g in sc.nodes}
         self.base = {n.name: n.profile for n in nodes}
@@ -101,9 +69,26 @@ class Injector:
         self.launcher = None  # emulation.launch.Launcher: how a restarted or switched node starts
         self.round, self.round_elapsed, self._t0 = 0, 0.0, time.monotonic()
 
+    def describe(self) -> list[str]:
+        """What changes over time in this run, said once at its start."""
+        out = []
+        for g in self.sc.nodes:
+            tr = g.link_trace
+            if tr is not None:
+                what = (f"{tr.file} ({'looped' if tr.end == 'loop' else 'held at its end'})" if tr.file else
+                        "the Gilbert-Elliott generator (synthetic)")
+                out.append(f"link trace: group {g.group} follows {what}")
+        av = self.sc.faults.availability
+        if av.trace or av.markov:
+            what = av.trace or (f"Markov on/off (synthetic): mean online {av.markov.mean_on_s:g} s, "
+                                f"offline {av.markov.mean_off_s:g} s")
+            out.append(f"availability: {len(self.intervals)} node(s) follow {what}; offline mid-round loses "
+                       "the round's work")
+        return out
+
     @property
     def active(self) -> bool:
-        return bool(self.events) or self.probability < 1 or bool(self.trace)
+        return bool(self.events) or self.probability < 1 or bool(self.intervals) or bool(self.rates)
 
     # -- who takes part ----------------------------------------------------------------------
     def targets(self, index: int) -> list[str]:
@@ -120,7 +105,7 @@ class Injector:
         if self.probability < 1:
             draws = np.random.default_rng([self.sc.seed, rnd, 7]).random(len(self.names))
             ok = {n for n, u in zip(self.names, draws) if u < self.probability}
-        return {n for n in ok if n not in self.trace or any(lo <= elapsed < hi for lo, hi in self.trace[n])}
+        return {n for n in ok if n not in self.intervals or self.intervals[n].online_at(elapsed)}
 
     # -- the clock ---------------------------------------------------------------------------
     def begin_strategy(self, strategy: str, agg, launcher) -> None:
@@ -130,6 +115,18 @@ class Injector:
             if ev.at_s is not None and self._applies(ev):
                 for n in self.targets(i):
                     self._push(Due(ev.at_s, 0, i, n))
+        self._start_clocks(0.0)
+
+    def _start_clocks(self, t: float) -> None:
+        """Put every traced link at its rates of time t, and queue each trace's next step and
+        each node's next online or offline edge."""
+        self.link_now = {}
+        for n in self.rates:
+            self._step_rate(n, t)
+        for n, spans in self.intervals.items():
+            nxt = spans.next_change(t)
+            if nxt is not None:
+                self._push(Due(nxt, 0, -1, n, kind="online"))
 
     def _applies(self, ev) -> bool:
         return ev.strategies is None or self.strategy in ev.strategies
@@ -146,7 +143,7 @@ class Injector:
     def begin_round(self, rnd: int, elapsed: float) -> None:
         """Queue this round's events and apply what is due before its tasks go out."""
         self.round, self.round_elapsed, self._t0 = rnd, elapsed, time.monotonic()
-        self.lost = {}
+        self.lost, self.gone = {}, set()
         for i, ev in enumerate(self.events):
             if ev.round == rnd and self._applies(ev):
                 for n in self.targets(i):
@@ -179,6 +176,9 @@ class Injector:
         """Put the fleet back for the next strategy: resume, reconnect, restore profiles. Dead nodes
         are left to the runner, which restarts them."""
         self.queue = []
+        for n in sorted(self.offline):
+            self.backend.resume(n)
+        self.offline = set()
         for n in sorted(self.paused):
             self._do("resume", n, None, None)
         for n in sorted(self.cut):
@@ -193,6 +193,10 @@ class Injector:
 
     # -- applying ----------------------------------------------------------------------------
     def _fire(self, d: Due, now: float, note: str | None = None) -> None:
+        if d.kind == "rate":
+            return self._step_rate(d.node, d.at_s)
+        if d.kind == "online":
+            return self._edge(d.node, d.at_s)
         ev = self.events[d.index]
         action = ev.action
         prev = None
@@ -224,9 +228,7 @@ class Injector:
         if ev is not None:
             self.injected += rec["applied"]
             self.not_applied += not rec["applied"]
-        self.records.append(rec)
-        if not rec["applied"]:
-            self.say(f"fault not applied: {action} {node}: {rec['how']}")
+        self._record(rec)
         return rec
 
     def _apply(self, action: str, node: str, ev, back: Profile | None) -> str | None:
@@ -240,7 +242,7 @@ class Injector:
             self.lost[node] = "killed by a fault event"
         elif action == "restart":
             self.agg.forget(node)
-            b.restart(self.launcher.launch(node, self.current[node]))
+            b.restart(self.launcher.launch(node, self.profile_now(node)))
             self.killed.discard(node)
             self.paused.discard(node)
             self.cut.discard(node)   # a fresh sandbox: its link is up and shaped by its profile
@@ -250,7 +252,8 @@ class Injector:
             self.paused.add(node)
         elif action == "resume":
             if node in self.paused:
-                b.resume(node)
+                if node not in self.offline:  # offline (availability) as well: it stays stopped
+                    b.resume(node)
                 self.paused.discard(node)
         elif action == "cut_link":
             b.cut_link(node)
@@ -262,7 +265,7 @@ class Injector:
         elif action == "link":
             new = back or self.current[node].with_overrides(
                 **{k: getattr(ev, k) for k in ("uplink_mbit", "downlink_mbit", "latency_ms") if getattr(ev, k) is not None})
-            b.reshape(self.launcher.launch(node, new))
+            b.reshape(self.launcher.launch(node, self._traced(node, new)))
             self.current[node] = new
             return f"up {new.uplink_mbit:g} Mbit/s, down {new.downlink_mbit:g} Mbit/s, latency {new.latency_ms:g} ms"
         elif action == "profile":
@@ -270,7 +273,7 @@ class Injector:
         return None
 
     def _set(self, node: str, profile: Profile) -> str:
-        how = self.backend.set_profile(self.launcher.launch(node, profile))
+        how = self.backend.set_profile(self.launcher.launch(node, self._traced(node, profile)))
         if how.startswith("restarted"):
             self.agg.forget(node)
             self.paused.discard(node)
@@ -283,6 +286,70 @@ class Injector:
         if name in PROFILES:
             return PROFILES[name]
         return Profile(name=name, **self.sc.profiles[name].model_dump())
+
+    # -- links and availability over time ------------------------------------------------------
+    def _traced(self, node: str, profile: Profile) -> Profile:
+        """`profile` with the node's link trace's rates of now (a trace wins over the profile's rates)."""
+        if node not in self.link_now:
+            return profile
+        up, down = self.link_now[node]
+        return profile.with_overrides(uplink_mbit=up, downlink_mbit=down)
+
+    def profile_now(self, node: str) -> Profile:
+        """What the node's sandbox emulates now: its current profile, with its trace's rates."""
+        return self._traced(node, self.current[node])
+
+    def _step_rate(self, node: str, t: float) -> None:
+        """The node's link follows its trace to time t (kernel shaping at once; the process
+        backend's transport follows the schedule its tasks carry), and its next step is queued."""
+        rates = self.rates[node].at(t)
+        if self.link_now.get(node) != rates:
+            self.link_now[node] = rates
+            self.rate_steps += 1
+            if node not in self.killed:
+                try:
+                    self.backend.reshape(self.launcher.launch(node, self.profile_now(node)))
+                except Exception as exc:  # recorded; the run goes on
+                    self._record({"type": "link_trace", "node": node, "round": self.round, "at_s": round(t, 3),
+                                  "applied": False, "how": f"{type(exc).__name__}: {exc}"})
+        nxt = self.rates[node].next_change(t)
+        if nxt is not None:
+            self._push(Due(nxt, 0, -1, node, kind="rate"))
+
+    def _edge(self, node: str, t: float) -> None:
+        """The node comes online or goes offline at t. Offline with work out: the work is lost and
+        the node is paused (a device that is off computes nothing) until it is online again."""
+        spans = self.intervals[node]
+        if spans.online_at(t):
+            if node in self.offline and node not in self.paused and node not in self.killed:
+                self.backend.resume(node)
+            self.offline.discard(node)
+        elif node in self.agg.busy and node not in self.killed:
+            self.lost[node] = f"went offline at {t:.1f} s (faults.availability)"
+            self.gone.add(node)
+            self.dropped_offline += 1
+            rec = {"type": "offline", "node": node, "round": self.round, "at_s": round(t, 3), "applied": True}
+            try:
+                self.backend.pause(node)
+                self.offline.add(node)
+                rec["how"] = "its work is dropped; paused until it is online again"
+            except FaultUnsupported as exc:
+                rec["how"] = f"its work is dropped; not paused: {exc}"
+            self._record(rec)
+        nxt = spans.next_change(t)
+        if nxt is not None:
+            self._push(Due(nxt, 0, -1, node, kind="online"))
+
+    def _record(self, rec: dict) -> None:
+        self.records.append(rec)
+        if not rec["applied"]:
+            self.say(f"{rec['type']} not applied: {rec.get('action', '')} {rec['node']}: {rec['how']}".replace("  ", " "))
+
+    def transport_schedule(self, node: str, horizon_s: float) -> list[tuple[float, float, float]]:
+        """The node's trace from now for `horizon_s` emulated seconds, as its transport replays it:
+        (wall seconds from now, uplink, downlink Mbit/s) with the dilation applied."""
+        now, f = self.now_s(), self.dilation
+        return [((t - now) * f, up / f, down / f) for t, up, down in self.rates[node].schedule(now, now + horizon_s)]
 
     # -- what the round records say ------------------------------------------------------------
     def why_failed(self, node: str) -> str | None:
@@ -298,7 +365,8 @@ class Injector:
     # -- checkpoints -------------------------------------------------------------------------
     def snapshot(self) -> dict:
         """The faults in force and still due, as plain data (for the run's checkpoint)."""
-        return {"queue": [{**asdict(d), "prev": d.prev and d.prev.as_dict()} for d in self.queue], "seq": self._seq,
+        return {"queue": [{**asdict(d), "prev": d.prev and d.prev.as_dict()} for d in self.queue if d.kind == "event"],
+                "seq": self._seq, "clock_s": self.now_s(),
                 "current": {n: p.as_dict() for n, p in self.current.items()},
                 "paused": sorted(self.paused), "cut": sorted(self.cut), "killed": sorted(self.killed),
                 "injected": self.injected, "not_applied": self.not_applied}
@@ -311,6 +379,7 @@ class Injector:
                       for d in snap["queue"]]
         self._seq = snap["seq"]
         heapq.heapify(self.queue)
+        self._start_clocks(snap.get("clock_s", 0.0))  # traces and intervals: from the checkpoint's time
         self.injected, self.not_applied = snap["injected"], snap["not_applied"]
         for n, d in snap["current"].items():
             p = Profile(**d)

@@ -8,7 +8,7 @@ the round is checkpointed and then written.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -163,6 +163,7 @@ class RoundLoop:
         tasks = strat.configure(rnd, [NodeInfo(n, inj.current[n], len(self.work.shards[n])) for n in sampled],
                                 pos.state)
         host, kills0 = self.host.before(entry.name, rnd, {n: t.plan for n, t in tasks.items()})
+        links = {n: inj.link_now[n] for n in tasks if n in inj.link_now}  # traced links' rates at the start
         t_round = time.perf_counter()
         outcome = self.agg.run_round(rnd, entry.name, {n: (t.plan.to_dict(), t.tensors) for n, t in tasks.items()},
                                      self.sc.training.round_deadline_s * f,
@@ -171,7 +172,7 @@ class RoundLoop:
                                      devices=self._devices(tasks))
         events = [*restored, *inj.end_round(), *self._explain_losses(rnd, outcome)]
         self.host.after(rnd, host, kills0, outcome.records, events, self.backend.alive)
-        nodes = {n: self._node_entry(n, tasks[n], outcome) for n in outcome.records}
+        nodes = {n: self._node_entry(n, tasks[n], outcome, links.get(n)) for n in outcome.records}
         # strategies learn from what happened (LEGEND estimates speed and bandwidth from it)
         updates = [Update(n, tasks[n].plan, dict(m.tensors), int(m.meta["samples"]), {**m.meta, **nodes[n]})
                    for n, m in sorted(outcome.results.items())]  # arrival order must not change sums
@@ -194,16 +195,27 @@ class RoundLoop:
                 "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}
 
     def _devices(self, nodes) -> dict[str, dict]:
-        """What each emulated node emulates itself of its current profile (faults may have changed it)."""
-        return {n: self.launcher.launch(n, self.inj.current[n]).emulated(self.backend.emulated(n)).to_dict()
-                for n in nodes if n not in self.remote}
+        """What each emulated node emulates itself of its current profile (faults may have changed
+        it), with the steps of its link trace where its transport shapes the link."""
+        out = {}
+        for n in (n for n in nodes if n not in self.remote):
+            emulate = self.backend.emulated(n)
+            dev = self.launcher.launch(n, self.inj.profile_now(n)).emulated(emulate)
+            if n in self.inj.rates and (emulate.uplink or emulate.downlink):
+                steps = self.inj.transport_schedule(n, self.sc.training.round_deadline_s)
+                dev = replace(dev, rate_steps=tuple((s, u if emulate.uplink else 0.0, d if emulate.downlink else 0.0)
+                                                    for s, u, d in steps))
+            out[n] = dev.to_dict()
+        return out
 
     def _explain_losses(self, rnd: int, outcome: RoundOutcome) -> list[dict]:
         """Why a node's result is missing: a fault, or the end of its sandbox (an OOM kill is an event)."""
         events = []
         for n, rec in outcome.records.items():
             why = self.inj.why_failed(n) if rec.status != "ok" else None
-            if why:
+            if n in self.inj.gone and rec.status != "ok":  # offline mid-round: its work never came back
+                rec.status, rec.reason = "dropped", why
+            elif why:
                 rec.reason = f"{why} ({rec.reason})" if rec.reason else why
             elif rec.status != "ok" and n not in self.remote and not self.backend.alive(n):
                 rec.reason = self.backend.exit_reason(n) or rec.reason
@@ -212,10 +224,12 @@ class RoundLoop:
                     events.append({"type": "oom", "round": rnd, "node": n, **oom})
         return events
 
-    def _node_entry(self, n: str, task: Task, outcome: RoundOutcome) -> dict:
+    def _node_entry(self, n: str, task: Task, outcome: RoundOutcome, link: tuple[float, float] | None) -> dict:
         """A node's part in the round, in emulated seconds, with what it was asked to train."""
         d = asdict(outcome.records[n])
         d["profile"] = self.inj.current[n].name  # a profile fault may have switched it
+        if link is not None:  # its link trace's rates when the round began
+            d["link_mbit"] = {"up": link[0], "down": link[1]}
         d["plan"] = {**task.plan.record(), **task.choices}
         meta = outcome.results[n].meta if n in outcome.results else {}
         share, loss = meta.get("tail_share"), meta.get("loss")

@@ -105,6 +105,8 @@ class Run:
                                     {n: sec for n, (_, sec) in self.keys.nodes.items()} if self.keys else {})
                 self._start_nodes(agg, launcher, join, progress)
                 injector = Injector(self.sc, self.nodes, self.backend, s.dilation, progress.message)
+                for note in injector.describe():
+                    progress.message(note)
                 bert = walked_analytically(self.work.base.config.model_type, self.work.spec.dtype)
                 watch = HostWatch(s.here, costmodel.Arch.from_config(self.work.base.config) if bert else None,
                                   host_mem, progress.message, self.notes, base=self.work.base)
@@ -278,7 +280,8 @@ class Run:
                  "restarts": loop.restarts if loop else list(ck.restarts if ck else []), "register_s": self.register_s}
         if loop is not None and loop.inj.active:
             extra["faults"] = {"injected": loop.inj.injected, "not_applied": loop.inj.not_applied,
-                               "restored_between_strategies": loop.fault_restores}
+                               "restored_between_strategies": loop.fault_restores,
+                               "link_trace_steps": loop.inj.rate_steps, "dropped_offline": loop.inj.dropped_offline}
         if agg is not None:  # every byte each node sent and received, control messages included
             extra["rejected_messages"] = agg.rejected_total
             extra["refused_connections"] = agg.refused_total

@@ -131,6 +131,35 @@ class TrainingConfig(Strict):
                                         "starts once a strategy has used them (default: run every round)")
 
 
+class GilbertElliott(Strict):
+    """A synthetic good/bad link (testbed/linktrace.py): the profile's rates times a factor per state."""
+    p_good_to_bad: float = Field(gt=0, le=1, description="chance per step of going from good to bad")
+    p_bad_to_good: float = Field(gt=0, le=1, description="chance per step of going from bad to good")
+    bad_factor: float = Field(gt=0, le=1, description="the bad state's rates: this times the profile's")
+    good_factor: float = Field(1.0, gt=0, description="the good state's rates: this times the profile's")
+    step_s: float = Field(1.0, gt=0, description="emulated seconds per step of the chain")
+
+
+class LinkTrace(Strict):
+    """A group's link over time: a rate trace file, or the Gilbert-Elliott generator."""
+    file: str | None = Field(None, description="CSV (relative to the scenario): time_s,uplink_mbit,downlink_mbit, "
+                             "one trace for the group, or node,time_s,uplink_mbit,downlink_mbit per node")
+    end: Literal["hold", "loop"] = Field("hold", description="after the last row: keep its rates, or start over")
+    period_s: float | None = Field(None, gt=0, description="loop: the trace's length (default: the last time_s "
+                                   "plus the gap before it)")
+    gilbert_elliott: GilbertElliott | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "LinkTrace":
+        if (self.file is None) == (self.gilbert_elliott is None):
+            raise ValueError("give exactly one of file or gilbert_elliott")
+        if self.file is None and (self.end != "hold" or self.period_s is not None):
+            raise ValueError("end and period_s go with file, not gilbert_elliott")
+        if self.period_s is not None and self.end != "loop":
+            raise ValueError("period_s goes with end: loop")
+        return self
+
+
 class NodeGroup(Strict):
     group: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
     count: int = Field(1, ge=1, le=1000)
@@ -140,6 +169,8 @@ class NodeGroup(Strict):
     backend: Literal["inherit", "remote"] = "inherit"
     engine: str | None = Field(None, description="name under engines: these nodes run as containers on that "
                                "docker engine (another host, or another engine of this one)")
+    link_trace: LinkTrace | None = Field(None, description="the link's rates over time instead of the profile's "
+                                         "constant ones")
 
     @field_validator("profile")
     @classmethod
@@ -334,12 +365,28 @@ class FaultEvent(Strict):
         return self
 
 
+class MarkovOnOff(Strict):
+    """Synthetic availability (testbed/linktrace.py): exponential online and offline times."""
+    mean_on_s: float = Field(gt=0, description="mean emulated seconds a device stays online")
+    mean_off_s: float = Field(gt=0, description="mean emulated seconds a device stays offline")
+    nodes: list[str] | None = Field(None, description="node or group names it applies to (default: every "
+                                    "emulated node)")
+
+
 class Availability(Strict):
-    """Which nodes may be sampled in a round (the others are offline: a real server never sees them)."""
+    """Which nodes may be sampled in a round (the others are offline: a real server never sees them).
+    A node that goes offline during a round (trace or markov) loses that round's work."""
     probability: float = Field(1.0, gt=0, le=1, description="each node online with this probability per round")
     trace: str | None = Field(None, description="CSV file (relative to the scenario) with rows "
                               "node,online_from_s,online_to_s in emulated seconds since the strategy started; "
                               "a node with rows is online only inside them, one without rows always")
+    markov: MarkovOnOff | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "Availability":
+        if self.trace is not None and self.markov is not None:
+            raise ValueError("give at most one of trace or markov")
+        return self
 
 
 class Faults(Strict):
@@ -415,6 +462,7 @@ class Scenario(Strict):
             raise ValueError(f"@training.min_results: {self.training.min_results} exceeds clients per round ({k or n})")
         self._check_engines()
         self._check_faults()
+        self._check_links()
         return self
 
     def strategy_param_errors(self) -> list[str]:
@@ -467,6 +515,32 @@ class Scenario(Strict):
             wrong = sorted(set(ev.strategies or ()) - set(strategies))
             if wrong:
                 raise ValueError(f"{at}.strategies: unknown {wrong}; the scenario runs {strategies}")
+
+
+    def _check_links(self) -> None:
+        """Link traces on emulated groups only, and Gilbert-Elliott on shaped links only."""
+        for i, g in enumerate(self.nodes):
+            tr = g.link_trace
+            if tr is None:
+                continue
+            if g.backend == "remote":
+                raise ValueError(f"@nodes[{i}].link_trace: group {g.group} is remote (real devices): their links "
+                                 "are their own")
+            if tr.gilbert_elliott is not None:
+                base = PROFILES.get(g.profile) or self.profiles[g.profile]
+                for k in ("uplink_mbit", "downlink_mbit"):
+                    if not g.overrides.get(k, getattr(base, k)) and k not in g.ranges:
+                        raise ValueError(f"@nodes[{i}].link_trace.gilbert_elliott: it scales the profile's rates, "
+                                         f"and {g.profile}'s {k} is 0 (unshaped); give the group overrides: "
+                                         f"{{{k}: ...}} or use a trace file")
+        mk = self.faults.availability.markov
+        if mk is not None and mk.nodes is not None:
+            names = {f"{g.group}-{j}" for g in self.nodes for j in range(g.count)}
+            groups = {g.group for g in self.nodes}
+            bad = sorted(set(mk.nodes) - names - groups)
+            if bad:
+                raise ValueError(f"@faults.availability.markov.nodes: unknown node or group {bad}; groups: "
+                                 f"{', '.join(sorted(groups))}")
 
 
 class NodeSpec(BaseModel):
@@ -572,16 +646,30 @@ def parse(doc: Any, path: str = "<scenario>") -> Scenario:
     if errors:
         raise ScenarioError("\n".join([f"{path}: {len(errors)} error(s) in scenario",
                                        *(f"  {path}: {e}" for e in errors)]))
-    av = sc.faults.availability
-    if av.trace is not None:  # read now: a bad trace never starts a run
-        from .faults import TraceError, load_trace
-        trace = Path(beside(path, av.trace))
-        try:
-            load_trace(trace, {n.name for n in expand_nodes(sc)})
-        except TraceError as exc:
-            raise ScenarioError(f"{path}: faults.availability.trace: {exc}") from None
-        av.trace = str(trace)
+    _read_traces(sc, path)
     return sc
+
+
+def _read_traces(sc: Scenario, path: str) -> None:
+    """Read every trace file now, against the scenario's nodes: a bad trace never starts a run."""
+    from .linktrace import TraceError, load_availability, load_rate_trace
+    nodes = expand_nodes(sc)
+    av = sc.faults.availability
+    reads = [("faults.availability.trace", av, "trace", lambda f: load_availability(f, {n.name for n in nodes}))]
+    for i, g in enumerate(sc.nodes):
+        tr = g.link_trace
+        if tr is not None and tr.file is not None:
+            members = [n.name for n in nodes if n.group == g.group]
+            reads.append((f"nodes[{i}].link_trace.file", tr, "file",
+                          lambda f, tr=tr, members=members: load_rate_trace(f, members, tr.end, tr.period_s)))
+    for where, holder, attr, load in reads:
+        if getattr(holder, attr) is None:
+            continue
+        setattr(holder, attr, beside(path, getattr(holder, attr)))
+        try:
+            load(getattr(holder, attr))
+        except TraceError as exc:
+            raise ScenarioError(f"{path}: {where}: {exc}") from None
 
 
 COST_MODEL_FAMILIES = ("bert",)  # what testbed/costmodel.py walks analytically; others are measured (costmeasure)

@@ -8,7 +8,8 @@ import pytest
 
 from emulation.backends import FaultUnsupported
 from emulation.launch import Launch, Launcher
-from testbed.faults import Injector, TraceError, load_trace
+from testbed.faults import Injector
+from testbed.linktrace import TraceError, load_availability
 from testbed.scenario import expand_nodes, parse
 
 BASE = {
@@ -213,7 +214,7 @@ def test_bad_traces_name_the_line(tmp_path, text, needle):
     trace = tmp_path / "t.csv"
     trace.write_text(text)
     with pytest.raises(TraceError, match=needle.replace("(", r"\(")):
-        load_trace(trace, {"pi-0", "pi-1"})
+        load_availability(trace, {"pi-0", "pi-1"})
 
 
 def test_snapshot_survives_pickling_and_restore_applies_the_faults_in_force(clock):
