@@ -49,6 +49,7 @@ class Injector:
         self.link_now: dict[str, tuple[float, float]] = {}
         self.offline: set[str] = set()               # nodes that went offline with work out: paused
         self.gone: set[str] = set()                  # nodes whose work of this round went with them
+        self._said: set[tuple[str, str]] = set()
         self.rate_steps = 0                          # trace steps applied (every strategy)
         self.dropped_offline = 0                     # tasks lost to a node going offline mid-round
         self.names = sorted(n.name for n in nodes)
@@ -342,7 +343,9 @@ class Injector:
 
     def _record(self, rec: dict) -> None:
         self.records.append(rec)
-        if not rec["applied"]:
+        said = (rec["type"], rec["node"])
+        if not rec["applied"] and (rec["type"] == "fault" or said not in self._said):  # a trace step: once
+            self._said.add(said)
             self.say(f"{rec['type']} not applied: {rec.get('action', '')} {rec['node']}: {rec['how']}".replace("  ", " "))
 
     def transport_schedule(self, node: str, horizon_s: float) -> list[tuple[float, float, float]]:
