@@ -243,6 +243,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_len: int = 64
     seed: int = 0
+    proximal_mu: float = 0.0  # > 0: the loss gets (mu/2)||w - w_start||^2 over the trained tensors (FedProx, FedAsync)
 
     def __post_init__(self):
         _int(self.local_steps, "train.local_steps", 1)
@@ -253,6 +254,8 @@ class TrainSpec:
         _require(_num(self.weight_decay, "train.weight_decay") >= 0, "train.weight_decay must be >= 0")
         object.__setattr__(self, "lr", float(self.lr))
         object.__setattr__(self, "weight_decay", float(self.weight_decay))
+        _require(_num(self.proximal_mu, "train.proximal_mu") >= 0, "train.proximal_mu must be >= 0")
+        object.__setattr__(self, "proximal_mu", float(self.proximal_mu))
 
 
 @dataclass(frozen=True)

@@ -521,6 +521,7 @@ def train(base, plan: Plan, tensors: dict[str, np.ndarray], data: Tokenized) -> 
             keep, lam = penalty.keep, penalty.weight
             tails = [(a, b) for a, b in lora_pairs(model) if a.shape[0] > keep]
         params = [p for p in model.parameters() if p.requires_grad]
+        start = [p.detach().clone() for p in params] if t.proximal_mu else []
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         gen = torch.Generator().manual_seed(t.seed)
         bs, steps = t.batch_size, t.local_steps
@@ -532,6 +533,8 @@ def train(base, plan: Plan, tensors: dict[str, np.ndarray], data: Tokenized) -> 
             loss = out.loss
             if penalty:
                 loss = loss + lam * sum(torch.linalg.matrix_norm(b[:, keep:] @ a[keep:, :]) for a, b in tails)
+            if start:  # proximal term: stay near the model the task started from
+                loss = loss + t.proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

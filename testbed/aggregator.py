@@ -279,22 +279,10 @@ class Aggregator:
         task_ids = {n: f"{tag}/{rnd}/{n}" for n in tasks}
         pending = set()
         sent_at: dict[str, float] = {}
-        done_at: dict[str, float] = {}
         for n, (plan, tensors) in tasks.items():
-            self.peers[n].phase_at.clear()
-            sent_at[n] = time.monotonic()
-            meta = {"plan": plan, "task_id": task_ids[n]}
-            control = 0
-            if n in (devices or {}):  # emulation control, not the device's traffic: left out of bytes_down
-                control = -len(msgpack.packb(meta))
-                meta["device"] = devices[n]
-                control += len(msgpack.packb(meta))
-            sent = self.send(n, P.TASK, rnd, meta, tensors)
-            records[n].bytes_down = max(0, sent - control) if sent else 0
-            if sent:
+            sent_at[n] = self.send_task(n, rnd, task_ids[n], plan, tensors, (devices or {}).get(n), records[n])
+            if sent_at[n]:
                 pending.add(n)
-            else:
-                records[n].status, records[n].reason = "failed", "unreachable"
         results: dict[str, P.Message] = {}
         last_done = t0
         while pending and time.monotonic() - t0 < deadline_real_s:
@@ -305,31 +293,10 @@ class Aggregator:
                     log.info("discarding stale %s from %s (round %d)", msg.type, n, msg.round)
                     continue
                 pending.discard(n)
-                last_done = done_at[n] = time.monotonic()
-                rec = records[n]
-                rec.bytes_up = nbytes
-                if msg.type == P.ERROR:
-                    rec.status, rec.reason = "failed", str(msg.meta.get("error"))[:500]
-                    continue
-                reason = check(n, tasks[n][1], msg)
-                if reason:
-                    rec.status, rec.reason = "rejected", reason
-                    self.rejected_total += 1
-                    log.warning("rejected result of %s in round %d: %s", n, rnd, reason)
-                    continue
-                rec.status = "ok"
-                for k in ("compute_s", "cpu_s", "upload_s", "download_s", "peak_mem_mb"):
-                    v = msg.meta.get(k)
-                    if isinstance(v, (int, float)) and np.isfinite(v) and v >= 0:
-                        setattr(rec, k, float(v))
-                # Link times as the aggregator sees them, whatever shapes the link (tc, the transport,
-                # a real WiFi): TASK sent -> "train" heartbeat back; "upload" heartbeat -> RESULT in.
-                times = self.peers[n].phase_at
-                if (rnd, "train") in times:
-                    rec.download_s = times[(rnd, "train")] - sent_at[n]
-                if (rnd, "upload") in times:
-                    rec.upload_s = done_at[n] - times[(rnd, "upload")]
-                results[n] = msg
+                last_done = time.monotonic()
+                if self.take_result(n, rnd, msg, nbytes, records[n], sent_at[n],
+                                    lambda m, n=n: check(n, tasks[n][1], m)):
+                    results[n] = msg
             for n in [n for n in pending if not alive(n)]:
                 pending.discard(n)
                 records[n].status, records[n].reason = "failed", "node process exited"
@@ -337,6 +304,52 @@ class Aggregator:
             records[n].reason = "missed the round deadline"
         wall = (time.monotonic() if pending else last_done) - t0
         return RoundOutcome(results, records, wall)
+
+    def send_task(self, n: str, rnd: int, task_id: str, plan: dict, tensors: dict, device: dict | None,
+                  rec: NodeRecord) -> float:
+        """Send node `n` its TASK (with the device it emulates itself, if given); `rec` gets the
+        task's bytes, less that emulation control. Returns when it was sent (0: unreachable)."""
+        self.peers[n].phase_at.clear()
+        sent_at = time.monotonic()
+        meta = {"plan": plan, "task_id": task_id}
+        control = 0
+        if device is not None:  # emulation control, not the device's traffic: left out of bytes_down
+            control = -len(msgpack.packb(meta))
+            meta["device"] = device
+            control += len(msgpack.packb(meta))
+        sent = self.send(n, P.TASK, rnd, meta, tensors)
+        rec.bytes_down = max(0, sent - control) if sent else 0
+        if not sent:
+            rec.status, rec.reason = "failed", "unreachable"
+            return 0.0
+        return sent_at
+
+    def take_result(self, n: str, rnd: int, msg: P.Message, nbytes: int, rec: NodeRecord, sent_at: float,
+                    check: Callable[[P.Message], str | None]) -> bool:
+        """Fill `rec` from the node's RESULT or ERROR for its task of round `rnd`; True if accepted."""
+        rec.bytes_up = nbytes
+        if msg.type == P.ERROR:
+            rec.status, rec.reason = "failed", str(msg.meta.get("error"))[:500]
+            return False
+        reason = check(msg)
+        if reason:
+            rec.status, rec.reason = "rejected", reason
+            self.rejected_total += 1
+            log.warning("rejected result of %s in round %d: %s", n, rnd, reason)
+            return False
+        rec.status = "ok"
+        for k in ("compute_s", "cpu_s", "upload_s", "download_s", "peak_mem_mb"):
+            v = msg.meta.get(k)
+            if isinstance(v, (int, float)) and np.isfinite(v) and v >= 0:
+                setattr(rec, k, float(v))
+        # Link times as the aggregator sees them, whatever shapes the link (tc, the transport,
+        # a real WiFi): TASK sent -> "train" heartbeat back; "upload" heartbeat -> RESULT in.
+        times = self.peers[n].phase_at
+        if (rnd, "train") in times:
+            rec.download_s = times[(rnd, "train")] - sent_at
+        if (rnd, "upload") in times:
+            rec.upload_s = time.monotonic() - times[(rnd, "upload")]
+        return True
 
     def _drain_monitor(self) -> None:
         from zmq.utils.monitor import recv_monitor_message
@@ -366,3 +379,22 @@ class Aggregator:
         if self.authenticator is not None and self.authenticator.thread is not None:
             self.authenticator.stop()
             self.ctx.term()
+
+
+def check_result(sent: dict, msg: P.Message) -> str | None:
+    """A result must carry exactly the tensors the node was sent, same shapes, all finite."""
+    got = msg.tensors
+    if set(got) != set(sent):
+        missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
+        return f"tensor names differ from the task (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, v in got.items():
+        if v.shape != np.shape(sent[k]):
+            return f"tensor {k}: shape {v.shape} != {np.shape(sent[k])}"
+        if v.dtype != np.asarray(sent[k]).dtype:
+            return f"tensor {k}: dtype {v.dtype} != {np.asarray(sent[k]).dtype} (as sent)"
+        if v.dtype.kind != "f" or not np.isfinite(v).all():
+            return f"tensor {k}: not finite floats"
+    ns = msg.meta.get("samples")
+    if not isinstance(ns, int) or isinstance(ns, bool) or ns < 0:
+        return "meta.samples must be a non-negative integer"
+    return None

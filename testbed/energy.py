@@ -11,7 +11,8 @@ run): it computes, sends, receives, and waits for the others. Its energy in the 
 with the figures of `emulation.profiles.Power` (board power in each state; docs/profiles.md gives
 their sources). Devices not sampled for a round are not counted: they may be doing anything
 else. A device that failed or was dropped is counted for the phases it recorded and the idle
-rest of the round: its energy was spent all the same.
+rest of the round: its energy was spent all the same. Under an asynchronous strategy a row holds
+the tasks that ended in its step, and each counts from its dispatch to its return.
 """
 from __future__ import annotations
 
@@ -58,5 +59,7 @@ def round_energy(row: dict, powers: dict[str, Power]) -> dict[str, Energy] | Non
         profile = str(nd.get("profile", "?"))
         if profile not in powers:
             return None
-        out[profile] = out.get(profile, Energy()) + node_round(powers[profile], row.get("wall_s") or 0.0, nd)
+        # an asynchronous task (testbed/asyncloop.py) is on from its dispatch to its return, across steps
+        on_s = nd["returned_s"] - nd["sent_s"] if "sent_s" in nd else row.get("wall_s") or 0.0
+        out[profile] = out.get(profile, Energy()) + node_round(powers[profile], on_s, nd)
     return out

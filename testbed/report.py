@@ -176,7 +176,21 @@ def _strategy_summary(rows: list[dict], target: float, target_loss: float | None
         "speedup": None,
         "accuracy_at_baseline_time": None,
         "energy": _energy(rows, powers or {}, target, target_loss),
+        **_staleness(rows),
     }
+
+
+def _staleness(rows: list[dict]) -> dict:
+    """An asynchronous strategy's updates (testbed/asyncloop.py): how stale they were when they
+    counted, and how long devices waited for work between tasks."""
+    stale = sorted(d for r in rows for d in r.get("staleness") or [])
+    if not stale:
+        return {}
+    idle = [float(nd["idle_s"]) for r in rows for nd in r.get("nodes") or [] if "idle_s" in nd]
+    return {"staleness": {"updates": len(stale), "mean": sum(stale) / len(stale), "median": stale[len(stale) // 2],
+                          "p90": stale[min(len(stale) - 1, int(0.9 * len(stale)))], "max": stale[-1],
+                          "counts": {str(d): stale.count(d) for d in sorted(set(stale))}},
+            "device_idle_s": {"mean": sum(idle) / len(idle) if idle else None, "max": max(idle, default=None)}}
 
 
 def summarize(rounds: list[dict], baseline: str, target_accuracy: float, *,
@@ -325,15 +339,15 @@ def _plot_timeline(groups: dict, path: Path) -> None:
         bars: dict[str, list[tuple[float, float, float]]] = {}  # style -> (y, left, width)
         start = 0.0
         for r, end in zip(rows, _elapsed(rows)):
-            for nd in r.get("nodes") or []:
-                y, t, status = ypos[nd["node"]], start, nd.get("status", "ok")
+            for nd in r.get("nodes") or []:  # an asynchronous task starts at its dispatch, not the row's start
+                y, t, status = ypos[nd["node"]], float(nd.get("sent_s", start)), nd.get("status", "ok")
                 for key, label, _ in _PHASES:
                     dur = float(nd.get(key) or 0)
                     if dur > 0:
                         bars.setdefault(label if status == "ok" else status, []).append((y, t, dur))
                         t += dur
-                if status != "ok" and t == start:  # nothing timed: still mark the loss
-                    bars.setdefault(status, []).append((y, start, max(end - start, 0)))
+                if status != "ok" and t == float(nd.get("sent_s", start)):  # nothing timed: still mark the loss
+                    bars.setdefault(status, []).append((y, t, max(float(nd.get("returned_s", end)) - t, 0)))
             start = end
         for style, items in bars.items():
             y, left, width = zip(*items)
@@ -526,6 +540,7 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
                      "compare the \"acc at baseline time\" column instead: each strategy's best "
                      "accuracy within the baseline's total emulated time.")
     lines += _energy_table(strategies)
+    lines += _staleness_table(strategies)
     lines += _faults_table(manifest, groups)
     lines += ["", "## Per-profile cost", "", *_profile_table(groups), "", "## Plots", "",
               f"![accuracy vs time]({ACC_PNG})", "", f"![bytes vs time]({BYTES_PNG})", "",
@@ -533,6 +548,26 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
     if any("total_j" in (s.get("energy") or {}) for s in strategies.values()):
         lines += [f"![accuracy vs energy]({ENERGY_PNG})", ""]
     return "\n".join(lines)
+
+
+def _staleness_table(strategies: dict) -> list[str]:
+    """The asynchronous strategies' staleness, and the devices' wait for work between tasks."""
+    rows = {n: s for n, s in strategies.items() if s.get("staleness")}
+    if not rows:
+        return []
+    out = ["", "## Staleness (asynchronous strategies)", "",
+           "An update's staleness is how many times the global model changed between the device's download "
+           "and its result. Idle is a device's wait for its next task after a result (no round barrier: "
+           "near 0).", "",
+           "| strategy | updates | mean | median | p90 | max | at 0 / 1 / 2 / 3+ | device idle mean / max (s) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, s in rows.items():
+        st, idle = s["staleness"], s.get("device_idle_s") or {}
+        c = {int(k): v for k, v in st["counts"].items()}
+        spread = " / ".join(str(c.get(d, 0)) for d in (0, 1, 2)) + f" / {sum(v for d, v in c.items() if d >= 3)}"
+        out.append(f"| {name} | {st['updates']} | {st['mean']:.2f} | {st['median']} | {st['p90']} | {st['max']} "
+                   f"| {spread} | {_fmt(idle.get('mean'), '.2f')} / {_fmt(idle.get('max'), '.2f')} |")
+    return out
 
 
 def _energy_table(strategies: dict) -> list[str]:

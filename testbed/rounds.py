@@ -17,7 +17,7 @@ from emulation.launch import Launcher
 from node import protocol as P
 from node.plan import Plan, block_of
 
-from .aggregator import Aggregator, RoundOutcome
+from .aggregator import Aggregator, RoundOutcome, check_result  # noqa: F401 (check_result: re-exported)
 from .faults import Injector
 from .hostwatch import HostWatch
 from .progress import Progress
@@ -34,25 +34,6 @@ def resolved_params(sc: Scenario, ctx) -> dict[str, dict]:
     checkpoint keeps them, so a resume by a version that resolves them otherwise is refused."""
     return {e.name: STRATEGIES[e.type].Params.model_validate(e.params, context=ctx).model_dump(mode="json")
             for e in sc.strategies.run}
-
-
-def check_result(sent: dict, msg: P.Message) -> str | None:
-    """A result must carry exactly the tensors the node was sent, same shapes, all finite."""
-    got = msg.tensors
-    if set(got) != set(sent):
-        missing, extra = sorted(set(sent) - set(got)), sorted(set(got) - set(sent))
-        return f"tensor names differ from the task (missing {missing[:3]}, unexpected {extra[:3]})"
-    for k, v in got.items():
-        if v.shape != np.shape(sent[k]):
-            return f"tensor {k}: shape {v.shape} != {np.shape(sent[k])}"
-        if v.dtype != np.asarray(sent[k]).dtype:
-            return f"tensor {k}: dtype {v.dtype} != {np.asarray(sent[k]).dtype} (as sent)"
-        if v.dtype.kind != "f" or not np.isfinite(v).all():
-            return f"tensor {k}: not finite floats"
-    ns = msg.meta.get("samples")
-    if not isinstance(ns, int) or isinstance(ns, bool) or ns < 0:
-        return "meta.samples must be a non-negative integer"
-    return None
 
 
 def payload(tasks: dict[str, Task], outcome: RoundOutcome) -> dict[str, int]:
@@ -100,6 +81,8 @@ class RoundLoop:
         strat = STRATEGIES[entry.type](entry.params, ctx)
         gplan = strat.global_plan()
         self.progress.start_strategy(entry.name, self.sc.training.rounds)
+        if getattr(strat, "asynchronous", False):  # no round barrier: testbed/asyncloop.py
+            return self._run_async(index, entry, strat, gplan)
         if go_on is None:
             pos, restored = self._round_zero(entry, gplan), []
         else:
@@ -126,6 +109,17 @@ class RoundLoop:
         self.fault_restores += [{**r, "after": entry.name} for r in self.inj.end_strategy()]
         if self.store.rows and self.store.rows[-1]["strategy"] == entry.name:
             self._checkpoint(index, entry.name, last, pos, strat, self.store.rows[-1], done=True)
+
+    def _run_async(self, index: int, entry, strat: Strategy, gplan: Plan) -> None:
+        """An asynchronous strategy from its start (a resume starts it over: its steps are written
+        when it ends), then one checkpoint."""
+        from .asyncloop import AsyncRun
+        pos = self._round_zero(entry, gplan)
+        run = AsyncRun(self, entry, strat, gplan, pos)
+        run.run()
+        self.fault_restores += [{**r, "after": entry.name} for r in self.inj.end_strategy()]
+        last = self.store.rows[-1]
+        self._checkpoint(index, entry.name, last["round"], pos, strat, last, done=True)
 
     def _round_zero(self, entry, gplan: Plan) -> Position:
         state = self.work.initial_state(gplan)

@@ -110,7 +110,8 @@ def test_update_counts():
 # -- plans --------------------------------------------------------------------------------
 
 def test_registry():
-    assert set(STRATEGIES) == {"full", "fedlora", "fedadapter", "fedia3", "hetlora", "fedra", "legend", "caff"}
+    assert set(STRATEGIES) == {"full", "fedlora", "fedadapter", "fedia3", "hetlora", "fedra", "legend", "caff",
+                               "fedbuff", "fedasync"}
     assert STRATEGIES["full"] is Full and STRATEGIES["fedlora"] is FedLoRA
     assert all(name == cls.name for name, cls in STRATEGIES.items())
 

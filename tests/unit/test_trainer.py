@@ -292,3 +292,14 @@ def test_a_task_with_another_device_trains_as_that_device(base):
     # CPU seconds at a 0.05 share: 20x the CPU time (hand-computed from the rule, not the code)
     assert meta["compute_s"] >= meta["cpu_s"] / 0.05 * 0.99
     assert meta["download_s"] >= 1_000_000 * 8 / 80e6  # the new downlink: 0.1 s for 1 MB at 80 Mbit/s
+
+
+def test_a_proximal_term_keeps_the_trained_tensors_near_where_they_started(base):
+    model, data = base
+    init = trainer.trainable_state(trainer.build_model(model, lora_plan()))
+
+    def moved(mu):
+        out, _ = trainer.train(model, lora_plan(local_steps=4, proximal_mu=mu), init, data)
+        return sum(float(((out[k] - init[k]) ** 2).sum()) for k in init)
+    free, held = moved(0.0), moved(1e4)
+    assert held < 0.5 * free, (held, free)

@@ -1,0 +1,237 @@
+"""The asynchronous loop (FedBuff, FedAsync): no round barrier.
+
+Up to `max_concurrency` online devices train at once. Each gets a task built from the global model
+of the moment, and the next one as soon as its result is in. Each result goes to the strategy with
+its staleness: how many times the global model changed since the task was built. A change of the
+global model is an aggregation step, and each step is one row of rounds.jsonl (its `round` is the
+model's version).
+
+The global model of each step is evaluated when the strategy's time is up, never while devices
+train. On this host, evaluating would take cores from the training devices while the emulated
+clock runs on. Stopping them for it would give them time for free, because a device's own clock
+(its stretched compute) keeps running while it is frozen. The rows are written then.
+
+Faults, deadlines and availability behave as in the round loop:
+- a task's deadline is `training.round_deadline_s` from its dispatch;
+- fault events of `round: r` happen at aggregation step r (`at_s` events at their time);
+- a node that dies, is cut off or goes offline loses its task.
+An interrupted run resumes an asynchronous strategy from its start: its steps are written only when
+it ends.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from node import protocol as P
+
+from .aggregator import NodeRecord, check_result
+from .strategies import NodeInfo, Task, Update
+from .strategies.base import update_counts
+
+
+@dataclass
+class Flight:
+    """A task out: what it started from, when, and its record."""
+    task: Task
+    version: int
+    step: int              # the message's round: the step being built when it was sent
+    task_id: str
+    sent_at: float         # host monotonic
+    sent_s: float          # emulated seconds since the strategy started
+    record: NodeRecord
+
+
+class AsyncRun:
+    """One asynchronous strategy on the fleet of a RoundLoop (`loop`), from its round 0 on."""
+
+    def __init__(self, loop, entry, strat, gplan, pos):
+        self.loop, self.entry, self.strat, self.gplan, self.pos = loop, entry, strat, gplan, pos
+        self.f = loop.setup.dilation
+        self.version = 0
+        self.flights: dict[str, Flight] = {}
+        self.returned: dict[str, float] = {}        # node -> emulated time its last task ended
+        self.done: list[dict] = []                  # node entries since the last step
+        self.updates: list[tuple[Update, int]] = []  # (update, staleness) of this step
+        self.pending: list[tuple[dict, dict]] = []  # (row without evaluation, global state)
+        self.bytes = {"up": 0, "down": 0}
+        self.serial = 0
+        self.idle_since: float | None = None
+
+    # -- the clock -------------------------------------------------------------------------
+    def now(self) -> float:
+        return self.pos.elapsed + (time.monotonic() - self.t0) / self.f
+
+    def run(self) -> None:
+        sc, inj = self.loop.sc, self.loop.inj
+        budget, steps = sc.training.time_budget_s, sc.training.rounds
+        self.t0 = time.monotonic()
+        self.last_step_s = self.pos.elapsed
+        inj.begin_round(1, self.pos.elapsed)
+        stop = None
+        while stop is None:
+            now = self.now()
+            if budget is not None and now >= budget:
+                stop = f"time budget {budget:g} s of emulated time used after step {self.version} ({now:.1f} s)"
+                break
+            self._dispatch(now)
+            due = inj.tick()
+            wait = min([0.25, *([due] if due is not None else []), *self._deadlines()])
+            for n, msg, nbytes in self.loop.agg.poll(max(0.0, wait)):
+                self._arrive(n, msg, nbytes)
+                if self.version >= steps:
+                    stop = f"all {steps} aggregation steps done"
+                    break
+            self._expire()
+            stop = stop or self._stalled()
+        self._abandon(stop)
+        self._evaluate_and_write()
+
+    # -- dispatching -------------------------------------------------------------------------
+    def _dispatch(self, now: float) -> None:
+        """Idle online devices get work, up to max_concurrency in flight (a seeded pick)."""
+        loop, inj = self.loop, self.loop.inj
+        cap = self.strat.p.max_concurrency or len(loop.nodes)
+        if len(self.flights) >= cap:
+            return
+        online = inj.online(self.version + 1, now)
+        idle = sorted(n for n in loop.agg.ready() if n in online and loop.alive(n) and n not in loop.agg.busy
+                      and n not in self.flights and n not in inj.lost)
+        if not idle:
+            return
+        rng = np.random.default_rng([loop.sc.seed, self.version, self.serial])
+        picked = rng.choice(idle, size=min(cap - len(self.flights), len(idle)), replace=False).tolist()
+        nodes = [NodeInfo(n, inj.current[n], len(loop.work.shards[n])) for n in sorted(picked)]
+        step = self.version + 1
+        tasks = self.strat.configure(step, nodes, self.state)
+        devices = loop._devices(tasks)
+        for n, task in tasks.items():
+            self.serial += 1
+            rec = NodeRecord(n, loop.agg.expected[n])
+            tid = f"{self.entry.name}/a{self.serial}/{n}"
+            sent_at = loop.agg.send_task(n, step, tid, task.plan.to_dict(), task.tensors, devices.get(n), rec)
+            self.bytes["down"] += rec.bytes_down
+            flight = Flight(task, self.version, step, tid, sent_at, self.now(), rec)
+            if not sent_at:
+                self._finish(n, flight)
+                continue
+            self.flights[n] = flight
+
+    def _stalled(self) -> str | None:
+        """Nothing in flight and no device to give work to for a whole round deadline: stop."""
+        if self.flights or any(n not in self.loop.agg.busy for n in self.loop.agg.ready()):
+            self.idle_since = None
+            return None
+        self.idle_since = self.idle_since or time.monotonic()
+        if time.monotonic() - self.idle_since > self.loop.sc.training.round_deadline_s * self.f:
+            return f"no device could train for {self.loop.sc.training.round_deadline_s:g} s (step {self.version})"
+        return None
+
+    # -- results ---------------------------------------------------------------------------
+    def _arrive(self, n: str, msg: P.Message, nbytes: int) -> None:
+        fl = self.flights.get(n)
+        if fl is None or msg.meta.get("task_id") != fl.task_id:
+            return  # a task given up on (deadline, fault) or of an earlier strategy: stale
+        del self.flights[n]
+        self.bytes["up"] += nbytes
+        ok = self.loop.agg.take_result(n, fl.step, msg, nbytes, fl.record, fl.sent_at,
+                                       lambda m: check_result(fl.task.tensors, m))
+        staleness = self.version - fl.version
+        entry = self._finish(n, fl, staleness)
+        if not ok:
+            return
+        if self.strat.too_stale(staleness):
+            entry.update(status="dropped", reason=f"staleness {staleness} above max_staleness")
+            return
+        update = Update(n, fl.task.plan, dict(msg.tensors), int(msg.meta["samples"]), {**msg.meta, **entry})
+        new, metrics = self.strat.receive(update, staleness, fl.task.tensors, self.state)
+        self.updates.append((update, staleness))
+        if new is not None:
+            self._step(new, metrics)
+
+    def _finish(self, n: str, fl: Flight, staleness: int | None = None) -> dict:
+        """The node entry of a task that ended (any status), in emulated seconds."""
+        d = asdict(fl.record)
+        del d["wait_s"]  # no barrier to wait for: idle_s is the wait for work
+        for key in ("compute_s", "upload_s", "download_s"):
+            d[key] /= self.f
+        end = self.now()
+        d.update(profile=self.loop.inj.current[n].name, plan={**fl.task.plan.record(), **fl.task.choices},
+                 sent_s=round(fl.sent_s, 3), returned_s=round(end, 3),
+                 idle_s=round(fl.sent_s - self.returned.get(n, self.pos.elapsed), 3))
+        if staleness is not None:
+            d["staleness"] = staleness
+        self.returned[n] = end
+        self.done.append(d)
+        return d
+
+    def _deadlines(self) -> list[float]:
+        limit = self.loop.sc.training.round_deadline_s * self.f
+        return [max(0.0, fl.sent_at + limit - time.monotonic()) for fl in self.flights.values()]
+
+    def _expire(self) -> None:
+        """Tasks past their deadline, or whose node died, went offline or was cut off."""
+        loop, limit = self.loop, self.loop.sc.training.round_deadline_s * self.f
+        for n, fl in list(self.flights.items()):
+            why = None
+            if time.monotonic() - fl.sent_at >= limit:
+                why = loop.inj.why_failed(n) or "missed the round deadline"
+            elif n in loop.inj.lost or not loop.alive(n):
+                why = loop.inj.why_failed(n) or "node process exited"
+            if why:
+                del self.flights[n]
+                fl.record.status = "dropped" if n in loop.inj.gone or why.endswith("deadline") else "failed"
+                fl.record.reason = why
+                self._finish(n, fl)
+
+    def _abandon(self, stop: str) -> None:
+        """The strategy's time is up: tasks still out are given up (their results come back stale)."""
+        for n, fl in list(self.flights.items()):
+            fl.record.reason = "the strategy ended while it trained"
+            self._finish(n, fl)
+        self.flights = {}
+        self.loop.stopped[self.entry.name] = stop
+        left = f"; {len(self.done)} task(s) after the last step are in no row" if self.done else ""
+        self.loop.progress.message(f"{self.entry.name}: {stop}{left}")
+        self.loop.inj.end_round()
+
+    # -- steps -----------------------------------------------------------------------------
+    def _step(self, new: dict, metrics: dict) -> None:
+        """The global model changed: one row (evaluated later), the next step's faults."""
+        self.version += 1
+        now, inj = self.now(), self.loop.inj
+        ups = [u for u, _ in self.updates]
+        row = {"strategy": self.entry.name, "round": self.version, "wall_s": now - self.last_step_s,
+               "elapsed_s": now, "bytes_up": self.bytes["up"], "bytes_down": self.bytes["down"],
+               "participants": len(ups), "dropped": sum(d["status"] != "ok" for d in self.done), "failed": False,
+               "update_counts": update_counts(ups), "metrics": metrics, "events": inj.end_round(),
+               "staleness": [s for _, s in self.updates], "in_flight": len(self.flights), "offline": [],
+               "nodes": self.done}
+        self.pending.append((row, new))
+        self.state = new
+        self.done, self.updates, self.bytes = [], [], {"up": 0, "down": 0}
+        self.last_step_s = now
+        inj.begin_round(self.version + 1, now)
+        self.loop.progress.message(f"{self.entry.name} step {self.version}: {len(ups)} update(s), staleness "
+                                   f"{row['staleness']}, elapsed {now:.1f} s")
+
+    @property
+    def state(self) -> dict:
+        return self.pos.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self.pos.state = value
+
+    def _evaluate_and_write(self) -> None:
+        """Each step's global model evaluated in order, its row written; then one checkpoint."""
+        loop = self.loop
+        for row, state in self.pending:
+            ev, eval_s = loop.work.evaluate(self.gplan, state)
+            row.update(ev, eval_s=eval_s)
+            loop.store.append_row(row)
+            loop.progress.round_done(row)
+        self.pos.elapsed = self.pending[-1][0]["elapsed_s"] if self.pending else self.pos.elapsed
+        self.pending = []
