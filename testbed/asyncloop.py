@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from node import protocol as P
+from node.plan import block_of
 
 from .aggregator import NodeRecord, check_result
 from .strategies import NodeInfo, Task, Update
@@ -57,6 +58,7 @@ class AsyncRun:
         self.updates: list[tuple[Update, int]] = []  # (update, staleness) of this step
         self.pending: list[tuple[dict, dict]] = []  # (row without evaluation, global state)
         self.bytes = {"up": 0, "down": 0}
+        self.payload = dict.fromkeys(("blocks_down", "head_down", "blocks_up", "head_up"), 0)
         self.serial = 0
         self.idle_since: float | None = None
 
@@ -113,6 +115,7 @@ class AsyncRun:
             tid = f"{self.entry.name}/a{self.serial}/{n}"
             sent_at = loop.agg.send_task(n, step, tid, task.plan.to_dict(), task.tensors, devices.get(n), rec)
             self.bytes["down"] += rec.bytes_down
+            self._count_payload(task.tensors, "down")
             flight = Flight(task, self.version, step, tid, sent_at, self.now(), rec)
             if not sent_at:
                 self._finish(n, flight)
@@ -145,11 +148,17 @@ class AsyncRun:
         if self.strat.too_stale(staleness):
             entry.update(status="dropped", reason=f"staleness {staleness} above max_staleness")
             return
+        self._count_payload(msg.tensors, "up")
         update = Update(n, fl.task.plan, dict(msg.tensors), int(msg.meta["samples"]), {**msg.meta, **entry})
         new, metrics = self.strat.receive(update, staleness, fl.task.tensors, self.state)
         self.updates.append((update, staleness))
         if new is not None:
             self._step(new, metrics)
+
+    def _count_payload(self, tensors: dict, way: str) -> None:
+        """Tensor bytes of the blocks and of the head (the rows' `payload`, as the round loop's)."""
+        for name, v in tensors.items():
+            self.payload[f"{'head' if block_of(name) is None else 'blocks'}_{way}"] += int(np.asarray(v).nbytes)
 
     def _finish(self, n: str, fl: Flight, staleness: int | None = None) -> dict:
         """The node entry of a task that ended (any status), in emulated seconds."""
@@ -205,6 +214,7 @@ class AsyncRun:
         ups = [u for u, _ in self.updates]
         row = {"strategy": self.entry.name, "round": self.version, "wall_s": now - self.last_step_s,
                "elapsed_s": now, "bytes_up": self.bytes["up"], "bytes_down": self.bytes["down"],
+               "payload": self.payload,
                "participants": len(ups), "dropped": sum(d["status"] != "ok" for d in self.done), "failed": False,
                "update_counts": update_counts(ups), "metrics": metrics, "events": inj.end_round(),
                "staleness": [s for _, s in self.updates], "in_flight": len(self.flights), "offline": [],
@@ -212,6 +222,7 @@ class AsyncRun:
         self.pending.append((row, new))
         self.state = new
         self.done, self.updates, self.bytes = [], [], {"up": 0, "down": 0}
+        self.payload = dict.fromkeys(self.payload, 0)
         self.last_step_s = now
         inj.begin_round(self.version + 1, now)
         self.loop.progress.message(f"{self.entry.name} step {self.version}: {len(ups)} update(s), staleness "
