@@ -15,8 +15,10 @@ Faults, deadlines and availability behave as in the round loop:
 - a task's deadline is `training.round_deadline_s` from its dispatch;
 - fault events of `round: r` happen at aggregation step r (`at_s` events at their time);
 - a node that dies, is cut off or goes offline loses its task.
-An interrupted run resumes an asynchronous strategy from its start: its steps are written only when
-it ends.
+Each step is saved as it happens (testbed/store.py: its row before evaluation, the model, the
+strategy's state, the faults in force). An interrupted run goes on from the last saved step, as a
+synchronous one goes on from its last round; the tasks that were out are lost, as a round in
+progress is.
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ class Flight:
 class AsyncRun:
     """One asynchronous strategy on the fleet of a RoundLoop (`loop`), from its round 0 on."""
 
-    def __init__(self, loop, entry, strat, gplan, pos):
-        self.loop, self.entry, self.strat, self.gplan, self.pos = loop, entry, strat, gplan, pos
+    def __init__(self, loop, index: int, entry, strat, gplan, pos, go_on=None):
+        self.loop, self.index, self.entry, self.strat, self.gplan, self.pos = loop, index, entry, strat, gplan, pos
+        self.go_on = go_on
         self.f = loop.setup.dilation
         self.version = 0
         self.flights: dict[str, Flight] = {}
@@ -61,6 +64,7 @@ class AsyncRun:
         self.payload = dict.fromkeys(("blocks_down", "head_down", "blocks_up", "head_up"), 0)
         self.serial = 0
         self.idle_since: float | None = None
+        self.carried: list[dict] = []               # fault records applied again on a resume
 
     # -- the clock -------------------------------------------------------------------------
     def now(self) -> float:
@@ -69,9 +73,11 @@ class AsyncRun:
     def run(self) -> None:
         sc, inj = self.loop.sc, self.loop.inj
         budget, steps = sc.training.time_budget_s, sc.training.rounds
+        if self.go_on is not None:
+            self._resume()
         self.t0 = time.monotonic()
         self.last_step_s = self.pos.elapsed
-        inj.begin_round(1, self.pos.elapsed)
+        inj.begin_round(self.version + 1, self.pos.elapsed)
         stop = None
         while stop is None:
             now = self.now()
@@ -90,6 +96,23 @@ class AsyncRun:
             stop = stop or self._stalled()
         self._abandon(stop)
         self._evaluate_and_write()
+
+    def _resume(self) -> None:
+        """Go on from the last saved step (or from round 0): its model, version, clock, the
+        strategy's state and the faults in force; the saved steps wait for their evaluation."""
+        loop, name = self.loop, self.entry.name
+        steps = loop.store.async_steps(self.index, name)
+        faults = self.go_on.faults
+        if steps:
+            last = steps[-1]
+            self.pending = [(s["row"], s["state"]) for s in steps]
+            self.version, self.pos.state = last["version"], last["state"]
+            self.pos.elapsed = last["row"]["elapsed_s"]
+            self.strat.load_state_dict(last["strategy_state"])
+            faults = last["faults"]
+        self.carried = loop.inj.restore(faults, name, loop.agg, loop.launcher)  # into the next step's events
+        self.returned = dict.fromkeys(loop.agg.expected, self.pos.elapsed)
+        loop.progress.message(f"{name}: resuming after step {self.version} ({self.pos.elapsed:.1f} s)")
 
     # -- dispatching -------------------------------------------------------------------------
     def _dispatch(self, now: float) -> None:
@@ -216,12 +239,16 @@ class AsyncRun:
                "elapsed_s": now, "bytes_up": self.bytes["up"], "bytes_down": self.bytes["down"],
                "payload": self.payload,
                "participants": len(ups), "dropped": sum(d["status"] != "ok" for d in self.done), "failed": False,
-               "update_counts": update_counts(ups), "metrics": metrics, "events": inj.end_round(),
+               "update_counts": update_counts(ups), "metrics": metrics,
+               "events": [*self.carried, *inj.end_round()],
                "staleness": [s for _, s in self.updates], "in_flight": len(self.flights), "offline": [],
                "nodes": self.done}
         self.pending.append((row, new))
         self.state = new
-        self.done, self.updates, self.bytes = [], [], {"up": 0, "down": 0}
+        self.loop.store.save_async_step(self.index, self.entry.name, self.version, {
+            "row": row, "state": new, "version": self.version, "strategy_state": self.strat.state_dict(),
+            "faults": inj.snapshot()})
+        self.done, self.updates, self.bytes, self.carried = [], [], {"up": 0, "down": 0}, []
         self.payload = dict.fromkeys(self.payload, 0)
         self.last_step_s = now
         inj.begin_round(self.version + 1, now)

@@ -82,7 +82,7 @@ class RoundLoop:
         gplan = strat.global_plan()
         self.progress.start_strategy(entry.name, self.sc.training.rounds)
         if getattr(strat, "asynchronous", False):  # no round barrier: testbed/asyncloop.py
-            return self._run_async(index, entry, strat, gplan)
+            return self._run_async(index, entry, strat, gplan, go_on)
         if go_on is None:
             pos, restored = self._round_zero(entry, gplan), []
         else:
@@ -110,16 +110,20 @@ class RoundLoop:
         if self.store.rows and self.store.rows[-1]["strategy"] == entry.name:
             self._checkpoint(index, entry.name, last, pos, strat, self.store.rows[-1], done=True)
 
-    def _run_async(self, index: int, entry, strat: Strategy, gplan: Plan) -> None:
-        """An asynchronous strategy from its start (a resume starts it over: its steps are written
-        when it ends), then one checkpoint."""
+    def _run_async(self, index: int, entry, strat: Strategy, gplan: Plan, go_on: Checkpoint | None) -> None:
+        """An asynchronous strategy: round 0 checkpointed, its steps saved as they happen (a
+        resume goes on from the last), written when it ends, then checkpointed as done."""
         from .asyncloop import AsyncRun
-        pos = self._round_zero(entry, gplan)
-        run = AsyncRun(self, entry, strat, gplan, pos)
-        run.run()
+        if go_on is None:
+            pos = self._round_zero(entry, gplan)
+            self._checkpoint(index, entry.name, 0, pos, strat, self.store.rows[-1], done=False)
+        else:
+            pos = Position(go_on.state, go_on.elapsed, 1)
+        AsyncRun(self, index, entry, strat, gplan, pos, go_on).run()
         self.fault_restores += [{**r, "after": entry.name} for r in self.inj.end_strategy()]
         last = self.store.rows[-1]
         self._checkpoint(index, entry.name, last["round"], pos, strat, last, done=True)
+        self.store.drop_async_steps(index, entry.name)
 
     def _round_zero(self, entry, gplan: Plan) -> Position:
         state = self.work.initial_state(gplan)

@@ -167,6 +167,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise RunError(f"{path}: a damaged version-{version} checkpoint ({exc})") from None
 
 
+ASYNC_STEPS = "async-steps"  # an asynchronous strategy's steps until it ends (testbed/asyncloop.py)
+
+
 def write_checkpoint(path: Path, ck: Checkpoint) -> None:
     """Atomic and on disk (fsync) before the round is appended to rounds.jsonl."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -268,6 +271,39 @@ class RunStore:
 
     def save_checkpoint(self, ck: Checkpoint) -> None:
         write_checkpoint(self.out / CHECKPOINT, ck)
+
+    # -- an asynchronous strategy's steps (testbed/asyncloop.py) ---------------------------------
+    def _steps(self, index: int, strategy: str) -> list[Path]:
+        return sorted((self.out / ASYNC_STEPS).glob(f"{index:02d}-{strategy}-*.pkl"))
+
+    def save_async_step(self, index: int, strategy: str, version: int, step: dict) -> None:
+        """One aggregation step, plain data (its row before evaluation, the model, what the
+        strategy and the faults hold), atomic and on disk: a resume goes on from the last one."""
+        folder = self.out / ASYNC_STEPS
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{index:02d}-{strategy}-{version:07d}.pkl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as fh:
+            pickle.dump(step, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+
+    def async_steps(self, index: int, strategy: str) -> list[dict]:
+        """The saved steps of an asynchronous strategy that has not ended, in order."""
+        out = []
+        for path in self._steps(index, strategy):
+            try:
+                with open(path, "rb") as fh:
+                    out.append(_Unpickler(fh, legacy=False).load())
+            except (OSError, pickle.UnpicklingError, EOFError) as exc:
+                raise RunError(f"{path}: a damaged step of {strategy} ({exc}); remove it to resume "
+                               "from the step before") from None
+        return out
+
+    def drop_async_steps(self, index: int, strategy: str) -> None:
+        for path in self._steps(index, strategy):
+            path.unlink(missing_ok=True)
 
     def drop_checkpoint(self) -> None:
         """A finished run has nothing to resume (and a full model's checkpoint is large)."""
