@@ -62,7 +62,7 @@ class AsyncRun:
         self.pending: list[tuple[dict, dict]] = []  # (row without evaluation, global state)
         self.bytes = {"up": 0, "down": 0}
         self.payload = dict.fromkeys(("blocks_down", "head_down", "blocks_up", "head_up"), 0)
-        self.serial = 0
+        self.serial = self.batches = 0
         self.idle_since: float | None = None
         self.carried: list[dict] = []               # fault records applied again on a resume
 
@@ -130,7 +130,8 @@ class AsyncRun:
         picked = rng.choice(idle, size=min(cap - len(self.flights), len(idle)), replace=False).tolist()
         nodes = [NodeInfo(n, inj.current[n], len(loop.work.shards[n])) for n in sorted(picked)]
         step = self.version + 1
-        tasks = self.strat.configure(step, nodes, self.state)
+        self.batches += 1  # the tasks' batch seeds: a device given work twice in one step draws new batches
+        tasks = self.strat.configure(self.batches, nodes, self.state)
         devices = loop._devices(tasks)
         for n, task in tasks.items():
             self.serial += 1
@@ -207,16 +208,18 @@ class AsyncRun:
         """Tasks past their deadline, or whose node died, went offline or was cut off."""
         loop, limit = self.loop, self.loop.sc.training.round_deadline_s * self.f
         for n, fl in list(self.flights.items()):
-            why = None
-            if time.monotonic() - fl.sent_at >= limit:
-                why = loop.inj.why_failed(n) or "missed the round deadline"
+            fault = loop.inj.why_failed(n)
+            if time.monotonic() - fl.sent_at >= limit:  # as the round loop: dropped at the deadline
+                status, why = "dropped", f"{fault} (missed the round deadline)" if fault else "missed the round deadline"
+            elif n in loop.inj.gone:                     # went offline: its work went with it
+                status, why = "dropped", fault
             elif n in loop.inj.lost or not loop.alive(n):
-                why = loop.inj.why_failed(n) or "node process exited"
-            if why:
-                del self.flights[n]
-                fl.record.status = "dropped" if n in loop.inj.gone or why.endswith("deadline") else "failed"
-                fl.record.reason = why
-                self._finish(n, fl)
+                status, why = "failed", fault or loop.backend.exit_reason(n) or "node process exited"
+            else:
+                continue
+            del self.flights[n]
+            fl.record.status, fl.record.reason = status, why
+            self._finish(n, fl)
 
     def _abandon(self, stop: str) -> None:
         """The strategy's time is up: tasks still out are given up (their results come back stale)."""
