@@ -169,6 +169,9 @@ class AsyncRun:
         entry = self._finish(n, fl, staleness)
         if not ok:
             return
+        loss = msg.meta.get("loss")
+        if isinstance(loss, float) and np.isfinite(loss):  # its local training loss, as the round loop records it
+            entry["train_loss"] = loss
         if self.strat.too_stale(staleness):
             entry.update(status="dropped", reason=f"staleness {staleness} above max_staleness")
             return

@@ -55,3 +55,13 @@ def test_each_step_records_its_updates_staleness(async_run):
 
 def test_nothing_is_left_behind(async_run):
     assert not tagged_processes(async_run.run_id)
+
+
+def test_a_device_killed_mid_task_fails_it_and_trains_again_after_its_restart(async_run):
+    tasks = [(r["round"], n) for r in async_run.rows("fedasync") if r["round"] for n in r["nodes"]
+             if n["node"] == "tx2-1"]
+    killed = [(step, n) for step, n in tasks if n["status"] == "failed"]
+    assert killed and killed[0][1]["reason"].startswith("killed by a fault event"), tasks[:8]
+    assert any(n["status"] == "ok" and step > killed[0][0] for step, n in tasks), "back after its restart"
+    faults = {(e["action"], e["node"]) for r in async_run.rows("fedasync") for e in r.get("events", [])}
+    assert {("kill", "tx2-1"), ("restart", "tx2-1")} <= faults
