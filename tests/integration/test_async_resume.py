@@ -17,7 +17,7 @@ SCENARIO = {
     "name": "async-resume", "seed": 6, "backend": "process", "zygote": "on", "dilation": 2,
     "model": {"num_layers": 2},
     "data": {"partition": {"kind": "iid"}, "test_size": 100, "train_size": 600, "max_len": 32},
-    "training": {"rounds": 500, "local_steps": 2, "batch_size": 16, "lr": 0.01, "time_budget_s": 12},
+    "training": {"rounds": 500, "local_steps": 2, "batch_size": 16, "lr": 0.01, "time_budget_s": 8},
     "nodes": [{"group": "dev", "count": 3, "profile": "rpi5"}],
     "strategies": {"baseline": "fedbuff", "run": [{"name": "fedbuff", "params": {"rank": 4, "buffer_size": 2}}]},
 }
@@ -54,7 +54,7 @@ def test_the_resumed_strategy_goes_on_from_its_last_saved_step(resumed):
     assert [r["round"] for r in rows] == list(range(len(rows))), "every step once, in order"
     assert len(rows) > resumed["saved"] + 1
     times = [r["elapsed_s"] for r in rows]
-    assert times == sorted(times) and times[-1] >= 12 * 0.9
+    assert times == sorted(times) and times[-1] >= 8 * 0.9
     assert all(r["accuracy"] is not None for r in rows)
     assert not list((resumed["out"] / "async-steps").glob("*.pkl")), "the steps are dropped once written"
     assert run.manifest["status"] == "finished" and run.manifest["resumed"]

@@ -20,9 +20,10 @@ def async_run(tmp_path_factory):
 
 def test_every_strategy_runs_for_its_time_budget(async_run):
     assert async_run.proc.returncode == 0, async_run.tail()
+    budget = async_run.manifest["scenario"]["training"]["time_budget_s"]
     for s in ("fedlora", *ASYNC):
         rows = async_run.rows(s)
-        assert rows[-1]["elapsed_s"] >= 24 * 0.9 and len(rows) > 3, (s, len(rows))
+        assert rows[-1]["elapsed_s"] >= budget * 0.9 and len(rows) > 3, (s, len(rows))
         assert all(r["accuracy"] is not None for r in rows)
     assert {"staleness", "device_idle_s"} <= set(async_run.summary["strategies"]["fedbuff"])
     assert "## Staleness (asynchronous strategies)" in (async_run.out / "report.md").read_text()
