@@ -255,6 +255,29 @@ def powers_of(manifest: dict) -> dict:
     return out
 
 
+def host_efficiency(manifest: dict, rows: list[dict]) -> float | None:
+    """The share of this host's cores that did device work while the rounds ran: the host CPU
+    seconds of training of this host's nodes (not remote devices, not other docker engines' nodes)
+    over cores x the rounds' real time (their emulated time x the dilation). Evaluation and
+    start-up are not rounds. None when the manifest does not say cores and dilation."""
+    cores, dilation = (manifest.get("host") or {}).get("cores"), manifest.get("dilation")
+    if not cores or not isinstance(dilation, (int, float)):
+        return None
+    here = {n["name"] for n in manifest.get("nodes") or [] if not n.get("remote") and not n.get("engine")}
+    real = sum(float(r.get("wall_s") or 0) for r in rows) * dilation
+    work = sum(float(nd.get("cpu_s") or 0) for r in rows for nd in r.get("nodes") or [] if nd.get("node") in here)
+    return work / (cores * real) if real > 0 else None
+
+
+def with_host_efficiency(summary: dict, manifest: dict, rows: list[dict]) -> dict:
+    """`host_efficiency` in the summary: per strategy, and for the run."""
+    groups = _by_strategy(rows)
+    for name, s in (summary.get("strategies") or {}).items():
+        s["host_efficiency"] = host_efficiency(manifest, groups.get(name, []))
+    summary["host_efficiency"] = host_efficiency(manifest, rows)
+    return summary
+
+
 def emulation_warnings(manifest: dict, rounds: list[dict]) -> list[str]:
     """What the run's own measurements say the host did not honour (unlike the manifest's
     fidelity notes, which are known before the run): classes that needed more CPU seconds than
@@ -274,9 +297,9 @@ def _default_summary(manifest: dict, rounds: list[dict]) -> dict:
     if baseline not in _by_strategy(rounds):
         return {"baseline": baseline, "target_accuracy": target, "majority_rate": None, "strategies": {},
                 "emulation_warnings": emulation_warnings(manifest, rounds)}
-    return {**summarize(rounds, baseline, float(target), majority_rate=(manifest.get("data") or {}).get("majority_rate"),
-                        target_loss=(scen.get("training") or {}).get("target_loss"), powers=powers_of(manifest)),
-            "emulation_warnings": emulation_warnings(manifest, rounds)}
+    summary = summarize(rounds, baseline, float(target), majority_rate=(manifest.get("data") or {}).get("majority_rate"),
+                        target_loss=(scen.get("training") or {}).get("target_loss"), powers=powers_of(manifest))
+    return {**with_host_efficiency(summary, manifest, rounds), "emulation_warnings": emulation_warnings(manifest, rounds)}
 
 
 # ---------------------------------------------------------------- plots
@@ -539,6 +562,12 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
         lines.append("Speedup is n/a where the baseline or the strategy never reached the target; "
                      "compare the \"acc at baseline time\" column instead: each strategy's best "
                      "accuracy within the baseline's total emulated time.")
+    eff = {n: s.get("host_efficiency") for n, s in strategies.items() if s.get("host_efficiency") is not None}
+    if eff:
+        lines += ["", "Host efficiency, the share of this host's cores that did device work while the rounds ran "
+                  "(training CPU seconds / (cores x real round time)): "
+                  + ", ".join(f"{n} {v:.2f}" for n, v in eff.items())
+                  + (f"; the run {summary['host_efficiency']:.2f}." if summary.get("host_efficiency") is not None else ".")]
     lines += _energy_table(strategies)
     lines += _staleness_table(strategies)
     lines += _faults_table(manifest, groups)

@@ -28,7 +28,7 @@ from .aggregator import Aggregator
 from .faults import Injector
 from .hostwatch import HostWatch
 from .progress import Progress
-from .report import emulation_warnings, powers_of, summarize, write_report
+from .report import emulation_warnings, host_efficiency, powers_of, summarize, with_host_efficiency, write_report
 from .rounds import RoundLoop, resolved_params
 from .scenario import (ZYGOTE_AUTO_NODES, NodeSpec, Scenario, as_it_began, expand_nodes, parse, strategy_context,
                        walked_analytically)
@@ -287,6 +287,7 @@ class Run:
             extra["refused_connections"] = agg.refused_total
             extra["traffic"] = {n: {"up": agg.traffic[(n, "up")], "down": agg.traffic[(n, "down")]} for n in agg.peers}
         manifest = self.manifest(**extra)
+        manifest["host_efficiency"] = host_efficiency(manifest, self.store.rows)  # report.py says how
         self.store.write_json("manifest.json", manifest)
         rows, baseline = self.store.rows, self.sc.strategies.baseline
         if any(r["strategy"] == baseline for r in rows):
@@ -296,6 +297,7 @@ class Run:
             self.summary["status"] = status
             self.summary["stopped_early"] = extra["stopped_early"]
             self.summary["emulation_warnings"] = emulation_warnings(manifest, rows)
+            with_host_efficiency(self.summary, manifest, rows)
             self.store.write_json("summary.json", self.summary)
             write_report(self.out)
         if status == "finished":

@@ -158,3 +158,14 @@ def test_report_counts_faults_and_what_they_cost(tmp_path):
     assert "| full | 1 | 1 | 1 | 1 | 3 | 1 | 2 |" in text  # (rounds 2 and 3 each drop n2 as well)
     assert "| fedlora | 0 | 0 | 0 | 0 | 4 | 0 | 0 |" in text
     assert "Resumed: full after round 1 (from t-1)" in text
+
+
+def test_host_efficiency_is_this_hosts_training_cpu_over_its_cores_times_the_real_round_time():
+    from testbed.report import host_efficiency
+    manifest = {"host": {"cores": 2}, "dilation": 2.0,
+                "nodes": [{"name": "a"}, {"name": "b", "remote": True}, {"name": "c", "engine": "lab"}]}
+    rows = [{"wall_s": 1.0, "nodes": [{"node": "a", "cpu_s": 2.0}, {"node": "b", "cpu_s": 9.0}]},
+            {"wall_s": 3.0, "nodes": [{"node": "a", "cpu_s": 4.0}, {"node": "c", "cpu_s": 5.0}]}]
+    # a's 6 CPU seconds over 2 cores x (1 + 3) emulated s x dilation 2 = 16 core-seconds
+    assert host_efficiency(manifest, rows) == pytest.approx(6 / 16)
+    assert host_efficiency({**manifest, "dilation": "auto"}, rows) is None
