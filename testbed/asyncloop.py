@@ -75,7 +75,7 @@ class AsyncRun:
         budget, steps = sc.training.time_budget_s, sc.training.rounds
         if self.go_on is not None:
             self._resume()
-        self.t0 = time.monotonic()
+        self.t0, self.cpu0 = time.monotonic(), time.process_time()
         self.last_step_s = self.pos.elapsed
         inj.begin_round(self.version + 1, self.pos.elapsed)
         stop = None
@@ -243,7 +243,7 @@ class AsyncRun:
         ups = [u for u, _ in self.updates]
         row = {"strategy": self.entry.name, "round": self.version, "wall_s": now - self.last_step_s,
                "elapsed_s": now, "bytes_up": self.bytes["up"], "bytes_down": self.bytes["down"],
-               "payload": self.payload,
+               "payload": self.payload, "aggregator_cpu_s": time.process_time() - self.cpu0,
                "participants": len(ups), "dropped": sum(d["status"] != "ok" for d in self.done), "failed": False,
                "update_counts": update_counts(ups), "metrics": metrics,
                "events": [*self.carried, *inj.end_round()],
@@ -256,7 +256,7 @@ class AsyncRun:
             "faults": inj.snapshot()})
         self.done, self.updates, self.bytes, self.carried = [], [], {"up": 0, "down": 0}, []
         self.payload = dict.fromkeys(self.payload, 0)
-        self.last_step_s = now
+        self.last_step_s, self.cpu0 = now, time.process_time()
         inj.begin_round(self.version + 1, now)
         self.loop.progress.message(f"{self.entry.name} step {self.version}: {len(ups)} update(s), staleness "
                                    f"{row['staleness']}, elapsed {now:.1f} s")

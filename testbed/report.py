@@ -269,11 +269,21 @@ def host_efficiency(manifest: dict, rows: list[dict]) -> float | None:
     return work / (cores * real) if real > 0 else None
 
 
+def aggregator_share(manifest: dict, rows: list[dict]) -> float | None:
+    """The largest share of a round's real time that the aggregator's own CPU took
+    (`aggregator_cpu_s` / (wall_s x dilation)), over the rounds that record it."""
+    dilation = manifest.get("dilation")
+    shares = [r["aggregator_cpu_s"] / (r["wall_s"] * dilation) for r in rows
+              if r.get("aggregator_cpu_s") is not None and (r.get("wall_s") or 0) > 0]
+    return max(shares) if shares and isinstance(dilation, (int, float)) else None
+
+
 def with_host_efficiency(summary: dict, manifest: dict, rows: list[dict]) -> dict:
     """`host_efficiency` in the summary: per strategy, and for the run."""
     groups = _by_strategy(rows)
     for name, s in (summary.get("strategies") or {}).items():
         s["host_efficiency"] = host_efficiency(manifest, groups.get(name, []))
+        s["aggregator_cpu_share_max"] = aggregator_share(manifest, groups.get(name, []))
     summary["host_efficiency"] = host_efficiency(manifest, rows)
     return summary
 
@@ -568,6 +578,10 @@ def _markdown(manifest: dict, summary: dict, groups: dict) -> str:
                   "(training CPU seconds / (cores x real round time)): "
                   + ", ".join(f"{n} {v:.2f}" for n, v in eff.items())
                   + (f"; the run {summary['host_efficiency']:.2f}." if summary.get("host_efficiency") is not None else ".")]
+    agg = {n: s.get("aggregator_cpu_share_max") for n, s in strategies.items() if s.get("aggregator_cpu_share_max")}
+    if agg:
+        lines += ["", "The aggregator's own CPU took at most this share of a round's real time: "
+                  + ", ".join(f"{n} {v:.1%}" for n, v in agg.items()) + "."]
     lines += _energy_table(strategies)
     lines += _staleness_table(strategies)
     lines += _faults_table(manifest, groups)

@@ -162,7 +162,7 @@ class RoundLoop:
                                 pos.state)
         host, kills0 = self.host.before(entry.name, rnd, {n: t.plan for n, t in tasks.items()})
         links = {n: inj.link_now[n] for n in tasks if n in inj.link_now}  # traced links' rates at the start
-        t_round = time.perf_counter()
+        t_round, cpu0 = time.perf_counter(), time.process_time()
         outcome = self.agg.run_round(rnd, entry.name, {n: (t.plan.to_dict(), t.tensors) for n, t in tasks.items()},
                                      self.sc.training.round_deadline_s * f,
                                      lambda n: self.alive(n) and n not in inj.lost,
@@ -179,6 +179,7 @@ class RoundLoop:
         if not failed:
             pos.state, metrics = strat.aggregate(rnd, updates, pos.state)
         wall_s = (time.perf_counter() - t_round) / f
+        aggregator_cpu_s = time.process_time() - cpu0  # the orchestrator's own work in the round, host seconds
         pos.elapsed += wall_s
         ev, eval_s = self.work.evaluate(gplan, pos.state)
         for d in nodes.values():
@@ -189,7 +190,8 @@ class RoundLoop:
                 "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
                 "payload": payload(tasks, outcome),
                 "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
-                "eval_s": eval_s, "update_counts": update_counts(updates), "metrics": metrics, "events": events,
+                "eval_s": eval_s, "aggregator_cpu_s": aggregator_cpu_s, "update_counts": update_counts(updates),
+                "metrics": metrics, "events": events,
                 "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}
 
     def _devices(self, nodes) -> dict[str, dict]:

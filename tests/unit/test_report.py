@@ -169,3 +169,10 @@ def test_host_efficiency_is_this_hosts_training_cpu_over_its_cores_times_the_rea
     # a's 6 CPU seconds over 2 cores x (1 + 3) emulated s x dilation 2 = 16 core-seconds
     assert host_efficiency(manifest, rows) == pytest.approx(6 / 16)
     assert host_efficiency({**manifest, "dilation": "auto"}, rows) is None
+
+
+def test_the_aggregators_share_is_its_cpu_over_the_rounds_real_time():
+    from testbed.report import aggregator_share
+    rows = [{"wall_s": 2.0, "aggregator_cpu_s": 0.1}, {"wall_s": 1.0, "aggregator_cpu_s": 0.3}, {"wall_s": 0.0}]
+    assert aggregator_share({"dilation": 3.0}, rows) == pytest.approx(0.3 / 3.0)
+    assert aggregator_share({"dilation": 3.0}, [{"wall_s": 1.0}]) is None
