@@ -304,6 +304,9 @@ class RunStore:
     def drop_async_steps(self, index: int, strategy: str) -> None:
         for path in self._steps(index, strategy):
             path.unlink(missing_ok=True)
+        folder = self.out / ASYNC_STEPS
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
     def drop_checkpoint(self) -> None:
         """A finished run has nothing to resume (and a full model's checkpoint is large)."""

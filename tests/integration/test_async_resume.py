@@ -56,6 +56,6 @@ def test_the_resumed_strategy_goes_on_from_its_last_saved_step(resumed):
     times = [r["elapsed_s"] for r in rows]
     assert times == sorted(times) and times[-1] >= 8 * 0.9
     assert all(r["accuracy"] is not None for r in rows)
-    assert not list((resumed["out"] / "async-steps").glob("*.pkl")), "the steps are dropped once written"
+    assert not (resumed["out"] / "async-steps").exists(), "the steps are dropped once written"
     assert run.manifest["status"] == "finished" and run.manifest["resumed"]
     assert not tagged_processes(run.run_id)
