@@ -24,6 +24,8 @@ from emulation.profiles import PROFILES, Profile
 from .linktrace import TraceError, availability_of, rate_traces_of  # noqa: F401 (TraceError: re-exported)
 
 log = logging.getLogger("testbed.faults")
+
+
 @dataclass(order=True)
 class Due:
     """A fault (or the undoing of one) due at `at_s` emulated seconds into the strategy."""
