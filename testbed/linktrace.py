@@ -28,6 +28,7 @@ import numpy as np
 RATE_COLUMNS = ("time_s", "uplink_mbit", "downlink_mbit")
 AVAILABILITY_COLUMNS = ("node", "online_from_s", "online_to_s")
 MAX_LAZY_STEPS = 1_000_000  # a generated sequence never grows past this (a guard, not a horizon)
+EPS = 1e-9                  # a step computed as k x period + time is in force at that time, float error or not
 
 
 class TraceError(ValueError):
@@ -78,8 +79,8 @@ class RateTrace:
         """(the cycle's start, time within the trace) for emulated time t."""
         if self.period_s is None:
             return 0.0, t
-        k = math.floor(t / self.period_s)
-        return k * self.period_s, t - k * self.period_s
+        k = math.floor((t + EPS) / self.period_s)
+        return k * self.period_s, max(0.0, t - k * self.period_s)
 
     def _cover(self, t: float) -> None:
         while self._grow is not None and self.steps[-1][0] <= t and len(self.steps) < MAX_LAZY_STEPS:
@@ -90,14 +91,14 @@ class RateTrace:
         """(uplink, downlink) Mbit/s at emulated time t >= 0."""
         base, local = self._local(max(0.0, t))
         self._cover(local)
-        i = bisect.bisect_right(self._times, local) - 1
+        i = bisect.bisect_right(self._times, local + EPS) - 1
         return self.steps[i][1], self.steps[i][2]
 
     def next_change(self, t: float) -> float | None:
         """The first step time after t (None: the rates stay as they are for good)."""
         base, local = self._local(max(0.0, t))
-        self._cover(local)
-        i = bisect.bisect_right(self._times, local)
+        self._cover(local + EPS)
+        i = bisect.bisect_right(self._times, local + EPS)  # always later than t: a replay moves on
         if i < len(self._times):
             return base + self._times[i]
         return base + self.period_s if self.period_s is not None else None

@@ -237,3 +237,15 @@ def test_a_bad_trace_file_fails_validation_naming_the_field(tmp_path):
     from testbed.scenario import load
     with pytest.raises(ScenarioError, match=r"s.yaml: nodes\[0\].link_trace.file: .*link.csv line 3: rates must be > 0"):
         load(str(scn))
+
+
+def test_a_looped_trace_of_fractional_times_always_moves_on(tmp_path):
+    tr = load_rate_trace(_csv(tmp_path, HEAD + "0,1,1\n0.1,2,2\n0.2,3,3\n"), ["pi-0"], end="loop", period_s=0.3)["pi-0"]
+    t, seen = 0.0, []
+    for _ in range(3000):            # 1000 periods of 0.3 s, stepped edge to edge
+        nxt = tr.next_change(t)
+        assert nxt > t
+        seen.append(tr.at(nxt)[0])
+        t = nxt
+    assert seen[:6] == [2, 3, 1, 2, 3, 1] and seen[-3:] == [2, 3, 1]
+    assert t == pytest.approx(300.0)
