@@ -17,6 +17,7 @@ import numpy as np
 import zmq
 
 from node import protocol as P
+from node.plan import block_of
 
 log = logging.getLogger("testbed.aggregator")
 
@@ -398,3 +399,13 @@ def check_result(sent: dict, msg: P.Message) -> str | None:
     if not isinstance(ns, int) or isinstance(ns, bool) or ns < 0:
         return "meta.samples must be a non-negative integer"
     return None
+
+
+PAYLOAD_PARTS = ("blocks_down", "head_down", "blocks_up", "head_up")
+
+
+def add_payload(out: dict[str, int], tensors: dict, way: str) -> None:
+    """Add the tensor bytes of a task (`way` down) or a result (up) to `out`, split into the
+    blocks (LoRA adapters or whole blocks) and the head (anything outside the blocks)."""
+    for name, v in tensors.items():
+        out[f"{'head' if block_of(name) is None else 'blocks'}_{way}"] += int(np.asarray(v).nbytes)

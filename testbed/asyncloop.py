@@ -23,14 +23,13 @@ progress is.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from node import protocol as P
-from node.plan import block_of
 
-from .aggregator import NodeRecord, check_result
+from .aggregator import PAYLOAD_PARTS, NodeRecord, add_payload, check_result
 from .strategies import NodeInfo, Task, Update
 from .strategies.base import update_counts
 
@@ -45,6 +44,7 @@ class Flight:
     sent_at: float         # host monotonic
     sent_s: float          # emulated seconds since the strategy started
     record: NodeRecord
+    link: tuple[float, float] | None = None  # its link trace's rates when it went out
 
 
 class AsyncRun:
@@ -61,7 +61,7 @@ class AsyncRun:
         self.updates: list[tuple[Update, int]] = []  # (update, staleness) of this step
         self.pending: list[tuple[dict, dict]] = []  # (row without evaluation, global state)
         self.bytes = {"up": 0, "down": 0}
-        self.payload = dict.fromkeys(("blocks_down", "head_down", "blocks_up", "head_up"), 0)
+        self.payload = dict.fromkeys(PAYLOAD_PARTS, 0)
         self.serial = self.batches = 0
         self.idle_since: float | None = None
         self.carried: list[dict] = []               # fault records applied again on a resume
@@ -139,8 +139,8 @@ class AsyncRun:
             tid = f"{self.entry.name}/a{self.serial}/{n}"
             sent_at = loop.agg.send_task(n, step, tid, task.plan.to_dict(), task.tensors, devices.get(n), rec)
             self.bytes["down"] += rec.bytes_down
-            self._count_payload(task.tensors, "down")
-            flight = Flight(task, self.version, step, tid, sent_at, self.now(), rec)
+            add_payload(self.payload, task.tensors, "down")
+            flight = Flight(task, self.version, step, tid, sent_at, self.now(), rec, inj.link_now.get(n))
             if not sent_at:
                 self._finish(n, flight)
                 continue
@@ -166,36 +166,25 @@ class AsyncRun:
         ok = self.loop.agg.take_result(n, fl.step, msg, nbytes, fl.record, fl.sent_at,
                                        lambda m: check_result(fl.task.tensors, m))
         staleness = self.version - fl.version
-        entry = self._finish(n, fl, staleness)
+        entry = self._finish(n, fl, staleness, msg.meta)
         if not ok:
             return
-        loss = msg.meta.get("loss")
-        if isinstance(loss, float) and np.isfinite(loss):  # its local training loss, as the round loop records it
-            entry["train_loss"] = loss
         if self.strat.too_stale(staleness):
             entry.update(status="dropped", reason=f"staleness {staleness} above max_staleness")
             return
-        self._count_payload(msg.tensors, "up")
+        add_payload(self.payload, msg.tensors, "up")
         update = Update(n, fl.task.plan, dict(msg.tensors), int(msg.meta["samples"]), {**msg.meta, **entry})
         new, metrics = self.strat.receive(update, staleness, fl.task.tensors, self.state)
         self.updates.append((update, staleness))
         if new is not None:
             self._step(new, metrics)
 
-    def _count_payload(self, tensors: dict, way: str) -> None:
-        """Tensor bytes of the blocks and of the head (the rows' `payload`, as the round loop's)."""
-        for name, v in tensors.items():
-            self.payload[f"{'head' if block_of(name) is None else 'blocks'}_{way}"] += int(np.asarray(v).nbytes)
-
-    def _finish(self, n: str, fl: Flight, staleness: int | None = None) -> dict:
+    def _finish(self, n: str, fl: Flight, staleness: int | None = None, meta: dict | None = None) -> dict:
         """The node entry of a task that ended (any status), in emulated seconds."""
-        d = asdict(fl.record)
+        d = self.loop.node_entry(n, fl.record, fl.task, meta or {}, fl.link)
         del d["wait_s"]  # no barrier to wait for: idle_s is the wait for work
-        for key in ("compute_s", "upload_s", "download_s"):
-            d[key] /= self.f
         end = self.now()
-        d.update(profile=self.loop.inj.current[n].name, plan={**fl.task.plan.record(), **fl.task.choices},
-                 sent_s=round(fl.sent_s, 3), returned_s=round(end, 3),
+        d.update(sent_s=round(fl.sent_s, 3), returned_s=round(end, 3),
                  idle_s=round(fl.sent_s - self.returned.get(n, self.pos.elapsed), 3))
         if staleness is not None:
             d["staleness"] = staleness

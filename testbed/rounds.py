@@ -15,9 +15,9 @@ import numpy as np
 from emulation.backends import Backend
 from emulation.launch import Launcher
 from node import protocol as P
-from node.plan import Plan, block_of
+from node.plan import Plan
 
-from .aggregator import Aggregator, RoundOutcome, check_result  # noqa: F401 (check_result: re-exported)
+from .aggregator import PAYLOAD_PARTS, Aggregator, RoundOutcome, add_payload, check_result  # noqa: F401
 from .faults import Injector
 from .hostwatch import HostWatch
 from .progress import Progress
@@ -40,11 +40,10 @@ def payload(tasks: dict[str, Task], outcome: RoundOutcome) -> dict[str, int]:
     """The tensor bytes of the round, split into the task head (and anything else outside the
     blocks) and the blocks (LoRA adapters or whole blocks): sent with the tasks, and in the
     results accepted (protocol headers not included)."""
-    out = {"blocks_down": 0, "head_down": 0, "blocks_up": 0, "head_up": 0}
+    out = dict.fromkeys(PAYLOAD_PARTS, 0)
     parts = [("down", t.tensors) for t in tasks.values()] + [("up", m.tensors) for m in outcome.results.values()]
     for way, tensors in parts:
-        for name, v in tensors.items():
-            out[f"{'head' if block_of(name) is None else 'blocks'}_{way}"] += int(np.asarray(v).nbytes)
+        add_payload(out, tensors, way)
     return out
 
 
@@ -226,12 +225,16 @@ class RoundLoop:
 
     def _node_entry(self, n: str, task: Task, outcome: RoundOutcome, link: tuple[float, float] | None) -> dict:
         """A node's part in the round, in emulated seconds, with what it was asked to train."""
-        d = asdict(outcome.records[n])
+        return self.node_entry(n, outcome.records[n], task, outcome.results[n].meta if n in outcome.results else {},
+                               link)
+
+    def node_entry(self, n: str, record, task: Task, meta: dict, link: tuple[float, float] | None) -> dict:
+        """One task's record as rounds.jsonl keeps it (the asynchronous loop's too)."""
+        d = asdict(record)
         d["profile"] = self.inj.current[n].name  # a profile fault may have switched it
-        if link is not None:  # its link trace's rates when the round began
+        if link is not None:  # its link trace's rates when the task went out
             d["link_mbit"] = {"up": link[0], "down": link[1]}
         d["plan"] = {**task.plan.record(), **task.choices}
-        meta = outcome.results[n].meta if n in outcome.results else {}
         share, loss = meta.get("tail_share"), meta.get("loss")
         if isinstance(share, float) and np.isfinite(share):  # HetLoRA self-pruning: the device's measure
             d["tail_share"] = share

@@ -50,8 +50,8 @@ def test_the_links_follow_their_traces(traces_run):
                 assert (n["link_mbit"]["up"], n["link_mbit"]["down"]) == (want[1], want[2]), (r["round"], n)
                 rate = _rate_over(steps, period, start, r["elapsed_s"])
                 if n["status"] == "ok" and rate is not None:  # the link cannot be faster than its trace
-                    floor = n["bytes_up"] * 8 / (rate * 1e6)
-                    assert 0.9 * floor <= n["upload_s"] <= 2 * floor + 0.5, (r["round"], n, floor)
+                    floor = n["bytes_up"] * 8 / (rate * 1e6)  # (the profile's own 40 Mbit/s: 20-160x less)
+                    assert n["upload_s"] >= 0.9 * floor, (r["round"], n, floor)
                     checked += 1
             elif n["node"].startswith("agx") and r["round"]:  # Gilbert-Elliott: the profile's 10 Mbit/s x 1 or 0.2
                 assert n["link_mbit"]["up"] in (10.0, 2.0), n
