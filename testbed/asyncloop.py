@@ -78,6 +78,9 @@ class AsyncRun:
         self.t0, self.cpu0 = time.monotonic(), time.process_time()
         self.last_step_s = self.pos.elapsed
         inj.begin_round(self.version + 1, self.pos.elapsed)
+        # this host's memory while every device trains (said once), and its peak per step
+        self.host = self.loop.host.before(self.entry.name, self.version + 1,
+                                          dict.fromkeys(self.loop.agg.expected, self.gplan))
         stop = None
         while stop is None:
             now = self.now()
@@ -230,14 +233,19 @@ class AsyncRun:
         self.version += 1
         now, inj = self.now(), self.loop.inj
         ups = [u for u, _ in self.updates]
+        events = [*self.carried, *inj.end_round()]
         row = {"strategy": self.entry.name, "round": self.version, "wall_s": now - self.last_step_s,
                "elapsed_s": now, "bytes_up": self.bytes["up"], "bytes_down": self.bytes["down"],
                "payload": self.payload, "aggregator_cpu_s": time.process_time() - self.cpu0,
                "participants": len(ups), "dropped": sum(d["status"] != "ok" for d in self.done), "failed": False,
                "update_counts": update_counts(ups), "metrics": metrics,
-               "events": [*self.carried, *inj.end_round()],
+               "events": events,
                "staleness": [s for _, s in self.updates], "in_flight": len(self.flights), "offline": [],
                "nodes": self.done}
+        self.loop.host.after(self.version, self.host[0], self.host[1], {}, events, self.loop.backend.alive)
+        row["host"] = self.host[0]
+        self.host = self.loop.host.before(self.entry.name, self.version + 1,
+                                          {n: fl.task.plan for n, fl in self.flights.items()})
         self.pending.append((row, new))
         self.state = new
         self.loop.store.save_async_step(self.index, self.entry.name, self.version, {
