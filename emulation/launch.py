@@ -87,6 +87,7 @@ class Launch:
     limits: Limits
     env: Mapping[str, str] = field(default_factory=dict)  # run id, threads, offline flags, its CURVE key
     server_key: str | None = None    # the aggregator's CURVE public key
+    virtual: bool = False            # `clock: virtual`: the node reports its CPU seconds at its share, never waits
 
     def identity(self) -> list[str]:
         """Who the node is and where it dials: what a real device's join command gives too."""
@@ -97,6 +98,8 @@ class Launch:
         """The device as the node emulates it in a sandbox that leaves `emulate` to it: given on
         its command line at start, and in every TASK (a changed profile reaches it so)."""
         lim = self.limits
+        if self.virtual:  # the aggregator times the links; the node only converts its CPU seconds
+            return Emulated(lim.cpus, "virtual")
         if emulate.cpu_time:  # CPU seconds at the dilated share (may exceed one core)
             share, clock = lim.cpus, "cpu"
         else:  # wall time: host contention has already slowed it by about the dilation
@@ -135,9 +138,10 @@ class Launcher:
     dilation: float
     server_key: str | None = None
     secrets: Mapping[str, str] = field(default_factory=dict)  # node -> its CURVE secret key
+    virtual: bool = False
 
     def launch(self, name: str, profile: Profile) -> Launch:
         limits = Limits.of(profile, self.dilation)
         env = {**base_env(self.run_id, limits.threads),
                **({NODE_KEY_ENV: self.secrets[name]} if name in self.secrets else {})}
-        return Launch(name, profile, self.endpoint, limits, env, self.server_key)
+        return Launch(name, profile, self.endpoint, limits, env, self.server_key, self.virtual)

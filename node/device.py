@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-CPU_CLOCKS = ("wall", "cpu")
+CPU_CLOCKS = ("wall", "cpu", "virtual")
 
 
 def stretched(wall_s: float, cpu_s: float, share: float, clock: str) -> float:
@@ -18,7 +18,11 @@ def stretched(wall_s: float, cpu_s: float, share: float, clock: str) -> float:
     `share` times as fast. `wall`: the measured wall time, stretched (the process backend: host
     contention has already slowed it by about the dilation). `cpu`: the CPU seconds at the
     share, never less than what already passed (the netns backend's `cpu_limit: weight`: cores
-    are shared by weight, not capped, so the CPU seconds are the work done)."""
+    are shared by weight, not capped, so the CPU seconds are the work done). `virtual`: the CPU
+    seconds at the share, whatever the wall time (`clock: virtual`: nothing waits; the
+    aggregator orders the results on its virtual clock)."""
+    if clock == "virtual":
+        return cpu_s / share
     if clock == "cpu":
         return max(wall_s, cpu_s / share)
     return wall_s / share
@@ -28,7 +32,8 @@ def stretched(wall_s: float, cpu_s: float, share: float, clock: str) -> float:
 class Emulated:
     """The device as this node emulates it. `cpu_share`: with the `wall` clock, the fraction of
     the measured speed (at most 1: a node cannot run faster than it does); with the `cpu` clock,
-    host cores' worth of throughput (dilated), so it may exceed 1 for a multi-threaded device.
+    host cores' worth of throughput (dilated), so it may exceed 1 for a multi-threaded device;
+    with the `virtual` clock, the same undilated, and nothing is slept.
     Rates 0 = unshaped. `rate_steps`: a link trace's steps, (seconds from the task's arrival,
     uplink, downlink Mbit/s), replayed by the transport (node/shaping.py)."""
     cpu_share: float = 1.0
@@ -50,6 +55,11 @@ class Emulated:
         for step in self.rate_steps:
             if len(step) != 3 or not all(isinstance(v, float) and v >= 0 for v in step):
                 raise ValueError(f"rate_steps: each step is (seconds, uplink, downlink), numbers >= 0; got {step!r}")
+
+    @property
+    def waits(self) -> bool:
+        """Whether the node sleeps to make its compute phase last as long as the device's."""
+        return self.cpu_clock != "virtual" and (self.cpu_share != 1 or self.cpu_clock != "wall")
 
     def stretched(self, wall_s: float, cpu_s: float) -> float:
         return stretched(wall_s, cpu_s, self.cpu_share, self.cpu_clock)

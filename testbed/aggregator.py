@@ -56,6 +56,7 @@ class RoundOutcome:
     results: dict[str, P.Message]
     records: dict[str, NodeRecord]
     wall_real_s: float
+    answered: set[str] = field(default_factory=set)  # nodes whose RESULT or ERROR came back
 
 
 class Aggregator:
@@ -285,6 +286,7 @@ class Aggregator:
             if sent_at[n]:
                 pending.add(n)
         results: dict[str, P.Message] = {}
+        answered: set[str] = set()
         last_done = t0
         while pending and time.monotonic() - t0 < deadline_real_s:
             due = tick() if tick is not None else None
@@ -294,6 +296,7 @@ class Aggregator:
                     log.info("discarding stale %s from %s (round %d)", msg.type, n, msg.round)
                     continue
                 pending.discard(n)
+                answered.add(n)
                 last_done = time.monotonic()
                 if self.take_result(n, rnd, msg, nbytes, records[n], sent_at[n],
                                     lambda m, n=n: check(n, tasks[n][1], m)):
@@ -304,7 +307,7 @@ class Aggregator:
         for n in pending:
             records[n].reason = "missed the round deadline"
         wall = (time.monotonic() if pending else last_done) - t0
-        return RoundOutcome(results, records, wall)
+        return RoundOutcome(results, records, wall, answered)
 
     def send_task(self, n: str, rnd: int, task_id: str, plan: dict, tensors: dict, device: dict | None,
                   rec: NodeRecord) -> float:

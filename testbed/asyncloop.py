@@ -45,6 +45,7 @@ class Flight:
     sent_s: float          # emulated seconds since the strategy started
     record: NodeRecord
     link: tuple[float, float] | None = None  # its link trace's rates when it went out
+    download_s: float = 0.0  # the virtual clock's: its download, timed at dispatch
 
 
 class AsyncRun:
@@ -76,7 +77,7 @@ class AsyncRun:
         if self.go_on is not None:
             self._resume()
         self.t0, self.cpu0 = time.monotonic(), time.process_time()
-        self.last_step_s = self.pos.elapsed
+        self.last_step_s, self.last_step_real = self.pos.elapsed, self.t0
         inj.begin_round(self.version + 1, self.pos.elapsed)
         # this host's memory while every device trains (said once), and its peak per step
         self.host = self.loop.host.before(self.entry.name, self.version + 1,
@@ -165,9 +166,16 @@ class AsyncRun:
         if fl is None or msg.meta.get("task_id") != fl.task_id:
             return  # a task given up on (deadline, fault) or of an earlier strategy: stale
         del self.flights[n]
+        self._accept(n, fl, msg, nbytes, self._take(n, fl, msg, nbytes))
+
+    def _take(self, n: str, fl: Flight, msg: P.Message, nbytes: int) -> bool:
+        """Fill the flight's record from its RESULT or ERROR; True if the result is accepted."""
+        return self.loop.agg.take_result(n, fl.step, msg, nbytes, fl.record, fl.sent_at,
+                                         lambda m: check_result(fl.task.tensors, m))
+
+    def _accept(self, n: str, fl: Flight, msg: P.Message, nbytes: int, ok: bool) -> None:
+        """A task ended with its node's answer: the strategy receives an accepted update."""
         self.bytes["up"] += nbytes
-        ok = self.loop.agg.take_result(n, fl.step, msg, nbytes, fl.record, fl.sent_at,
-                                       lambda m: check_result(fl.task.tensors, m))
         staleness = self.version - fl.version
         entry = self._finish(n, fl, staleness, msg.meta)
         if not ok:
@@ -235,13 +243,13 @@ class AsyncRun:
         ups = [u for u, _ in self.updates]
         events = [*self.carried, *inj.end_round()]
         row = {"strategy": self.entry.name, "round": self.version, "wall_s": now - self.last_step_s,
-               "elapsed_s": now, "bytes_up": self.bytes["up"], "bytes_down": self.bytes["down"],
+               "real_s": time.monotonic() - self.last_step_real, "elapsed_s": now, "bytes_up": self.bytes["up"], "bytes_down": self.bytes["down"],
                "payload": self.payload, "aggregator_cpu_s": time.process_time() - self.cpu0,
                "participants": len(ups), "dropped": sum(d["status"] != "ok" for d in self.done), "failed": False,
                "update_counts": update_counts(ups), "metrics": metrics,
                "events": events,
                "staleness": [s for _, s in self.updates], "in_flight": len(self.flights), "offline": [],
-               "nodes": self.done}
+               "nodes": self.done, **self.row_extra()}
         self.loop.host.after(self.version, self.host[0], self.host[1], {}, events, self.loop.backend.alive)
         row["host"] = self.host[0]
         self.host = self.loop.host.before(self.entry.name, self.version + 1,
@@ -253,10 +261,14 @@ class AsyncRun:
             "faults": inj.snapshot()})
         self.done, self.updates, self.bytes, self.carried = [], [], {"up": 0, "down": 0}, []
         self.payload = dict.fromkeys(self.payload, 0)
-        self.last_step_s, self.cpu0 = now, time.process_time()
+        self.last_step_s, self.last_step_real, self.cpu0 = now, time.monotonic(), time.process_time()
         inj.begin_round(self.version + 1, now)
         self.loop.progress.message(f"{self.entry.name} step {self.version}: {len(ups)} update(s), staleness "
                                    f"{row['staleness']}, elapsed {now:.1f} s")
+
+    def row_extra(self) -> dict:
+        """More fields for the step's row (the virtual clock's)."""
+        return {}
 
     @property
     def state(self) -> dict:

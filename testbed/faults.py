@@ -42,8 +42,13 @@ class Due:
 class Injector:
     """The faults of one run: which nodes are online, and the events, applied through the backend."""
 
-    def __init__(self, sc, nodes, backend, dilation: float, say=lambda _: None):
+    def __init__(self, sc, nodes, backend, dilation: float, say=lambda _: None, virtual: bool = False):
+        """`virtual` (`clock: virtual`, testbed/vclock.py): the clock moves only when the round
+        loop advances it, and pausing a node (a fault, going offline) is kept here, not done to
+        its process: a paused task stands still on the virtual clock instead."""
         self.sc, self.backend, self.dilation, self.say = sc, backend, dilation, say
+        self.virtual, self.vnow = virtual, 0.0
+        self.vbusy: set[str] = set()                 # virtual clock: nodes whose task has not arrived yet
         self.events = sc.faults.events
         self.probability = sc.faults.availability.probability
         self.intervals = availability_of(sc, nodes)  # node -> when it is online (trace or markov)
@@ -118,6 +123,7 @@ class Injector:
             if ev.at_s is not None and self._applies(ev):
                 for n in self.targets(i):
                     self._push(Due(ev.at_s, 0, i, n))
+        self.vnow = 0.0
         self._start_clocks(0.0)
 
     def _start_clocks(self, t: float) -> None:
@@ -141,11 +147,28 @@ class Injector:
 
     def now_s(self) -> float:
         """Emulated seconds since the strategy started (rounds only: evaluation is not device time)."""
+        if self.virtual:
+            return self.vnow
         return self.round_elapsed + (time.monotonic() - self._t0) / self.dilation
+
+    def next_due(self) -> float | None:
+        """When the next queued fault, trace step or availability edge is due (emulated seconds)."""
+        return self.queue[0].at_s if self.queue else None
+
+    def advance(self, t: float) -> None:
+        """The virtual clock moves to t (never back), applying what falls due on the way."""
+        self.vnow = max(self.vnow, t)
+        self.tick()
+
+    @property
+    def busy(self) -> set[str]:
+        """Nodes with work out now: on the virtual clock, those whose task has not arrived yet."""
+        return self.vbusy if self.virtual else self.agg.busy
 
     def begin_round(self, rnd: int, elapsed: float) -> None:
         """Queue this round's events and apply what is due before its tasks go out."""
         self.round, self.round_elapsed, self._t0 = rnd, elapsed, time.monotonic()
+        self.vnow = elapsed
         self.lost, self.gone = {}, set()
         for i, ev in enumerate(self.events):
             if ev.round == rnd and self._applies(ev):
@@ -159,7 +182,7 @@ class Injector:
         now = self.now_s()
         while self.queue and self.queue[0].at_s <= now + 1e-9:
             self._fire(heapq.heappop(self.queue), now)
-        if not self.queue:
+        if not self.queue or self.virtual:  # virtual: nothing is due in wall time
             return None
         return max(0.0, (self.queue[0].at_s - self.now_s()) * self.dilation)
 
@@ -180,7 +203,8 @@ class Injector:
         are left to the runner, which restarts them."""
         self.queue = []
         for n in sorted(self.offline):
-            self.backend.resume(n)
+            if not self.virtual:
+                self.backend.resume(n)
         self.offline = set()
         for n in sorted(self.paused):
             self._do("resume", n, None, None)
@@ -251,11 +275,12 @@ class Injector:
             self.cut.discard(node)   # a fresh sandbox: its link is up and shaped by its profile
             self.lost[node] = "restarted by a fault event"
         elif action == "pause":
-            b.pause(node)
+            if not self.virtual:
+                b.pause(node)
             self.paused.add(node)
         elif action == "resume":
             if node in self.paused:
-                if node not in self.offline:  # offline (availability) as well: it stays stopped
+                if node not in self.offline and not self.virtual:  # offline (availability) as well: it stays stopped
                     b.resume(node)
                 self.paused.discard(node)
         elif action == "cut_link":
@@ -324,16 +349,17 @@ class Injector:
         the node is paused (a device that is off computes nothing) until it is online again."""
         spans = self.intervals[node]
         if spans.online_at(t):
-            if node in self.offline and node not in self.paused and node not in self.killed:
+            if node in self.offline and node not in self.paused and node not in self.killed and not self.virtual:
                 self.backend.resume(node)
             self.offline.discard(node)
-        elif node in self.agg.busy and node not in self.killed:
+        elif node in self.busy and node not in self.killed:
             self.lost[node] = f"went offline at {t:.1f} s (faults.availability)"
             self.gone.add(node)
             self.dropped_offline += 1
             rec = {"type": "offline", "node": node, "round": self.round, "at_s": round(t, 3), "applied": True}
             try:
-                self.backend.pause(node)
+                if not self.virtual:
+                    self.backend.pause(node)
                 self.offline.add(node)
                 rec["how"] = "its work is dropped; paused until it is online again"
             except FaultUnsupported as exc:
@@ -384,7 +410,8 @@ class Injector:
                       for d in snap["queue"]]
         self._seq = snap["seq"]
         heapq.heapify(self.queue)
-        self._start_clocks(snap.get("clock_s", 0.0))  # traces and intervals: from the checkpoint's time
+        self.vnow = snap.get("clock_s", 0.0)
+        self._start_clocks(self.vnow)  # traces and intervals: from the checkpoint's time
         self.injected, self.not_applied = snap["injected"], snap["not_applied"]
         for n, d in snap["current"].items():
             p = Profile(**d)

@@ -264,7 +264,7 @@ def host_efficiency(manifest: dict, rows: list[dict]) -> float | None:
     if not cores or not isinstance(dilation, (int, float)):
         return None
     here = {n["name"] for n in manifest.get("nodes") or [] if not n.get("remote") and not n.get("engine")}
-    real = sum(float(r.get("wall_s") or 0) for r in rows) * dilation
+    real = sum(_real_s(r, dilation) for r in rows)
     work = sum(float(nd.get("cpu_s") or 0) for r in rows for nd in r.get("nodes") or [] if nd.get("node") in here)
     return work / (cores * real) if real > 0 else None
 
@@ -273,9 +273,19 @@ def aggregator_share(manifest: dict, rows: list[dict]) -> float | None:
     """The largest share of a round's real time that the aggregator's own CPU took
     (`aggregator_cpu_s` / (wall_s x dilation)), over the rounds that record it."""
     dilation = manifest.get("dilation")
-    shares = [r["aggregator_cpu_s"] / (r["wall_s"] * dilation) for r in rows
-              if r.get("aggregator_cpu_s") is not None and (r.get("wall_s") or 0) > 0]
-    return max(shares) if shares and isinstance(dilation, (int, float)) else None
+    if not isinstance(dilation, (int, float)):
+        return None
+    shares = [r["aggregator_cpu_s"] / _real_s(r, dilation) for r in rows
+              if r.get("aggregator_cpu_s") is not None and _real_s(r, dilation) > 0]
+    return max(shares) if shares else None
+
+
+def _real_s(row: dict, dilation: float) -> float:
+    """A round's real seconds: recorded (`real_s`), or, in runs before it was, its emulated time x
+    the dilation (the virtual clock's rounds have no such relation)."""
+    if row.get("real_s") is not None:
+        return float(row["real_s"])
+    return float(row.get("wall_s") or 0) * dilation
 
 
 def with_host_efficiency(summary: dict, manifest: dict, rows: list[dict]) -> dict:

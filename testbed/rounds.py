@@ -26,6 +26,7 @@ from .setup import RunSetup
 from .store import Checkpoint, RunStore
 from .strategies import STRATEGIES, NodeInfo, Strategy, Task, Update
 from .strategies.base import update_counts
+from .vclock import VirtualRound, real_timeout_s
 from .workload import Workload
 
 
@@ -113,12 +114,13 @@ class RoundLoop:
         """An asynchronous strategy: round 0 checkpointed, its steps saved as they happen (a
         resume goes on from the last), written when it ends, then checkpointed as done."""
         from .asyncloop import AsyncRun
+        from .vasync import VirtualAsyncRun
         if go_on is None:
             pos = self._round_zero(entry, gplan)
             self._checkpoint(index, entry.name, 0, pos, strat, self.store.rows[-1], done=False)
         else:
             pos = Position(go_on.state, go_on.elapsed, 1)
-        AsyncRun(self, index, entry, strat, gplan, pos, go_on).run()
+        (VirtualAsyncRun if self.setup.virtual else AsyncRun)(self, index, entry, strat, gplan, pos, go_on).run()
         self.fault_restores += [{**r, "after": entry.name} for r in self.inj.end_strategy()]
         last = self.store.rows[-1]
         self._checkpoint(index, entry.name, last["round"], pos, strat, last, done=True)
@@ -162,11 +164,14 @@ class RoundLoop:
         host, kills0 = self.host.before(entry.name, rnd, {n: t.plan for n, t in tasks.items()})
         links = {n: inj.link_now[n] for n in tasks if n in inj.link_now}  # traced links' rates at the start
         t_round, cpu0 = time.perf_counter(), time.process_time()
+        deadline, virtual = self.sc.training.round_deadline_s, self.setup.virtual
         outcome = self.agg.run_round(rnd, entry.name, {n: (t.plan.to_dict(), t.tensors) for n, t in tasks.items()},
-                                     self.sc.training.round_deadline_s * f,
-                                     lambda n: self.alive(n) and n not in inj.lost,
-                                     lambda n, sent, msg: check_result(sent, msg), tick=inj.tick,
+                                     self._real_timeout(tasks) if virtual else deadline * f,
+                                     lambda n: self.alive(n) and (virtual or n not in inj.lost),
+                                     lambda n, sent, msg: check_result(sent, msg), tick=None if virtual else inj.tick,
                                      devices=self._devices(tasks))
+        if virtual:  # the round on the virtual clock: faults and deadline applied to the arrivals
+            devices_s = VirtualRound(inj, pos.elapsed, deadline).settle(outcome)
         events = [*restored, *inj.end_round(), *self._explain_losses(rnd, outcome)]
         self.host.after(rnd, host, kills0, outcome.records, events, self.backend.alive)
         nodes = {n: self._node_entry(n, tasks[n], outcome, links.get(n)) for n in outcome.records}
@@ -174,17 +179,21 @@ class RoundLoop:
         updates = [Update(n, tasks[n].plan, dict(m.tensors), int(m.meta["samples"]), {**m.meta, **nodes[n]})
                    for n, m in sorted(outcome.results.items())]  # arrival order must not change sums
         failed = len(updates) < self.sc.training.min_results
-        metrics = {}
+        metrics, t_agg = {}, time.perf_counter()
         if not failed:
             pos.state, metrics = strat.aggregate(rnd, updates, pos.state)
-        wall_s = (time.perf_counter() - t_round) / f
+        real_s = time.perf_counter() - t_round
+        # virtual: the devices' time on the virtual clock, then the server's aggregation as it took
+        wall_s = devices_s + time.perf_counter() - t_agg if virtual else real_s / f
         aggregator_cpu_s = time.process_time() - cpu0  # the orchestrator's own work in the round, host seconds
         pos.elapsed += wall_s
+        if virtual:
+            self._await_restarted()
         ev, eval_s = self.work.evaluate(gplan, pos.state)
         for d in nodes.values():
             if d["status"] == "ok":
                 d["wait_s"] = max(0.0, wall_s - d["compute_s"] - d["upload_s"] - d["download_s"])
-        return {"strategy": entry.name, "round": rnd, "wall_s": wall_s, "elapsed_s": pos.elapsed, **ev,
+        return {"strategy": entry.name, "round": rnd, "wall_s": wall_s, "real_s": real_s, "elapsed_s": pos.elapsed, **ev,
                 "bytes_up": sum(r.bytes_up for r in outcome.records.values()),
                 "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
                 "payload": payload(tasks, outcome),
@@ -193,6 +202,23 @@ class RoundLoop:
                 "metrics": metrics, "events": events,
                 "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}
 
+    def _real_timeout(self, tasks) -> float:
+        """Virtual clock: how long to wait in real time for the round's results."""
+        shares = [self.inj.profile_now(n).cpu_share for n in tasks]
+        return real_timeout_s(self.sc.training.round_deadline_s, shares, self.setup.caps.get("cores") or 1)
+
+    def registering(self) -> set[str]:
+        """Emulated nodes that run but have not registered (restarted ones)."""
+        return {n.name for n in self.nodes if n.name not in self.remote and self.backend.alive(n.name)
+                and n.name not in self.agg.ready()}
+
+    def _await_restarted(self) -> None:
+        """Virtual clock: a node restarted in the round registers before the next one, as it
+        would have within the round's real time."""
+        names = self.registering()
+        if names:
+            self.agg.wait_ready(names, self.sc.aggregator.register_timeout_s, self.alive)
+
     def _devices(self, nodes) -> dict[str, dict]:
         """What each emulated node emulates itself of its current profile (faults may have changed
         it), with the steps of its link trace where its transport shapes the link."""
@@ -200,7 +226,7 @@ class RoundLoop:
         for n in (n for n in nodes if n not in self.remote):
             emulate = self.backend.emulated(n)
             dev = self.launcher.launch(n, self.inj.profile_now(n)).emulated(emulate)
-            if n in self.inj.rates and (emulate.uplink or emulate.downlink):
+            if n in self.inj.rates and (emulate.uplink or emulate.downlink) and not self.setup.virtual:
                 steps = self.inj.transport_schedule(n, self.sc.training.round_deadline_s)
                 dev = replace(dev, rate_steps=tuple((s, u if emulate.uplink else 0.0, d if emulate.downlink else 0.0)
                                                     for s, u, d in steps))

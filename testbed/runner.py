@@ -92,8 +92,9 @@ class Run:
             with progress:
                 self.backend.say = progress.message
                 s = self.setup
-                progress.message(f"run {self.run_id}: backend {s.backend} ({s.backend_reason}); dilation "
-                                 f"{s.dilation:g}; {len(self.nodes)} nodes; output {self.out}")
+                progress.message(f"run {self.run_id}: backend {s.backend} ({s.backend_reason}); "
+                                 + ("virtual clock" if s.virtual else f"dilation {s.dilation:g}")
+                                 + f"; {len(self.nodes)} nodes; output {self.out}")
                 progress.message(describe(s.caps))
                 self._prepare_zygote()
                 self.keys = self._make_keys()
@@ -102,9 +103,10 @@ class Run:
                 agg, join = self._start_aggregator(progress)
                 launcher = Launcher(self.run_id, f"tcp://{self.backend.connect_address(agg.bind)}:{agg.port}",
                                     s.dilation, self.keys and self.keys.server_public,
-                                    {n: sec for n, (_, sec) in self.keys.nodes.items()} if self.keys else {})
+                                    {n: sec for n, (_, sec) in self.keys.nodes.items()} if self.keys else {},
+                                    s.virtual)
                 self._start_nodes(agg, launcher, join, progress)
-                injector = Injector(self.sc, self.nodes, self.backend, s.dilation, progress.message)
+                injector = Injector(self.sc, self.nodes, self.backend, s.dilation, progress.message, s.virtual)
                 for note in injector.describe():
                     progress.message(note)
                 bert = walked_analytically(self.work.base.config.model_type, self.work.spec.dtype)
@@ -250,7 +252,7 @@ class Run:
         return {
             "run_id": self.run_id, "scenario_file": self.source, "scenario": self.sc.model_dump(mode="json"),
             "backend": s.backend, "backend_reason": s.backend_reason, "capabilities": s.caps,
-            "dilation": s.dilation, "dilation_mode": self.sc.dilation,
+            "dilation": s.dilation, "dilation_mode": self.sc.dilation, "clock": s.clock,
             "auth": ({"mechanism": "curve", "server_public_key": self.keys.server_public}
                      if self.keys else {"mechanism": "none"}),
             "fidelity": self.fidelity(), "zygote": self.backend.zygote_info(),

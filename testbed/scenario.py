@@ -408,6 +408,11 @@ class Scenario(Strict):
                                                   "(weight), or as a CFS quota (quota; it costs throttled nodes "
                                                   "extra CPU time on some hosts: docs/profiles.md)")
     dilation: Literal["auto", "off"] | float = Field("auto", description="slow every device and link by one factor when the host is short of cores")
+    clock: Literal["real", "virtual"] = Field("real", description="real: devices and links are emulated in wall-clock "
+                                             "time; virtual: nodes train at host speed, each reports its CPU seconds "
+                                             "/ its profile's cores, links are timed from the profile over the bytes "
+                                             "sent, and the aggregator orders results on one virtual clock "
+                                             "(docs/virtual-clock.md)")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
@@ -461,6 +466,7 @@ class Scenario(Strict):
         if self.training.min_results > (k or n):
             raise ValueError(f"@training.min_results: {self.training.min_results} exceeds clients per round ({k or n})")
         self._check_engines()
+        self._check_clock()
         self._check_faults()
         self._check_links()
         return self
@@ -470,8 +476,31 @@ class Scenario(Strict):
         from the model's config, no weights), so a bad one never starts a run."""
         from .strategies import STRATEGIES
         ctx = strategy_context(self)
-        return [f"strategies.run[{i}].{e}" for i, entry in enumerate(self.strategies.run)
-                for e in param_errors(STRATEGIES[entry.type].Params, entry.params, ctx)]
+        errors = [f"strategies.run[{i}].{e}" for i, entry in enumerate(self.strategies.run)
+                  for e in param_errors(STRATEGIES[entry.type].Params, entry.params, ctx)]
+        if self.clock == "virtual":
+            pauses = [i for i, ev in enumerate(self.faults.events) if ev.action == "pause"]
+            errors += [f"faults.events[{pauses[0]}].action: pause is not timed on the virtual clock with "
+                       f"{entry.type}, an asynchronous strategy (strategies.run[{i}]); allowed there: kill, restart, "
+                       "link, profile; or use clock: real"
+                       for i, entry in enumerate(self.strategies.run)
+                       if pauses and getattr(STRATEGIES[entry.type], "asynchronous", False)][:1]
+        return errors
+
+    def _check_clock(self) -> None:
+        """The virtual clock times devices it starts itself, on this host, undilated."""
+        if self.clock != "virtual":
+            return
+        if self.backend not in ("auto", "process"):
+            raise ValueError(f"@backend: clock: virtual runs on the process backend (nodes are not slowed, so no "
+                             f"sandbox limits their CPU or links); got {self.backend!r}; allowed: auto, process")
+        if isinstance(self.dilation, float) and self.dilation != 1:
+            raise ValueError(f"@dilation: clock: virtual has no dilation (nothing waits); got {self.dilation:g}; "
+                             "allowed: auto, off, 1")
+        for i, g in enumerate(self.nodes):
+            if g.backend == "remote" or g.engine is not None:
+                raise ValueError(f"@nodes[{i}]: clock: virtual times only the nodes it starts on this host; "
+                                 f"group {g.group} is {'remote' if g.backend == 'remote' else 'on engine ' + g.engine}")
 
     def _check_engines(self) -> None:
         for name in self.engines:

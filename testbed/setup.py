@@ -24,6 +24,20 @@ class RunSetup:
     dilation: float               # every CPU share and link rate divided by it, every time measured / it
     fidelity: tuple[str, ...]     # what this host cannot honour, said before any node starts
     here: frozenset[str]          # nodes whose CPU and memory this host holds
+    clock: str = "real"           # real | virtual (testbed/vclock.py)
+
+    @property
+    def virtual(self) -> bool:
+        return self.clock == "virtual"
+
+
+VIRTUAL_NOTES = (
+    "clock: virtual: each node's compute time is the CPU seconds of its training / its profile's cores, "
+    "measured at host speed with no quota and no dilation",
+    "clock: virtual: link times are the profile's latency + the bytes sent at its rate (its trace's where it "
+    "has one); no TCP/IP header overhead (tc-shaped links deliver about 0.956 of the rate)",
+    "clock: virtual: memory limits are not enforced, only measured (peak RSS per node)",
+)
 
 
 def auto_dilation(demands: list[float], per_round: int, cores: int) -> float:
@@ -35,6 +49,8 @@ def auto_dilation(demands: list[float], per_round: int, cores: int) -> float:
 def prepare(sc: Scenario, nodes: list[NodeSpec], requested: str, run_id: str, out: Path) -> tuple[RunSetup, Backend]:
     """Probe the host, make the backend (nothing started yet), size the dilation."""
     caps = probe()
+    if sc.clock == "virtual":
+        return _prepare_virtual(sc, nodes, requested, run_id, out, caps)
     name, reason = choose(requested, caps)
     backend = make_backend(sc, nodes, name, run_id, out, caps)
     local = {n.name: n.profile for n in nodes if not n.remote}
@@ -62,6 +78,18 @@ def prepare(sc: Scenario, nodes: list[NodeSpec], requested: str, run_id: str, ou
                      "cuts are recorded as not applied (use the netns or docker backend); rate and "
                      "latency changes reach the node with its next task")
     return RunSetup(caps, name, reason, dilation, tuple(notes), here), backend
+
+
+def _prepare_virtual(sc: Scenario, nodes: list[NodeSpec], requested: str, run_id: str, out: Path,
+                     caps: dict) -> tuple[RunSetup, Backend]:
+    """The virtual clock: plain processes at host speed, no dilation; nothing to enforce."""
+    if requested not in ("auto", "process"):
+        raise RunError(f"--backend {requested}: clock: virtual runs on the process backend (nodes are not slowed, "
+                       "so no sandbox limits their CPU or links); allowed: auto, process")
+    backend = make_backend(sc, nodes, "process", run_id, out, caps)
+    here = frozenset(n.name for n in nodes if not n.remote)
+    return RunSetup(caps, "process", "clock: virtual: nodes train at host speed and report their CPU seconds",
+                    1.0, VIRTUAL_NOTES, here, "virtual"), backend
 
 
 def make_backend(sc: Scenario, nodes: list[NodeSpec], name: str, run_id: str, out: Path, caps: dict) -> Backend:

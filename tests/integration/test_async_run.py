@@ -1,5 +1,6 @@
 """Asynchronous aggregation with real processes: scenarios/async-ci.yaml (FedLoRA against FedBuff
-and FedAsync on uneven devices) on the machine's default backend."""
+and FedAsync on uneven devices) on the machine's default backend, and on the virtual clock
+(process backend, no dilation), where every check must hold as well."""
 from __future__ import annotations
 
 import pytest
@@ -11,10 +12,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ASYNC = ("fedbuff", "fedasync")
 
 
-@pytest.fixture(scope="module")
-def async_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["real", "virtual"])
+def async_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("async") / "run"
-    yield run_scenario("scenarios/async-ci.yaml", out, timeout=1200)
+    clock = ["--set", "clock=virtual", "--set", "dilation=off"] if request.param == "virtual" else []
+    yield run_scenario("scenarios/async-ci.yaml", out, *clock, timeout=1200)
     kill_run_processes(out)
 
 
@@ -27,6 +29,13 @@ def test_every_strategy_runs_for_its_time_budget(async_run):
         assert all(r["accuracy"] is not None for r in rows)
     assert {"staleness", "device_idle_s"} <= set(async_run.summary["strategies"]["fedbuff"])
     assert "## Staleness (asynchronous strategies)" in (async_run.out / "report.md").read_text()
+    if async_run.manifest["clock"] == "virtual":  # steps in the order of their arrivals, on one clock
+        for s in ASYNC:
+            rows = [r for r in async_run.rows(s) if r["round"]]
+            assert all("vclock_late" in r for r in rows)
+            assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(rows, rows[1:]))
+            ends = [n["returned_s"] for r in rows for n in r["nodes"]]
+            assert ends == sorted(ends), "each task ends at its virtual arrival, in order"
 
 
 def test_no_device_waits_for_a_barrier(async_run):

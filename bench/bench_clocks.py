@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""The virtual clock against the real emulation: one scenario (default scenarios/legend-ci.yaml,
+all five strategies) run once in each clock, one after the other, on this machine.
+
+- **real**: the machine's default backend (netns as root, with the scenario's `cpu_limit`; the
+  process backend elsewhere), dilation as the scenario says;
+- **virtual**: `clock: virtual` on the process backend.
+
+It prints, per strategy and for the run: whether every round's accuracy is the same in both,
+how each device's time in each round (download + compute + upload, emulated seconds) compares
+(median and worst of virtual / real, and how many are within 10%), the real wall time of each
+run and their ratio, and each run's host efficiency (training CPU / (cores x real round time)).
+Nothing asserts. Both runs are written under --out (default: a temporary folder, removed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from testbed.vclock import agreement  # noqa: E402
+
+
+def run(scenario: str, out: Path, sets: list[str]) -> tuple[float, list[dict], dict]:
+    """One run as a user starts it: (real seconds, rounds.jsonl rows, summary)."""
+    args = [sys.executable, "-m", "testbed", "run", scenario, "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    took = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    return took, rows, json.loads((out / "summary.json").read_text())
+
+
+def describe(label: str, ratios: list[float]) -> str:
+    if not ratios:
+        return f"{label:10s} no device answered in both runs"
+    within = sum(abs(r - 1) <= 0.10 for r in ratios)
+    worst = max(ratios, key=lambda r: abs(r - 1))
+    return (f"{label:10s} device-rounds {len(ratios):3d}  virtual/real median {statistics.median(ratios):.3f}  "
+            f"worst {worst:.3f}  within 10%: {within}/{len(ratios)}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenario", default="scenarios/legend-ci.yaml")
+    ap.add_argument("--set", action="append", default=[], help="a scenario override for both runs")
+    ap.add_argument("--out", default=None, help="keep both runs here (default: a temporary folder)")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(a.out) if a.out else Path(tmp)
+        base.mkdir(parents=True, exist_ok=True)
+        real_s, real, real_sum = run(a.scenario, base / "real", a.set)
+        virt_s, virtual, virt_sum = run(a.scenario, base / "virtual", [*a.set, "clock=virtual"])
+    agree = agreement(real, virtual)
+    print(f"scenario {a.scenario} {' '.join(a.set)}")
+    for name in dict.fromkeys(s for s, *_ in agree.accuracy_pairs):
+        same = all(x == y for s, _, x, y in agree.accuracy_pairs if s == name)
+        print(describe(name, [r for s, *_, r in agree.device_ratios if s == name])
+              + f"  accuracy {'identical' if same else 'DIFFERS'} in every round")
+    print(describe("all", [r for *_, r in agree.device_ratios])
+          + f"  accuracy {'identical' if agree.accuracy_identical else 'DIFFERS'} in every round")
+    differ = [p for p in agree.accuracy_pairs if p[2] != p[3]]
+    for s, rnd, x, y in differ:
+        print(f"  accuracy differs: {s} round {rnd}: real {x}, virtual {y}")
+    print(f"real wall time: real clock {real_s:.1f} s, virtual clock {virt_s:.1f} s, "
+          f"ratio virtual/real {virt_s / real_s:.3f}")
+    print(f"host efficiency: real clock {real_sum.get('host_efficiency') or 0:.2f}, "
+          f"virtual clock {virt_sum.get('host_efficiency') or 0:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

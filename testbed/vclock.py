@@ -1,0 +1,168 @@
+"""The virtual clock (`clock: virtual`): the same nodes train for real at host speed, and the
+round's emulated times are computed instead of waited for.
+
+- A node's compute time is its training's CPU seconds over its profile's cores (the node
+  reports it: node/device.py, clock `virtual`), with no quota and no dilation.
+- A link's time is the profile's latency plus the real bytes of the message at the link's rate
+  (its trace's rates where it has one, step by step: node/shaping.Link), the same model as the
+  process backend's transport.
+- The aggregator waits in real time for every result, then replays the round on one virtual
+  clock: arrivals and the strategy's due faults in time order. A result that arrives after
+  the deadline, after its node was killed, restarted or went offline is lost as in real time;
+  a paused node's task stands still until it is resumed.
+
+So a virtual round needs the host's CPU for the work only: wall ~ training CPU / cores.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from node.shaping import Link
+
+from .aggregator import RoundOutcome
+
+
+def link_s(nbytes: int, rate_mbit: float, latency_ms: float, at_s: float,
+           steps: list[tuple[float, float]] = ()) -> float:
+    """Seconds `nbytes` sent at `at_s` take on a link of `rate_mbit` (0 = unshaped) and
+    `latency_ms`, whose rate follows `steps` ((emulated time, Mbit/s)) from then on."""
+    return Link(rate_mbit, latency_ms, schedule=list(steps)).delay_for(nbytes, at=at_s)
+
+
+@dataclass
+class Leg:
+    """One task's times on the virtual clock, in emulated seconds."""
+    download_s: float
+    compute_s: float
+    upload_s: float
+    remaining_s: float          # of the whole task, from `since`
+    since: float                # when it last started moving (the round's start, or a resume)
+
+    @property
+    def arrival(self) -> float:
+        return self.since + self.remaining_s
+
+
+class VirtualRound:
+    """Times one round's tasks on the strategy's virtual clock and applies the faults due meanwhile."""
+
+    def __init__(self, inj, start_s: float, deadline_s: float):
+        self.inj, self.start, self.deadline = inj, start_s, deadline_s
+
+    def legs(self, outcome: RoundOutcome) -> dict[str, Leg]:
+        """Each answered task's download, compute and upload on its node's link at the round's start."""
+        out = {}
+        for n, rec in outcome.records.items():
+            if n not in outcome.answered:
+                continue
+            prof = self.inj.profile_now(n)
+            trace = self.inj.rates.get(n)
+            steps = trace.schedule(self.start, self.start + self.deadline + 1.0) if trace else []
+            down = link_s(rec.bytes_down, prof.downlink_mbit, prof.latency_ms, self.start,
+                          [(t, d) for t, _, d in steps])
+            up_at = self.start + down + rec.compute_s
+            up = link_s(rec.bytes_up, prof.uplink_mbit, prof.latency_ms, up_at, [(t, u) for t, u, _ in steps])
+            out[n] = Leg(down, rec.compute_s, up, down + rec.compute_s + up, self.start)
+        return out
+
+    def settle(self, outcome: RoundOutcome) -> float:
+        """Replay the round: fill each record's link times, drop what a fault or the deadline lost,
+        and return the round's emulated duration. The injector's clock ends at the round's end."""
+        inj, end = self.inj, self.start + self.deadline
+        self.outcome, moving = outcome, self.legs(outcome)
+        frozen: dict[str, Leg] = {}
+        inj.vbusy = set(moving)
+        last = self.start
+        self._pause_or_resume(moving, frozen, self.start)  # paused before the task went out
+        while moving or frozen:
+            arrival, n = min(((leg.arrival, n) for n, leg in moving.items()), default=(math.inf, ""))
+            due = inj.next_due()
+            t = min(arrival, math.inf if due is None else due)
+            if t > end:
+                break
+            if due is not None and due <= arrival:
+                inj.advance(due)
+                self._pause_or_resume(moving, frozen, due)
+                continue
+            leg = moving.pop(n)
+            inj.vbusy.discard(n)
+            inj.advance(t)
+            self._times(n, leg)
+            last = t
+        late = set(moving) | set(frozen) | {n for n, r in outcome.records.items()
+                                           if n not in outcome.answered and r.status == "dropped"}
+        for n in set(moving) | set(frozen):
+            self._times(n, moving.get(n) or frozen[n])
+            outcome.results.pop(n, None)
+            rec = outcome.records[n]
+            rec.status, rec.reason = "dropped", "missed the round deadline"
+        wall = self.deadline if late else last - self.start
+        inj.advance(self.start + wall)
+        inj.vbusy = set()
+        return wall
+
+    def _times(self, n: str, leg: Leg) -> None:
+        rec = self.outcome.records[n]
+        rec.download_s, rec.upload_s = leg.download_s, leg.upload_s
+
+    def _pause_or_resume(self, moving: dict[str, Leg], frozen: dict[str, Leg], t: float) -> None:
+        """After the faults of time t: a task whose node was killed, restarted or went offline is
+        lost at once (as the real round stops waiting for it); one whose node is paused stands
+        still, and goes on when it is resumed."""
+        for tasks in (moving, frozen):
+            for n in [n for n in tasks if n in self.inj.lost]:
+                self._times(n, tasks.pop(n))
+                self.inj.vbusy.discard(n)
+                self.outcome.results.pop(n, None)
+                self.outcome.records[n].status, self.outcome.records[n].reason = "failed", None
+        for n in [n for n in moving if n in self.inj.paused]:
+            leg = frozen[n] = moving.pop(n)
+            leg.remaining_s, leg.since = leg.arrival - t, t
+        for n in [n for n in frozen if n not in self.inj.paused]:
+            leg = moving[n] = frozen.pop(n)
+            leg.since = t
+
+
+def real_timeout_s(deadline_s: float, shares: list[float], cores: int) -> float:
+    """How long the aggregator waits in real time for a virtual round's results: twice the CPU
+    the tasks may use within the deadline, on this host's cores (a node still running then
+    could not have finished in time on any share of them), and at least a minute."""
+    return max(60.0, 2.0 * deadline_s * sum(shares) / max(1, cores))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How a virtual-clock run matches a real-clock run of the same scenario, round by round."""
+    accuracy_pairs: list[tuple[str, int, float, float]]  # (strategy, round, real, virtual)
+    device_ratios: list[tuple[str, int, str, float]]      # (strategy, round, node, virtual / real device time)
+
+    @property
+    def accuracy_identical(self) -> bool:
+        return all(a == b for *_, a, b in self.accuracy_pairs)
+
+    @property
+    def worst(self) -> float:
+        """The largest relative difference of one device's time in one round."""
+        return max((abs(r - 1) for *_, r in self.device_ratios), default=0.0)
+
+
+def device_time(entry: dict) -> float:
+    """A device's time in a round: download, compute and upload (emulated seconds)."""
+    return entry["download_s"] + entry["compute_s"] + entry["upload_s"]
+
+
+def agreement(real_rows: list[dict], virtual_rows: list[dict]) -> Agreement:
+    """Per-round accuracy and each answered device's per-round time of two runs of one scenario."""
+    real = {(r["strategy"], r["round"]): r for r in real_rows}
+    acc, ratios = [], []
+    for v in virtual_rows:
+        r = real.get((v["strategy"], v["round"]))
+        if r is None or v["round"] == 0:
+            continue
+        acc.append((v["strategy"], v["round"], r.get("accuracy"), v.get("accuracy")))
+        ok = {n["node"]: n for n in r["nodes"] if n["status"] == "ok"}
+        for n in v["nodes"]:
+            if n["status"] == "ok" and n["node"] in ok and device_time(ok[n["node"]]) > 0:
+                ratios.append((v["strategy"], v["round"], n["node"], device_time(n) / device_time(ok[n["node"]])))
+    return Agreement(acc, ratios)

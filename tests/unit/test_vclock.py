@@ -1,0 +1,143 @@
+"""The virtual clock's arithmetic (testbed/vclock.py) against times worked out by hand: link
+times from rate, latency and bytes; a round's arrivals, deadline and mid-round faults."""
+from __future__ import annotations
+
+import pytest
+
+from emulation.launch import Launcher
+from node.device import Emulated
+from testbed.aggregator import NodeRecord, RoundOutcome
+from testbed.faults import Injector
+from testbed.scenario import ScenarioError, expand_nodes, parse
+from testbed.vclock import VirtualRound, link_s, real_timeout_s
+from tests.unit.test_fault_injector import BASE, Agg, Recorder
+
+LINK = {"uplink_mbit": 8, "downlink_mbit": 16, "latency_ms": 10}
+
+
+def test_a_link_takes_latency_plus_bytes_at_its_rate():
+    assert link_s(1_000_000, 8, 10, 0.0) == pytest.approx(1.01)         # 8e6 bits at 8e6 bit/s, + 10 ms
+    assert link_s(1_000_000, 0, 10, 0.0) == pytest.approx(0.01)         # unshaped: latency only
+    # 8 Mbit/s until t = 0.5 (4e6 bits), then 4 Mbit/s for the other 4e6 bits (1 s)
+    assert link_s(1_000_000, 8, 0, 0.0, [(0.0, 8), (0.5, 4)]) == pytest.approx(1.5)
+    # from 0.25: 2e6 bits by 0.5, the other 6e6 at 4 Mbit/s
+    assert link_s(1_000_000, 8, 0, 0.25, [(0.0, 8), (0.5, 4)]) == pytest.approx(0.25 + 1.5)
+
+
+def make(faults=None):
+    sc = parse({**BASE, "clock": "virtual", "faults": faults or {},
+                "nodes": [{"group": "a", "count": 2, "profile": "host", "overrides": LINK}]})
+    backend = Recorder()
+    inj = Injector(sc, expand_nodes(sc), backend, 1.0, virtual=True)
+    inj.begin_strategy("fedlora", Agg(), Launcher("run", "tcp://x", 1.0, virtual=True))
+    return inj, backend
+
+
+def outcome(compute: dict[str, float]) -> RoundOutcome:
+    """Both nodes answered: 2 MB down (1 s at 16 Mbit/s), 1 MB up (1 s at 8 Mbit/s), 10 ms each way."""
+    recs = {n: NodeRecord(n, "host", "ok", compute_s=c, bytes_down=2_000_000, bytes_up=1_000_000)
+            for n, c in compute.items()}
+    return RoundOutcome({n: object() for n in compute}, recs, 0.0, set(compute))
+
+
+def settle(inj, deadline=100.0, start=50.0, compute=None):
+    inj.begin_round(1, start)
+    out = outcome(compute or {"a-0": 2.0, "a-1": 5.0})
+    return VirtualRound(inj, start, deadline).settle(out), out
+
+
+def test_a_round_lasts_until_its_last_arrival():
+    inj, _ = make()
+    wall, out = settle(inj)
+    assert wall == pytest.approx(1.01 + 5.0 + 1.01)
+    assert out.records["a-0"].download_s == pytest.approx(1.01) and out.records["a-0"].upload_s == pytest.approx(1.01)
+    assert set(out.results) == {"a-0", "a-1"}
+    assert inj.now_s() == pytest.approx(50 + 7.02), "the injector's clock ends at the round's end"
+
+
+def test_a_result_after_the_deadline_is_dropped_and_the_round_lasts_the_deadline():
+    inj, _ = make()
+    wall, out = settle(inj, deadline=6.0)
+    assert wall == 6.0 and set(out.results) == {"a-0"}
+    assert (out.records["a-1"].status, out.records["a-1"].reason) == ("dropped", "missed the round deadline")
+
+
+def test_a_kill_before_the_arrival_loses_the_result_and_does_not_lengthen_the_round():
+    inj, backend = make({"events": [{"round": 1, "after_s": 5, "action": "kill", "nodes": ["a-1"]}]})
+    wall, out = settle(inj)
+    assert set(out.results) == {"a-0"} and out.records["a-1"].status == "failed"
+    assert wall == pytest.approx(4.02), "the round ends with a-0's arrival, as the real round stops waiting"
+    assert ("kill", "a-1") in backend.calls and inj.why_failed("a-1") == "killed by a fault event"
+
+
+def test_a_kill_after_the_arrival_keeps_the_result():
+    inj, _ = make({"events": [{"round": 1, "after_s": 4.5, "action": "kill", "nodes": ["a-0"]}]})
+    wall, out = settle(inj)
+    assert set(out.results) == {"a-0", "a-1"} and wall == pytest.approx(7.02)
+
+
+def test_a_paused_task_stands_still_for_the_pause():
+    inj, backend = make({"events": [{"round": 1, "after_s": 1, "action": "pause", "nodes": ["a-0"], "duration_s": 3}]})
+    wall, out = settle(inj, compute={"a-0": 4.0, "a-1": 1.0})
+    assert wall == pytest.approx(6.02 + 3), "a-0 arrives 3 s late: 1.01 + 4 + 1.01 + the pause"
+    assert set(out.results) == {"a-0", "a-1"}
+    assert backend.calls == [], "the virtual clock pauses the task, not the process"
+
+
+def test_a_node_going_offline_with_work_out_loses_it():
+    sc = parse({**BASE, "clock": "virtual", "nodes": [{"group": "a", "count": 2, "profile": "host", "overrides": LINK}],
+                "faults": {"availability": {"markov": {"mean_on_s": 1e9, "mean_off_s": 1.0}}}})
+    inj = Injector(sc, expand_nodes(sc), Recorder(), 1.0, virtual=True)
+    inj.begin_strategy("fedlora", Agg(), Launcher("run", "tcp://x", 1.0, virtual=True))
+    inj.intervals = {"a-1": _Spans(online_until=3.0)}
+    inj.queue.clear()
+    inj._start_clocks(0.0)
+    wall, out = settle(inj, start=0.0)
+    assert set(out.results) == {"a-0"} and out.records["a-1"].status == "failed"
+    assert "went offline at 3.0 s" in inj.why_failed("a-1") and wall == pytest.approx(4.02)
+
+
+class _Spans:
+    """Online from 0 until `online_until`, then offline for good."""
+
+    def __init__(self, online_until):
+        self.until = online_until
+
+    def online_at(self, t):
+        return t < self.until
+
+    def next_change(self, t):
+        return self.until if t < self.until else None
+
+
+def test_a_virtual_node_reports_cpu_seconds_at_its_share_and_never_waits():
+    dev = Emulated(0.25, "virtual")
+    assert dev.stretched(wall_s=9.0, cpu_s=0.5) == pytest.approx(2.0) and not dev.waits
+    assert Emulated(0.25, "cpu").waits and Emulated(0.5).waits and not Emulated().waits
+    launch = Launcher("run", "tcp://x", 1.0, virtual=True).launch("a-0", expand_nodes(make()[0].sc)[0].profile)
+    assert launch.emulated(None) == Emulated(launch.limits.cpus, "virtual"), "no transport shaping: links are timed"
+
+
+def test_the_real_wait_covers_the_deadline_at_the_tasks_cpu():
+    assert real_timeout_s(100.0, [0.5, 0.5, 1.0], cores=2) == pytest.approx(200.0)
+    assert real_timeout_s(1.0, [0.5], cores=2) == 60.0
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"backend": "netns"}, "backend: "),
+    ({"dilation": 3}, "dilation: "),
+    ({"nodes": [{"group": "pi", "count": 1, "profile": "rpi5", "backend": "remote"}]}, "nodes[0]: "),
+])
+def test_what_the_virtual_clock_cannot_time_is_refused_naming_the_field(change, field):
+    with pytest.raises(ScenarioError) as err:
+        parse({**BASE, "clock": "virtual", **change})
+    assert field in str(err.value) and "clock: virtual" in str(err.value)
+
+
+def test_a_pause_with_an_asynchronous_strategy_is_refused_on_the_virtual_clock():
+    doc = {**BASE, "clock": "virtual", "strategies": {"baseline": "fedlora",
+                                                      "run": [{"name": "fedlora"}, {"name": "fedbuff"}]}}
+    parse(doc)
+    with pytest.raises(ScenarioError) as err:
+        parse({**doc, "faults": {"events": [{"round": 2, "action": "pause", "nodes": ["pi-0"]}]}})
+    assert "faults.events[0].action" in str(err.value) and "fedbuff" in str(err.value)
