@@ -559,9 +559,21 @@ def evaluate(base, plan: Plan, tensors: dict[str, np.ndarray], data: Tokenized, 
         return _evaluate_responses(model, data, batch_size)
     correct, loss_sum = 0, 0.0
     with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            sl = slice(i, i + batch_size)
-            out = model(input_ids=data.input_ids[sl], attention_mask=data.attention_mask[sl], labels=data.labels[sl])
-            loss_sum += out.loss.item() * len(data.labels[sl])
+        for sl, width in length_batches(data.attention_mask, batch_size):
+            out = model(input_ids=data.input_ids[sl, :width], attention_mask=data.attention_mask[sl, :width],
+                        labels=data.labels[sl])
+            loss_sum += out.loss.item() * len(sl)
             correct += int((out.logits.argmax(-1) == data.labels[sl]).sum())
     return {"accuracy": correct / max(1, len(data)), "loss": loss_sum / max(1, len(data))}
+
+
+def length_batches(attention_mask, batch_size: int):
+    """Batches of example indices in order of length, each with the width its longest example
+    needs: evaluation computes no padding beyond that (right padding, masked, so the result is
+    the same as at full width up to float rounding)."""
+    import torch
+    lengths = attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        yield idx, max(1, int(lengths[idx].max()))

@@ -178,6 +178,25 @@ def test_evaluate_reports_accuracy(base):
     assert 0 <= res["accuracy"] <= 1 and res["loss"] > 0
 
 
+def test_evaluation_by_length_gives_what_the_full_width_gives(base):
+    """Batches in order of length, cut to their longest example: the same predictions and loss
+    as every example at the full padded width, computed here directly."""
+    model, data = base
+    plan = lora_plan()
+    built = trainer.build_model(model, plan)
+    built.eval()
+    with torch.no_grad():
+        out = built(input_ids=data.input_ids, attention_mask=data.attention_mask, labels=data.labels)
+    want_acc = float((out.logits.argmax(-1) == data.labels).float().mean())
+    res = trainer.evaluate(model, plan, trainer.trainable_state(built), data, batch_size=8)
+    assert res["accuracy"] == want_acc and res["loss"] == pytest.approx(float(out.loss), rel=1e-5)
+    lengths = data.attention_mask.sum(1)
+    batches = list(trainer.length_batches(data.attention_mask, 8))
+    assert sorted(int(i) for idx, _ in batches for i in idx) == list(range(len(data)))
+    assert all(w == int(lengths[idx].max()) for idx, w in batches)
+    assert sum(len(idx) * w for idx, w in batches) < len(data) * data.input_ids.shape[1], "less padding computed"
+
+
 @pytest.mark.parametrize("plan", [
     full_plan([1]),
     full_plan([0, 1], train_embeddings=True),
