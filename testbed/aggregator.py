@@ -267,9 +267,12 @@ class Aggregator:
 
     def run_round(self, rnd: int, tag: str, tasks: dict[str, tuple[dict, dict]], deadline_real_s: float,
                   alive: Callable[[str], bool], check: Callable[[str, dict, P.Message], str | None],
-                  tick: Callable[[], float | None] | None = None, devices: dict[str, dict] | None = None) -> RoundOutcome:
+                  tick: Callable[[], float | None] | None = None, devices: dict[str, dict] | None = None,
+                  parallel: int | None = None) -> RoundOutcome:
         """Send each node its TASK, collect RESULTs until all are in or the deadline passes.
 
+        `parallel`: at most this many tasks out at once, the next sent as one comes back (the
+        virtual clock: its times do not depend on when a task runs).
         `devices`: for an emulated node, the device it emulates itself now (node/device.py),
         sent with its task so a profile changed since its start reaches it without a restart.
         `check(node, sent_tensors, result)` returns a reason to reject a result, or None.
@@ -279,12 +282,19 @@ class Aggregator:
         t0 = time.monotonic()
         records = {n: NodeRecord(n, self.expected[n]) for n in tasks}
         task_ids = {n: f"{tag}/{rnd}/{n}" for n in tasks}
-        pending = set()
+        pending: set[str] = set()
         sent_at: dict[str, float] = {}
-        for n, (plan, tensors) in tasks.items():
-            sent_at[n] = self.send_task(n, rnd, task_ids[n], plan, tensors, (devices or {}).get(n), records[n])
-            if sent_at[n]:
-                pending.add(n)
+        waiting = list(tasks)
+
+        def send_more():
+            while waiting and (parallel is None or len(pending) < parallel):
+                n = waiting.pop(0)
+                plan, tensors = tasks[n]
+                sent_at[n] = self.send_task(n, rnd, task_ids[n], plan, tensors, (devices or {}).get(n), records[n])
+                if sent_at[n]:
+                    pending.add(n)
+
+        send_more()
         results: dict[str, P.Message] = {}
         answered: set[str] = set()
         last_done = t0
@@ -304,7 +314,8 @@ class Aggregator:
             for n in [n for n in pending if not alive(n)]:
                 pending.discard(n)
                 records[n].status, records[n].reason = "failed", "node process exited"
-        for n in pending:
+            send_more()
+        for n in [*pending, *waiting]:
             records[n].reason = "missed the round deadline"
         wall = (time.monotonic() if pending else last_done) - t0
         return RoundOutcome(results, records, wall, answered)

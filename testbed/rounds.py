@@ -169,7 +169,7 @@ class RoundLoop:
                                      self._real_timeout(tasks) if virtual else deadline * f,
                                      lambda n: self.alive(n) and (virtual or n not in inj.lost),
                                      lambda n, sent, msg: check_result(sent, msg), tick=None if virtual else inj.tick,
-                                     devices=self._devices(tasks))
+                                     devices=self._devices(tasks), parallel=self._parallel() if virtual else None)
         if virtual:  # the round on the virtual clock: faults and deadline applied to the arrivals
             devices_s = VirtualRound(inj, pos.elapsed, deadline).settle(outcome)
         events = [*restored, *inj.end_round(), *self._explain_losses(rnd, outcome)]
@@ -202,10 +202,16 @@ class RoundLoop:
                 "metrics": metrics, "events": events,
                 "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}
 
+    def _parallel(self) -> int:
+        """Virtual clock: nodes training at once (fewer trainers in memory, less contention in
+        the CPU seconds they measure)."""
+        return self.sc.virtual_parallel or self.setup.caps.get("cores") or 1
+
     def _real_timeout(self, tasks) -> float:
         """Virtual clock: how long to wait in real time for the round's results."""
         shares = [self.inj.profile_now(n).cpu_share for n in tasks]
-        return real_timeout_s(self.sc.training.round_deadline_s, shares, self.setup.caps.get("cores") or 1)
+        cores = min(self.setup.caps.get("cores") or 1, self._parallel())
+        return real_timeout_s(self.sc.training.round_deadline_s, shares, cores)
 
     def registering(self) -> set[str]:
         """Emulated nodes that run but have not registered (restarted ones)."""

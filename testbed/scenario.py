@@ -413,6 +413,9 @@ class Scenario(Strict):
                                              "/ its profile's cores, links are timed from the profile over the bytes "
                                              "sent, and the aggregator orders results on one virtual clock "
                                              "(docs/virtual-clock.md)")
+    virtual_parallel: int | None = Field(None, ge=1, description="clock: virtual: at most this many nodes train "
+                                         "at once on this host (default: its cores); a round's times do not "
+                                         "depend on it, its memory and real time do")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
@@ -490,6 +493,9 @@ class Scenario(Strict):
     def _check_clock(self) -> None:
         """The virtual clock times devices it starts itself, on this host, undilated."""
         if self.clock != "virtual":
+            if self.virtual_parallel is not None:
+                raise ValueError("@virtual_parallel: goes with clock: virtual (the real clock trains every "
+                                 "sampled node at once)")
             return
         if self.backend not in ("auto", "process"):
             raise ValueError(f"@backend: clock: virtual runs on the process backend (nodes are not slowed, so no "

@@ -344,3 +344,36 @@ def test_check_rejects_wrong_names_shapes_and_samples(agg, dealer, fake_node):
         assert out.records["n0"].status == "rejected", why
         assert why in out.records["n0"].reason
     assert agg.rejected_total == len(cases)
+
+
+def test_a_round_with_one_task_at_a_time_sends_the_next_when_one_is_back(agg, fake_node):
+    """`parallel=1` (the virtual clock's waves): the second node gets its task only after the
+    first answered."""
+    nodes = {}
+    for name in ("n0", "n1"):
+        nodes[name] = fake_node()
+        _hello(nodes[name].sock, agg, name)
+        nodes[name].sock.send_multipart(_msg(P.HEARTBEAT, meta={"phase": "ready"}))
+    end = time.monotonic() + GUARD_S
+    while agg.ready() != {"n0", "n1"} and time.monotonic() < end:
+        agg.poll(0.05)
+    got, answered = {}, {}
+
+    def answer(name):
+        def behaviour(task):
+            got[name] = time.monotonic()
+            time.sleep(0.3)
+            answered[name] = time.monotonic()
+            return [_result(task, {"w": np.ones(3, np.float32)})]
+        return behaviour
+
+    for name, node in nodes.items():
+        node.play(answer(name))
+    sent = {"w": np.ones(3, np.float32)}
+    out = agg.run_round(1, "t", {n: ({"method": "full", "blocks": [0]}, sent) for n in nodes}, 10.0,
+                        alive=lambda n: True, check=_check, parallel=1)
+    for node in nodes.values():
+        node.join()
+    assert set(out.results) == {"n0", "n1"}
+    first, second = sorted(got, key=got.get)
+    assert got[second] >= answered[first], "the second task went out after the first answer"

@@ -134,6 +134,13 @@ def test_what_the_virtual_clock_cannot_time_is_refused_naming_the_field(change, 
     assert field in str(err.value) and "clock: virtual" in str(err.value)
 
 
+def test_virtual_parallel_goes_with_the_virtual_clock():
+    assert parse({**BASE, "clock": "virtual", "virtual_parallel": 3}).virtual_parallel == 3
+    with pytest.raises(ScenarioError) as err:
+        parse({**BASE, "virtual_parallel": 3})
+    assert "virtual_parallel: goes with clock: virtual" in str(err.value)
+
+
 def test_a_pause_with_an_asynchronous_strategy_is_refused_on_the_virtual_clock():
     doc = {**BASE, "clock": "virtual", "strategies": {"baseline": "fedlora",
                                                       "run": [{"name": "fedlora"}, {"name": "fedbuff"}]}}
