@@ -36,10 +36,12 @@ class HostWatch:
                 self._plan_mb[key] = 0.0
         return self._plan_mb[key]
 
-    def before(self, strategy: str, rnd: int, plans: dict[str, Plan]) -> tuple[dict, int | None]:
-        """Before a round: will this host's nodes fit while they all train? Said once per strategy.
-        Returns the round's host record and the kernel's OOM kill count so far."""
-        trainers = [n for n in plans if n in self.here]
+    def before(self, strategy: str, rnd: int, plans: dict[str, Plan], at_once: int | None = None) -> tuple[dict, int | None]:
+        """Before a round: will this host's nodes fit while they all train (or, with `at_once`,
+        the most demanding that many of them: the virtual clock's waves)? Said once per
+        strategy. Returns the round's host record and the kernel's OOM kill count so far."""
+        trainers = sorted((n for n in plans if n in self.here), key=lambda n: self.training_mb(plans[n]))
+        trainers = trainers[-at_once:] if at_once else trainers
         need = sum(self.training_mb(plans[n]) for n in trainers)
         avail = hostmem.available_mb()
         note = hostmem.training_note(need, avail, len(trainers))

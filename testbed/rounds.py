@@ -161,7 +161,8 @@ class RoundLoop:
         ready, sampled, online = self._sample(rnd, pos.elapsed)
         tasks = strat.configure(rnd, [NodeInfo(n, inj.current[n], len(self.work.shards[n])) for n in sampled],
                                 pos.state)
-        host, kills0 = self.host.before(entry.name, rnd, {n: t.plan for n, t in tasks.items()})
+        host, kills0 = self.host.before(entry.name, rnd, {n: t.plan for n, t in tasks.items()},
+                                        self._parallel() if self.setup.virtual else None)
         links = {n: inj.link_now[n] for n in tasks if n in inj.link_now}  # traced links' rates at the start
         t_round, cpu0 = time.perf_counter(), time.process_time()
         deadline, virtual = self.sc.training.round_deadline_s, self.setup.virtual

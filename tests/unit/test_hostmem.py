@@ -78,6 +78,8 @@ def test_a_round_too_big_for_the_host_is_said_once_per_strategy(watch, monkeypat
     monkeypatch.setattr(hostmem, "available_mb", lambda: 1e6)
     watch.before("full", 1, plans)
     assert len(say.lines) == 1, "nothing to say when it fits"
+    host, _ = watch.before("waves", 1, plans, at_once=1)
+    assert host["training_estimate_mb"] == pytest.approx(one, abs=0.1), "the virtual clock's waves: one at a time"
 
 
 def test_host_oom_kills_become_an_event_and_the_reason_of_lost_nodes(watch, monkeypatch):
