@@ -9,8 +9,8 @@ server-side evaluation of the global model on 500 held-out examples before the f
 and after each round.
 
 (a) testbed: `python -m testbed run bench/flower-workload.yaml --out TMP`, i.e. the process
-    backend, 4 nodes of profile `host` (one core each, unshaped links), dilation off, strategy
-    fedlora rank 8. Everything a run does is in the time: validation, probe, loading data and
+    backend, 4 nodes of profile `host` (one core each, unshaped links) forked from the node
+    zygote, dilation off, strategy fedlora rank 8. Everything a run does is in the time: validation, probe, loading data and
     model, starting and registering the nodes, the rounds, evaluation, writing results,
     report and plots, teardown.
 (b) Flower: `bench/.flower-venv/bin/python bench/flower_app.py`: run_simulation with 4 virtual
