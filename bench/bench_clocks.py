@@ -8,8 +8,9 @@ all five strategies) run once in each clock, one after the other, on this machin
 
 It prints, per strategy and for the run: whether every round's accuracy is the same in both,
 how each device's time in each round (download + compute + upload, emulated seconds) compares
-(median and worst of virtual / real, and how many are within 10%), the real wall time of each
-run and their ratio, and each run's host efficiency (training CPU / (cores x real round time)).
+(median and worst of virtual / real, and how many are within 10%); then the same for the
+compute phases alone and for each round's time; the real wall time of each run and their
+ratio, and each run's host efficiency (training CPU / (cores x real round time)).
 Nothing asserts. Both runs are written under --out (default: a temporary folder, removed).
 """
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main() -> int:
               + f"  accuracy {'identical' if same else 'DIFFERS'} in every round")
     print(describe("all", [r for *_, r in agree.device_ratios])
           + f"  accuracy {'identical' if agree.accuracy_identical else 'DIFFERS'} in every round")
+    print(describe("compute", [r for *_, r in agree.compute_ratios]) + "  (compute phases alone)")
+    print(describe("rounds", [r for *_, r in agree.round_ratios]).replace("device-rounds", "rounds       ")
+          + "  (each round's emulated time)")
     differ = [p for p in agree.accuracy_pairs if p[2] != p[3]]
     for s, rnd, x, y in differ:
         print(f"  accuracy differs: {s} round {rnd}: real {x}, virtual {y}")

@@ -133,9 +133,13 @@ def real_timeout_s(deadline_s: float, shares: list[float], cores: int) -> float:
 
 @dataclass(frozen=True)
 class Agreement:
-    """How a virtual-clock run matches a real-clock run of the same scenario, round by round."""
+    """How a virtual-clock run matches a real-clock run of the same scenario, round by round:
+    ratios virtual / real of each round's time, each device's compute time and each device's
+    time in the round (download + compute + upload)."""
     accuracy_pairs: list[tuple[str, int, float, float]]  # (strategy, round, real, virtual)
-    device_ratios: list[tuple[str, int, str, float]]      # (strategy, round, node, virtual / real device time)
+    device_ratios: list[tuple[str, int, str, float]]      # (strategy, round, node, ratio)
+    compute_ratios: list[tuple[str, int, str, float]]
+    round_ratios: list[tuple[str, int, float]]
 
     @property
     def accuracy_identical(self) -> bool:
@@ -155,14 +159,22 @@ def device_time(entry: dict) -> float:
 def agreement(real_rows: list[dict], virtual_rows: list[dict]) -> Agreement:
     """Per-round accuracy and each answered device's per-round time of two runs of one scenario."""
     real = {(r["strategy"], r["round"]): r for r in real_rows}
-    acc, ratios = [], []
+    acc, ratios, compute, rounds = [], [], [], []
     for v in virtual_rows:
         r = real.get((v["strategy"], v["round"]))
         if r is None or v["round"] == 0:
             continue
-        acc.append((v["strategy"], v["round"], r.get("accuracy"), v.get("accuracy")))
+        key = (v["strategy"], v["round"])
+        acc.append((*key, r.get("accuracy"), v.get("accuracy")))
+        if r["wall_s"] > 0:
+            rounds.append((*key, v["wall_s"] / r["wall_s"]))
         ok = {n["node"]: n for n in r["nodes"] if n["status"] == "ok"}
         for n in v["nodes"]:
-            if n["status"] == "ok" and n["node"] in ok and device_time(ok[n["node"]]) > 0:
-                ratios.append((v["strategy"], v["round"], n["node"], device_time(n) / device_time(ok[n["node"]])))
-    return Agreement(acc, ratios)
+            m = ok.get(n["node"])
+            if n["status"] != "ok" or m is None:
+                continue
+            if device_time(m) > 0:
+                ratios.append((*key, n["node"], device_time(n) / device_time(m)))
+            if m["compute_s"] > 0:
+                compute.append((*key, n["node"], n["compute_s"] / m["compute_s"]))
+    return Agreement(acc, ratios, compute, rounds)
