@@ -216,13 +216,18 @@ class Child:
 
 
 class Zygote:
-    """Start the zygote for one run (model spec + dataset) and fork nodes from it."""
+    """Start the zygote for one run (model spec + dataset) and fork nodes from it.
+
+    The constructor only starts the process: it imports torch and loads the model while the
+    run goes on with its own loading (two cores' worth of start-up at once). The first use
+    (`spawn`, `shared_mb`) waits until it is ready."""
 
     def __init__(self, spec: dict, data: dict, env: dict, log: Path, timeout_s: float = 300.0):
         self.exits: dict[int, int] = {}
         self._replies: dict[int, dict] = {}
         self._cond = threading.Condition()
         self._next = 0
+        self._timeout_s, self._shared_mb = timeout_s, None
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen([sys.executable, "-m", "emulation.zygote", json.dumps(spec), json.dumps(data)],
@@ -230,13 +235,24 @@ class Zygote:
                                          start_new_session=True, preexec_fn=die_with_parent)
         self.pid = self.proc.pid
         self.log = Path(log)
-        first = self._read_line(timeout_s)
+
+    def ready(self) -> None:
+        """Wait until the zygote has loaded everything (once); ZygoteError if it could not."""
+        if self._shared_mb is not None:
+            return
+        first = self._read_line(self._timeout_s)
         if not first or not first.get("ready"):
             self.close()
-            raise ZygoteError(f"the node zygote did not start (see {log}): {self._tail()}")
-        self.shared_mb = float(first["shared_mb"])
+            raise ZygoteError(f"the node zygote did not start (see {self.log}): {self._tail()}")
+        self._shared_mb = float(first["shared_mb"])
         self._reader = threading.Thread(target=self._read_events, name="zygote-events", daemon=True)
         self._reader.start()
+
+    @property
+    def shared_mb(self) -> float:
+        """Memory the forked nodes share with the zygote (charged to it, not to them)."""
+        self.ready()
+        return self._shared_mb
 
     def _tail(self) -> str:
         try:
@@ -271,6 +287,7 @@ class Zygote:
               netns: str | None = None, timeout_s: float = 30.0) -> Child:
         """Fork a node running `python -m node ARGV` with `env` added, output appended to `log`,
         first moved into `cgroup_procs` (cgroup.procs files) and the network namespace file `netns`."""
+        self.ready()
         with self._cond:
             self._next += 1
             rid = self._next

@@ -30,8 +30,8 @@ from .hostwatch import HostWatch
 from .progress import Progress
 from .report import emulation_warnings, host_efficiency, powers_of, summarize, with_host_efficiency, write_report
 from .rounds import RoundLoop, resolved_params
-from .scenario import (ZYGOTE_AUTO_NODES, NodeSpec, Scenario, as_it_began, expand_nodes, parse, strategy_context,
-                       walked_analytically)
+from .scenario import (ZYGOTE_AUTO_NODES, NodeSpec, Scenario, as_it_began, expand_nodes, model_spec, parse,
+                       strategy_context, walked_analytically)
 from .store import Checkpoint, RunError, RunStore, params_changed
 from .workload import Workload
 
@@ -88,6 +88,7 @@ class Run:
         host_mem = hostmem.PeakSampler()
         host_mem.start()
         try:
+            self._start_zygote()  # it imports and loads beside this process's own loading
             self.work = Workload(self.sc, self.nodes)
             with progress:
                 self.backend.say = progress.message
@@ -96,7 +97,7 @@ class Run:
                                  + ("virtual clock" if s.virtual else f"dilation {s.dilation:g}")
                                  + f"; {len(self.nodes)} nodes; output {self.out}")
                 progress.message(describe(s.caps))
-                self._prepare_zygote()
+                self.notes += self.backend.zygote_notes([n.profile for n in self.nodes if not n.remote])
                 self.keys = self._make_keys()
                 for note in self.fidelity():
                     progress.message(f"fidelity: {note}", style="yellow")
@@ -153,15 +154,16 @@ class Run:
                            f"{'; ...' if len(changed) > 6 else ''}); finish the run with the version that "
                            "began it, or start it again")
 
-    def _prepare_zygote(self) -> None:
+    def _start_zygote(self) -> None:
+        """Start the node zygote where the backend forks nodes (it is waited for when the first
+        node forks), or tell the backend there is none."""
         sc, local = self.sc, [n for n in self.nodes if not n.remote]
         want = sc.zygote == "on" or (sc.zygote == "auto" and len(local) >= ZYGOTE_AUTO_NODES)
         if want and not self.backend.forks_nodes:
             if sc.zygote == "on":
                 self.notes.append(f"zygote: on has no effect on the {self.setup.backend} backend")
             want = False
-        self.backend.prepare(asdict(self.work.spec), self.work.source.to_dict(), want and bool(local))
-        self.notes += self.backend.zygote_notes([n.profile for n in local])
+        self.backend.prepare(asdict(model_spec(sc)), sc.data.source(sc.model.task).to_dict(), want and bool(local))
 
     def _make_keys(self):
         """CURVE keys of this run (aggregator.auth: curve), saved to keys.json (mode 0600)."""
