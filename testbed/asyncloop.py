@@ -71,17 +71,21 @@ class AsyncRun:
     def now(self) -> float:
         return self.pos.elapsed + (time.monotonic() - self.t0) / self.f
 
-    def run(self) -> None:
-        sc, inj = self.loop.sc, self.loop.inj
-        budget, steps = sc.training.time_budget_s, sc.training.rounds
+    def begin(self) -> None:
+        """Where the strategy starts (or goes on): its clocks, the first step's faults, and this
+        host's memory while every device trains (said once; its peak is taken per step)."""
         if self.go_on is not None:
             self._resume()
         self.t0, self.cpu0 = time.monotonic(), time.process_time()
         self.last_step_s, self.last_step_real = self.pos.elapsed, self.t0
-        inj.begin_round(self.version + 1, self.pos.elapsed)
-        # this host's memory while every device trains (said once), and its peak per step
+        self.loop.inj.begin_round(self.version + 1, self.pos.elapsed)
         self.host = self.loop.host.before(self.entry.name, self.version + 1,
                                           dict.fromkeys(self.loop.agg.expected, self.gplan))
+
+    def run(self) -> None:
+        sc, inj = self.loop.sc, self.loop.inj
+        budget, steps = sc.training.time_budget_s, sc.training.rounds
+        self.begin()
         stop = None
         while stop is None:
             now = self.now()

@@ -55,15 +55,9 @@ class VirtualAsyncRun(AsyncRun):
         return self.vnow
 
     def run(self) -> None:
-        sc, inj = self.loop.sc, self.loop.inj
-        if self.go_on is not None:
-            self._resume()
+        sc = self.loop.sc
+        self.begin()
         self.vnow = self.pos.elapsed
-        self.t0, self.cpu0 = time.monotonic(), time.process_time()
-        self.last_step_s, self.last_step_real = self.pos.elapsed, self.t0
-        inj.begin_round(self.version + 1, self.pos.elapsed)
-        self.host = self.loop.host.before(self.entry.name, self.version + 1,
-                                          dict.fromkeys(self.loop.agg.expected, self.gplan))
         stop = None
         while stop is None:
             self._dispatch(self.vnow)
