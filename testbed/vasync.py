@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from node import protocol as P
 
 from .asyncloop import AsyncRun, Flight
-from .vclock import link_s, real_timeout_s
+from .vclock import link_of, real_timeout_s
 
 LOOKAHEAD = 0.5  # of a device's previous compute time: the least its next task is assumed to take
 
@@ -136,17 +136,12 @@ class VirtualAsyncRun(AsyncRun):
         before = set(self.flights)
         super()._dispatch(now)
         for n in set(self.flights) - before:  # each new task's earliest arrival
-            fl, prof = self.flights[n], self.loop.inj.profile_now(n)
-            fl.download_s = link_s(fl.record.bytes_down, prof.downlink_mbit, prof.latency_ms, fl.sent_s,
-                                   self._steps(n, fl.sent_s, 2))
-            self.earliest[n] = fl.sent_s + fl.download_s + prof.latency_ms / 1e3 + LOOKAHEAD * self.compute.get(n, 0.0)
+            fl, latency_s = self.flights[n], self.loop.inj.profile_now(n).latency_ms / 1e3
+            fl.download_s = link_of(self.loop.inj, n, fl.record.bytes_down, fl.sent_s, self._horizon(), "down")
+            self.earliest[n] = fl.sent_s + fl.download_s + latency_s + LOOKAHEAD * self.compute.get(n, 0.0)
 
-    def _steps(self, n: str, t: float, which: int) -> list[tuple[float, float]]:
-        """The node's link-trace steps from t (which: 1 uplink, 2 downlink)."""
-        trace = self.loop.inj.rates.get(n)
-        if trace is None:
-            return []
-        return [(s[0], s[which]) for s in trace.schedule(t, t + self.loop.sc.training.round_deadline_s + 1.0)]
+    def _horizon(self) -> float:
+        return self.loop.sc.training.round_deadline_s + 1.0
 
     def _collect(self, wait_s: float) -> None:
         """Results that came in: each gets its virtual arrival time."""
@@ -155,10 +150,9 @@ class VirtualAsyncRun(AsyncRun):
             if fl is None or msg.meta.get("task_id") != fl.task_id or n in self.landed:
                 continue  # stale: a task given up on (deadline, fault) or of an earlier strategy
             ok = self._take(n, fl, msg, nbytes)
-            prof = self.loop.inj.profile_now(n)
             up_at = fl.sent_s + fl.download_s + fl.record.compute_s
             fl.record.download_s = fl.download_s
-            fl.record.upload_s = link_s(nbytes, prof.uplink_mbit, prof.latency_ms, up_at, self._steps(n, up_at, 1))
+            fl.record.upload_s = link_of(self.loop.inj, n, nbytes, up_at, self._horizon(), "up")
             arrival = up_at + fl.record.upload_s
             if arrival < self.vnow:  # under the lookahead's bound: taken now, and counted
                 self.late += 1

@@ -30,6 +30,16 @@ def link_s(nbytes: int, rate_mbit: float, latency_ms: float, at_s: float,
     return Link(rate_mbit, latency_ms, schedule=list(steps)).delay_for(nbytes, at=at_s)
 
 
+def link_of(inj, node: str, nbytes: int, at_s: float, horizon_s: float, way: str) -> float:
+    """Seconds `nbytes` sent at `at_s` take on the node's link `way` ("up" or "down"): its
+    current profile's rate and latency, and its trace's steps for `horizon_s` from then on."""
+    prof, trace = inj.profile_now(node), inj.rates.get(node)
+    col = 1 if way == "up" else 2
+    steps = [(s[0], s[col]) for s in trace.schedule(at_s, at_s + horizon_s)] if trace else []
+    rate = prof.uplink_mbit if way == "up" else prof.downlink_mbit
+    return link_s(nbytes, rate, prof.latency_ms, at_s, steps)
+
+
 @dataclass
 class Leg:
     """One task's times on the virtual clock, in emulated seconds."""
@@ -52,17 +62,12 @@ class VirtualRound:
 
     def legs(self, outcome: RoundOutcome) -> dict[str, Leg]:
         """Each answered task's download, compute and upload on its node's link at the round's start."""
-        out = {}
+        out, horizon = {}, self.deadline + 1.0
         for n, rec in outcome.records.items():
             if n not in outcome.answered:
                 continue
-            prof = self.inj.profile_now(n)
-            trace = self.inj.rates.get(n)
-            steps = trace.schedule(self.start, self.start + self.deadline + 1.0) if trace else []
-            down = link_s(rec.bytes_down, prof.downlink_mbit, prof.latency_ms, self.start,
-                          [(t, d) for t, _, d in steps])
-            up_at = self.start + down + rec.compute_s
-            up = link_s(rec.bytes_up, prof.uplink_mbit, prof.latency_ms, up_at, [(t, u) for t, u, _ in steps])
+            down = link_of(self.inj, n, rec.bytes_down, self.start, horizon, "down")
+            up = link_of(self.inj, n, rec.bytes_up, self.start + down + rec.compute_s, horizon, "up")
             out[n] = Leg(down, rec.compute_s, up, down + rec.compute_s + up, self.start)
         return out
 
