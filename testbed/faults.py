@@ -203,8 +203,7 @@ class Injector:
         are left to the runner, which restarts them."""
         self.queue = []
         for n in sorted(self.offline):
-            if not self.virtual:
-                self.backend.resume(n)
+            self._resume_process(n)
         self.offline = set()
         for n in sorted(self.paused):
             self._do("resume", n, None, None)
@@ -275,13 +274,12 @@ class Injector:
             self.cut.discard(node)   # a fresh sandbox: its link is up and shaped by its profile
             self.lost[node] = "restarted by a fault event"
         elif action == "pause":
-            if not self.virtual:
-                b.pause(node)
+            self._pause_process(node)
             self.paused.add(node)
         elif action == "resume":
             if node in self.paused:
-                if node not in self.offline and not self.virtual:  # offline (availability) as well: it stays stopped
-                    b.resume(node)
+                if node not in self.offline:  # offline (availability) as well: it stays stopped
+                    self._resume_process(node)
                 self.paused.discard(node)
         elif action == "cut_link":
             b.cut_link(node)
@@ -299,6 +297,16 @@ class Injector:
         elif action == "profile":
             return self._set(node, back or self._profile(ev.profile))
         return None
+
+    def _pause_process(self, node: str) -> None:
+        """Stop the node's process; on the virtual clock its task's time stands still instead
+        (testbed/vclock.py), and the process is left alone."""
+        if not self.virtual:
+            self.backend.pause(node)
+
+    def _resume_process(self, node: str) -> None:
+        if not self.virtual:
+            self.backend.resume(node)
 
     def _set(self, node: str, profile: Profile) -> str:
         how = self.backend.set_profile(self.launcher.launch(node, self._traced(node, profile)))
@@ -349,8 +357,8 @@ class Injector:
         the node is paused (a device that is off computes nothing) until it is online again."""
         spans = self.intervals[node]
         if spans.online_at(t):
-            if node in self.offline and node not in self.paused and node not in self.killed and not self.virtual:
-                self.backend.resume(node)
+            if node in self.offline and node not in self.paused and node not in self.killed:
+                self._resume_process(node)
             self.offline.discard(node)
         elif node in self.busy and node not in self.killed:
             self.lost[node] = f"went offline at {t:.1f} s (faults.availability)"
@@ -358,8 +366,7 @@ class Injector:
             self.dropped_offline += 1
             rec = {"type": "offline", "node": node, "round": self.round, "at_s": round(t, 3), "applied": True}
             try:
-                if not self.virtual:
-                    self.backend.pause(node)
+                self._pause_process(node)
                 self.offline.add(node)
                 rec["how"] = "its work is dropped; paused until it is online again"
             except FaultUnsupported as exc:

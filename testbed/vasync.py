@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from node import protocol as P
 
-from .asyncloop import AsyncRun, Flight
+from .asyncloop import AsyncRun
 from .vclock import link_of, real_timeout_s
 
 LOOKAHEAD = 0.5  # of a device's previous compute time: the least its next task is assumed to take
