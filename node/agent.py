@@ -144,6 +144,7 @@ class Agent:
                 time.sleep(max(0.0, wall - metrics["compute_s"]))
             metrics["measured_compute_s"] = metrics["compute_s"]
             metrics["compute_s"] = wall
+            metrics["host_short_s"] = self.device.host_short(metrics["measured_compute_s"], metrics["cpu_s"])
         self.phase("upload", msg.round)
         meta = {**metrics, "download_s": download_s, "task_id": msg.meta.get("task_id")}
         frames = P.encode(P.Message(P.RESULT, run=self.run_id, round=msg.round, meta={**meta, "upload_s": 0.0},

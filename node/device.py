@@ -64,6 +64,11 @@ class Emulated:
     def stretched(self, wall_s: float, cpu_s: float) -> float:
         return stretched(wall_s, cpu_s, self.cpu_share, self.cpu_clock)
 
+    def host_short(self, wall_s: float, cpu_s: float) -> float:
+        """With the `cpu` clock, the part of the stretched time that the host added by giving the
+        device less CPU than its share (wall time beyond the CPU seconds at the share); else 0."""
+        return max(0.0, wall_s - cpu_s / self.cpu_share) if self.cpu_clock == "cpu" else 0.0
+
     def to_dict(self) -> dict:
         return asdict(self)
 

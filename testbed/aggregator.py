@@ -46,6 +46,7 @@ class NodeRecord:
     download_s: float = 0.0
     wait_s: float = 0.0
     peak_mem_mb: float = 0.0
+    host_short_s: float = 0.0        # compute time the host added by giving less CPU than the share (cpu clock)
     bytes_up: int = 0
     bytes_down: int = 0
     reason: str | None = None
@@ -353,7 +354,7 @@ class Aggregator:
             log.warning("rejected result of %s in round %d: %s", n, rnd, reason)
             return False
         rec.status = "ok"
-        for k in ("compute_s", "cpu_s", "upload_s", "download_s", "peak_mem_mb"):
+        for k in ("compute_s", "cpu_s", "upload_s", "download_s", "peak_mem_mb", "host_short_s"):
             v = msg.meta.get(k)
             if isinstance(v, (int, float)) and np.isfinite(v) and v >= 0:
                 setattr(rec, k, float(v))

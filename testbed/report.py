@@ -303,7 +303,27 @@ def emulation_warnings(manifest: dict, rounds: list[dict]) -> list[str]:
     fidelity notes, which are known before the run): classes that needed more CPU seconds than
     another for the same plan, or that got less CPU than their profile's share."""
     groups = _by_strategy(rounds)
-    return [*cpu_disparity(groups), *share_shortfall(groups, manifest)]
+    return [*cpu_disparity(groups), *share_shortfall(groups, manifest), *short_node_rounds(groups)]
+
+
+def short_node_rounds(groups: dict, tolerance: float = 0.1) -> list[str]:
+    """Node-rounds whose compute time the host stretched (`host_short_s`, netns with `cpu_limit:
+    weight`) by more than `tolerance` of it: a class-wide share can look fine while single
+    rounds of single devices were not emulated faithfully."""
+    short, total, worst = 0, 0, (0.0, "")
+    for name, rows in groups.items():
+        for r in rows:
+            for n in r.get("nodes") or []:
+                if n.get("status", "ok") != "ok" or "host_short_s" not in n or not n.get("compute_s"):
+                    continue
+                total += 1
+                frac = float(n["host_short_s"]) / float(n["compute_s"])
+                short += frac > tolerance
+                worst = max(worst, (frac, f"{n['node']} in {name} round {r['round']}"))
+    if not short:
+        return []
+    return [f"in {short} of {total} node-rounds the host gave the device less CPU than its share, which added over "
+            f"{tolerance:.0%} to its compute time (worst: {worst[0]:.0%}, {worst[1]}); see host_short_s in rounds.jsonl"]
 
 
 def _default_summary(manifest: dict, rounds: list[dict]) -> dict:

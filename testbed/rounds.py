@@ -273,7 +273,7 @@ class RoundLoop:
             d["tail_share"] = share
         if isinstance(loss, float) and np.isfinite(loss):  # its local training loss: drift shows here
             d["train_loss"] = loss
-        for key in ("compute_s", "upload_s", "download_s"):
+        for key in ("compute_s", "upload_s", "download_s", "host_short_s"):
             d[key] = d[key] / self.setup.dilation  # emulated seconds, as everything the strategy and results see
         return d
 

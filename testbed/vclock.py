@@ -140,11 +140,15 @@ def real_timeout_s(deadline_s: float, shares: list[float], cores: int) -> float:
 class Agreement:
     """How a virtual-clock run matches a real-clock run of the same scenario, round by round:
     ratios virtual / real of each round's time, each device's compute time and each device's
-    time in the round (download + compute + upload)."""
+    time in the round (download + compute + upload). A device's real times are taken by its CPU
+    model, without the time the host added by not giving it its share (`host_short_s`, which the
+    real run records, and `host_short` lists); `recorded_ratios` keep it in."""
     accuracy_pairs: list[tuple[str, int, float, float]]  # (strategy, round, real, virtual)
     device_ratios: list[tuple[str, int, str, float]]      # (strategy, round, node, ratio)
     compute_ratios: list[tuple[str, int, str, float]]
     round_ratios: list[tuple[str, int, float]]
+    recorded_ratios: list[tuple[str, int, str, float]] = ()   # device times as the real run recorded them
+    host_short: list[tuple[str, int, str, float]] = ()        # real node-rounds the host stretched: share of compute
 
     @property
     def accuracy_identical(self) -> bool:
@@ -164,7 +168,7 @@ def device_time(entry: dict) -> float:
 def agreement(real_rows: list[dict], virtual_rows: list[dict]) -> Agreement:
     """Per-round accuracy and each answered device's per-round time of two runs of one scenario."""
     real = {(r["strategy"], r["round"]): r for r in real_rows}
-    acc, ratios, compute, rounds = [], [], [], []
+    acc, ratios, compute, rounds, recorded, short = [], [], [], [], [], []
     for v in virtual_rows:
         r = real.get((v["strategy"], v["round"]))
         if r is None or v["round"] == 0:
@@ -178,8 +182,12 @@ def agreement(real_rows: list[dict], virtual_rows: list[dict]) -> Agreement:
             m = ok.get(n["node"])
             if n["status"] != "ok" or m is None:
                 continue
-            if device_time(m) > 0:
-                ratios.append((*key, n["node"], device_time(n) / device_time(m)))
-            if m["compute_s"] > 0:
-                compute.append((*key, n["node"], n["compute_s"] / m["compute_s"]))
-    return Agreement(acc, ratios, compute, rounds)
+            added = float(m.get("host_short_s") or 0.0)
+            if added > 0 and m["compute_s"] > 0:
+                short.append((*key, n["node"], added / m["compute_s"]))
+            if device_time(m) > added:
+                ratios.append((*key, n["node"], device_time(n) / (device_time(m) - added)))
+                recorded.append((*key, n["node"], device_time(n) / device_time(m)))
+            if m["compute_s"] > added:
+                compute.append((*key, n["node"], n["compute_s"] / (m["compute_s"] - added)))
+    return Agreement(acc, ratios, compute, rounds, recorded, short)

@@ -30,15 +30,23 @@ def _scenario(tmp_path, model: str):
     return write_scenario(tmp_path, SCENARIO.replace("MODEL", model), "own.yaml")
 
 
-def test_a_local_bert_checkpoint_runs_end_to_end(tmp_path):
-    checkpoint(tmp_path, "bert")  # tmp_path/bert: a tiny BERT with its tokenizer
-    sc = _scenario(tmp_path, "{path: bert}")
+@pytest.mark.parametrize("family, lora", [
+    ("bert", "{rank: 2}"),
+    ("distilbert", "{rank: 2, target_modules: [q_lin, v_lin]}"),   # peft has no default for it: named
+    ("qwen2", "{rank: 2}"),
+])
+def test_a_local_checkpoint_runs_end_to_end(tmp_path, family, lora):
+    """A tiny checkpoint of the family (made at test time, with its tokenizer) under FedLoRA and
+    full fine-tuning; Llama and GPT-2 run every block-wise strategy below."""
+    checkpoint(tmp_path, family)
+    sc = write_scenario(tmp_path, SCENARIO.replace("MODEL", f"{{path: {family}}}").replace("{rank: 2}", lora),
+                        "own.yaml")
     try:
         run = run_scenario(sc, tmp_path / "run", timeout=600)
     finally:
         kill_run_processes(tmp_path / "run")
     model = run.manifest["model"]
-    assert model["path"] == str(tmp_path / "bert") and model["blocks"] == 2 and len(model["fingerprint"]) == 16
+    assert model["path"] == str(tmp_path / family) and model["blocks"] == 2 and len(model["fingerprint"]) == 16
     assert {r["strategy"] for r in run.rounds} == {"fedlora", "full"}
     assert all(r["participants"] == 2 for r in run.rounds if r["round"] > 0)
 

@@ -21,6 +21,31 @@ def test_cpu_clock_stretches_the_cpu_seconds_and_never_shortens():
     assert stretched(6.0, 0.3, 0.25 / 3.75, "cpu") == pytest.approx(6.0)
 
 
+def test_the_time_the_host_added_is_the_wall_time_beyond_the_share():
+    # 0.3 CPU s at a dilated share of 0.0667 are 4.5 s; a phase of 5.4 s wall had 0.9 s from the host
+    tx2 = Emulated(cpu_share=0.25 / 3.75, cpu_clock="cpu")
+    assert tx2.host_short(5.4, 0.3) == pytest.approx(0.9)
+    assert tx2.host_short(0.9, 0.3) == 0.0                       # the host kept up (finished early)
+    # the other clocks have no share to fall short of: their time is the wall's or the CPU's alone
+    assert Emulated(cpu_share=0.25, cpu_clock="wall").host_short(5.4, 0.3) == 0.0
+    assert Emulated(cpu_share=0.25, cpu_clock="virtual").host_short(5.4, 0.3) == 0.0
+
+
+def test_node_rounds_the_host_stretched_are_counted_in_the_warnings():
+    from testbed.report import short_node_rounds
+    node = {"status": "ok", "compute_s": 2.0}
+    rows = {"legend": [{"round": 1, "nodes": [{**node, "node": "agx-0", "host_short_s": 0.5},   # 25%
+                                              {**node, "node": "nx-0", "host_short_s": 0.1},    # 5%: within
+                                              {**node, "node": "tx2-0", "host_short_s": 0.0}]},
+                       {"round": 2, "nodes": [{**node, "node": "agx-0", "host_short_s": 0.3},   # 15%
+                                              {**node, "node": "nx-0", "status": "dropped", "host_short_s": 2.0}]}]}
+    (line,) = short_node_rounds(rows)
+    assert line.startswith("in 2 of 4 node-rounds the host gave the device less CPU than its share")
+    assert "worst: 25%, agx-0 in legend round 1" in line
+    # runs without the field (the process backend's records before it, other clocks) warn of nothing
+    assert short_node_rounds({"fedlora": [{"round": 1, "nodes": [node]}]}) == []
+
+
 def test_an_unknown_clock_or_an_impossible_share_is_refused():
     with pytest.raises(ValueError, match="cpu_clock must be one of wall, cpu"):
         Emulated(cpu_clock="cycles")

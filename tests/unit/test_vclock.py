@@ -148,3 +148,28 @@ def test_a_pause_with_an_asynchronous_strategy_is_refused_on_the_virtual_clock()
     with pytest.raises(ScenarioError) as err:
         parse({**doc, "faults": {"events": [{"round": 2, "action": "pause", "nodes": ["pi-0"]}]}})
     assert "faults.events[0].action" in str(err.value) and "fedbuff" in str(err.value)
+
+
+def test_agreement_takes_the_real_runs_devices_by_their_cpu_model():
+    from testbed.vclock import agreement
+
+    def node(name, compute, up=0.5, down=0.5, short=0.0, status="ok"):
+        return {"node": name, "status": status, "compute_s": compute, "upload_s": up, "download_s": down,
+                "host_short_s": short}
+    # the real run: agx-0 took 5 s, of which the host added 1 s (it got 4/5 of its share); nx-0 kept up
+    real = [{"strategy": "legend", "round": 0, "wall_s": 0.0, "accuracy": 0.5, "nodes": []},
+            {"strategy": "legend", "round": 1, "wall_s": 10.0, "accuracy": 0.7,
+             "nodes": [node("agx-0", 5.0, short=1.0), node("nx-0", 8.0), node("tx2-0", 9.0, status="dropped")]}]
+    virtual = [{"strategy": "legend", "round": 0, "wall_s": 0.0, "accuracy": 0.5, "nodes": []},
+               {"strategy": "legend", "round": 1, "wall_s": 9.0, "accuracy": 0.7,
+                "nodes": [node("agx-0", 4.2), node("nx-0", 8.8), node("tx2-0", 9.5)]}]
+    a = agreement(real, virtual)
+    assert a.accuracy_pairs == [("legend", 1, 0.7, 0.7)] and a.accuracy_identical
+    assert a.round_ratios == [("legend", 1, pytest.approx(0.9))]
+    # compute: 4.2 / (5 - 1) and 8.8 / 8; the dropped real node is not compared
+    assert a.compute_ratios == [("legend", 1, "agx-0", pytest.approx(1.05)), ("legend", 1, "nx-0", pytest.approx(1.1))]
+    # a device's time, download + compute + upload: 5.2 / (6 - 1) by the CPU model, 5.2 / 6 as recorded
+    assert a.device_ratios[0] == ("legend", 1, "agx-0", pytest.approx(1.04))
+    assert a.recorded_ratios[0] == ("legend", 1, "agx-0", pytest.approx(5.2 / 6))
+    assert a.host_short == [("legend", 1, "agx-0", pytest.approx(0.2))]
+    assert a.worst == pytest.approx(9.8 / 9 - 1)                  # nx-0: 0.5 + 8.8 + 0.5 against 9
