@@ -11,6 +11,7 @@ peft's own per-architecture mapping.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -46,9 +47,31 @@ def layer_count(config) -> int:
     raise LayoutError("the model's config declares no number of layers (num_hidden_layers, n_layer or n_layers)")
 
 
+@functools.cache
+def peft_mapping(name: str) -> dict[str, list[str]]:
+    """One of peft's per-architecture module mappings (`peft.utils.constants.<name>`), read from
+    peft's installed source as the dict literal it is: importing it runs peft's package init,
+    which imports torch and transformers (about 3 s, most of `testbed validate`'s time). Where
+    a later peft no longer writes it as a literal, it is imported."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.find_spec("peft")
+    if spec is not None and spec.submodule_search_locations:
+        source = Path(list(spec.submodule_search_locations)[0]) / "utils" / "constants.py"
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
+                try:
+                    return ast.literal_eval(node.value)
+                except ValueError:
+                    break
+    from peft.utils import constants
+    return getattr(constants, name)
+
+
 def default_lora_targets(model_type: str) -> tuple[str, ...]:
     """peft's default LoRA target modules for an architecture."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+    MAPPING = peft_mapping("TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING")
     if model_type not in MAPPING:
         raise LayoutError(f"peft has no default LoRA target modules for {model_type!r} models: name them in the "
                           "strategy's target_modules")

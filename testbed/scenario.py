@@ -621,16 +621,19 @@ def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
     from node.trainer import block_projections, layout, meta_model, model_config, model_path
 
     from .costmeasure import Measured
-    from .strategies import Context
+    from .strategies import STRATEGIES, Context
     spec = model_spec(sc)
     config = model_config(spec)
-    meta = meta_model(model_path(spec.name, spec.path), spec.task)
-    block = meta.get_submodule(layout(meta).blocks + "0")
+    projections, modules = (), ()
+    if any(getattr(STRATEGIES.get(s.name), "reads_block_layout", False) for s in sc.strategies.run):
+        meta = meta_model(model_path(spec.name, spec.path), spec.task)
+        block = meta.get_submodule(layout(meta).blocks + "0")
+        projections, modules = block_projections(meta), tuple(n for n, _ in block.named_modules() if n)
     nodes = expand_nodes(sc) if nodes is None else nodes
     measured = None if walked_analytically(config.get("model_type"), spec.dtype) else Measured(spec)
     return Context(training=sc.training, max_len=sc.data.max_len, num_blocks=layer_count(config), task=sc.model.task,
-                   seed=sc.seed, model_config=config, cost_of=measured, block_projections=block_projections(meta),
-                   block_modules=tuple(n for n, _ in block.named_modules() if n),
+                   seed=sc.seed, model_config=config, cost_of=measured, block_projections=projections,
+                   block_modules=modules,
                    profiles={n.name: n.profile for n in nodes},
                    known_profiles=tuple(sc.profiles),
                    profile_names=frozenset(ev.profile for ev in sc.faults.events if ev.profile))

@@ -136,6 +136,9 @@ class Context:
 class Strategy(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
+    # whether it reads Context.block_projections / block_modules, which need the model built (on
+    # the meta device: torch and transformers imported, about 3 s of `testbed validate`)
+    reads_block_layout: ClassVar[bool] = False
 
     def __init__(self, params: dict, ctx: Context):
         self.p = self.Params.model_validate(params, context=ctx)

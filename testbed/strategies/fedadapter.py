@@ -75,6 +75,7 @@ class FedAdapterParams(HeadParams):
 
 class FedAdapter(Strategy):
     name = "fedadapter"
+    reads_block_layout = True
     Params = FedAdapterParams
 
     def adapter_spec(self) -> AdapterSpec:

@@ -36,8 +36,9 @@ def default_targets(model_type: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     BERT as exact paths, for other families peft's own mapping per architecture."""
     if model_type == "bert":
         return BERT_TARGETS, BERT_FEEDFORWARD
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
+    from node.arch import peft_mapping
+    FEEDFORWARD = peft_mapping("TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING")
+    TARGETS = peft_mapping("TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING")
     if model_type not in TARGETS:
         raise ValueError(f"targets: peft has no default (IA)^3 target modules for {model_type!r} models: name "
                          "them in targets (and feedforward)")
@@ -76,6 +77,7 @@ class FedIA3Params(HeadParams):
 
 class FedIA3(Strategy):
     name = "fedia3"
+    reads_block_layout = True
     Params = FedIA3Params
 
     def global_plan(self) -> Plan:

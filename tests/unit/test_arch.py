@@ -134,3 +134,27 @@ def test_a_block_of_its_own_rank_in_every_family(family, targets):
     assert len(a) == 2 * len(targets)
     for k, v in a.items():
         assert v.shape[0] == {0: 2, 1: 4}[trainer.block_of(k)], (k, v.shape)
+
+
+@pytest.mark.parametrize("name", ["TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+                                  "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
+                                  "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING"])
+def test_peft_mappings_read_from_its_source_are_the_ones_peft_imports(name):
+    from peft.utils import constants
+
+    from node.arch import peft_mapping
+    assert peft_mapping(name) == getattr(constants, name)
+
+
+def test_validating_a_scenario_of_the_built_in_model_imports_no_torch():
+    """`testbed validate` and the start of a run read the built-in model's config and peft's
+    mappings without importing torch, transformers or peft (a strategy that reads the block
+    layout builds the model on the meta device, which needs them)."""
+    import subprocess
+    import sys
+    code = ("import sys; from testbed.scenario import load; load('scenarios/legend-ci.yaml'); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    from pathlib import Path
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
