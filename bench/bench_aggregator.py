@@ -53,8 +53,10 @@ SAMPLES = 100
 
 
 # -- the fake nodes (child process) ------------------------------------------------------------
-def serve_nodes(endpoint: str, names: list[str], train_s: float, max_idle_s: float = 120.0) -> int:
-    """Run every named node on one thread: a DEALER each, timers for the emulated training."""
+def serve_nodes(endpoint: str, names: list[str], train_s: float, max_idle_s: float = 120.0,
+                stagger_s: float = 0.0) -> int:
+    """Run every named node on one thread: a DEALER each, timers for the emulated training
+    (node i trains `train_s + i * stagger_s`: 0 makes them all answer at once)."""
     ctx = zmq.Context()
     socks, runs = [], {}
     poller = zmq.Poller()
@@ -97,7 +99,7 @@ def serve_nodes(endpoint: str, names: list[str], train_s: float, max_idle_s: flo
                     send(i, P.HEARTBEAT, meta={"phase": "ready"})
                 elif msg.type == P.TASK:
                     seq += 1
-                    heapq.heappush(due, (last_heard + train_s, seq, i, msg))
+                    heapq.heappush(due, (last_heard + train_s + i * stagger_s, seq, i, msg))
                 elif msg.type == P.BYE:
                     live.discard(i)
                 elif msg.type == P.ERROR:
@@ -254,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="measured rounds per case (default 3; quick 1)")
     ap.add_argument("--serve-nodes", metavar="ENDPOINT", help=argparse.SUPPRESS)
     ap.add_argument("--names", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--stagger-s", type=float, default=0.0, help=argparse.SUPPRESS)  # bench_aggregator_memory
     a = ap.parse_args(argv)
     if a.serve_nodes:
-        return serve_nodes(a.serve_nodes, a.names.split(","), a.train_s)
+        return serve_nodes(a.serve_nodes, a.names.split(","), a.train_s, stagger_s=a.stagger_s)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     counts = [int(x) for x in a.nodes.split(",")] if a.nodes else ([4, 16] if a.quick else [4, 16, 64])
     rounds = a.rounds or (1 if a.quick else 3)

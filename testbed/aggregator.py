@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import msgpack
@@ -18,6 +19,8 @@ import zmq
 
 from node import protocol as P
 from node.plan import block_of
+
+from .spill import tensor_sizes
 
 log = logging.getLogger("testbed.aggregator")
 
@@ -269,7 +272,7 @@ class Aggregator:
     def run_round(self, rnd: int, tag: str, tasks: dict[str, tuple[dict, dict]], deadline_real_s: float,
                   alive: Callable[[str], bool], check: Callable[[str, dict, P.Message], str | None],
                   tick: Callable[[], float | None] | None = None, devices: dict[str, dict] | None = None,
-                  parallel: int | None = None) -> RoundOutcome:
+                  parallel: int | None = None, keep: Callable[[str, dict], Mapping] | None = None) -> RoundOutcome:
         """Send each node its TASK, collect RESULTs until all are in or the deadline passes.
 
         `parallel`: at most this many tasks out at once, the next sent as one comes back (the
@@ -277,6 +280,9 @@ class Aggregator:
         `devices`: for an emulated node, the device it emulates itself now (node/device.py),
         sent with its task so a profile changed since its start reaches it without a restart.
         `check(node, sent_tensors, result)` returns a reason to reject a result, or None.
+        `keep(node, tensors)`: where an accepted result's tensors go (testbed/spill.py writes
+        them to a file and gives them back as a mapping that reads them), so the round does not
+        hold every result in memory.
         `tick()` runs between polls (at least every 0.25 s): the runner injects faults there. It
         returns the wall seconds until its next fault is due (or None), and the poll wakes by then.
         """
@@ -311,7 +317,7 @@ class Aggregator:
                 last_done = time.monotonic()
                 if self.take_result(n, rnd, msg, nbytes, records[n], sent_at[n],
                                     lambda m, n=n: check(n, tasks[n][1], m)):
-                    results[n] = msg
+                    results[n] = msg if keep is None else replace(msg, tensors=keep(n, msg.tensors))
             for n in [n for n in pending if not alive(n)]:
                 pending.discard(n)
                 records[n].status, records[n].reason = "failed", "node process exited"
@@ -422,5 +428,5 @@ PAYLOAD_PARTS = ("blocks_down", "head_down", "blocks_up", "head_up")
 def add_payload(out: dict[str, int], tensors: dict, way: str) -> None:
     """Add the tensor bytes of a task (`way` down) or a result (up) to `out`, split into the
     blocks (LoRA adapters or whole blocks) and the head (anything outside the blocks)."""
-    for name, v in tensors.items():
-        out[f"{'head' if block_of(name) is None else 'blocks'}_{way}"] += int(np.asarray(v).nbytes)
+    for name, size in tensor_sizes(tensors).items():
+        out[f"{'head' if block_of(name) is None else 'blocks'}_{way}"] += size

@@ -23,6 +23,7 @@ from .hostwatch import HostWatch
 from .progress import Progress
 from .scenario import NodeSpec, Scenario
 from .setup import RunSetup
+from .spill import Spill, tensor_sizes
 from .store import Checkpoint, RunStore
 from .strategies import STRATEGIES, NodeInfo, Strategy, Task, Update
 from .strategies.base import update_counts
@@ -69,6 +70,8 @@ class RoundLoop:
         self.stopped: dict[str, str] = {}   # strategy -> why it ran fewer rounds than the scenario asks
         self.restarts: list[dict] = []      # devices replaced between strategies, and why
         self.fault_restores: list[dict] = []
+        self.spill = Spill(store.out / "spill")  # a round's results, when they would not fit in memory
+        self.spill.clear()                         # left by a run that was killed (--resume)
 
     def alive(self, name: str) -> bool:
         """Emulated nodes: their sandbox runs. Remote (real) devices: judged by the round deadline."""
@@ -170,19 +173,21 @@ class RoundLoop:
                                      self._real_timeout(tasks) if virtual else deadline * f,
                                      lambda n: self.alive(n) and (virtual or n not in inj.lost),
                                      lambda n, sent, msg: check_result(sent, msg), tick=None if virtual else inj.tick,
-                                     devices=self._devices(tasks), parallel=self._parallel() if virtual else None)
+                                     devices=self._devices(tasks), parallel=self._parallel() if virtual else None,
+                                     keep=(keep := self._keep(tasks)))
         if virtual:  # the round on the virtual clock: faults and deadline applied to the arrivals
             devices_s = VirtualRound(inj, pos.elapsed, deadline).settle(outcome)
         events = [*restored, *inj.end_round(), *self._explain_losses(rnd, outcome)]
         self.host.after(rnd, host, kills0, outcome.records, events, self.backend.alive)
         nodes = {n: self._node_entry(n, tasks[n], outcome, links.get(n)) for n in outcome.records}
         # strategies learn from what happened (LEGEND estimates speed and bandwidth from it)
-        updates = [Update(n, tasks[n].plan, dict(m.tensors), int(m.meta["samples"]), {**m.meta, **nodes[n]})
+        updates = [Update(n, tasks[n].plan, m.tensors, int(m.meta["samples"]), {**m.meta, **nodes[n]})
                    for n, m in sorted(outcome.results.items())]  # arrival order must not change sums
         failed = len(updates) < self.sc.training.min_results
         metrics, t_agg = {}, time.perf_counter()
         if not failed:
             pos.state, metrics = strat.aggregate(rnd, updates, pos.state)
+        self.spill.clear()
         real_s = time.perf_counter() - t_round
         # virtual: the devices' time on the virtual clock, then the server's aggregation as it took
         wall_s = devices_s + time.perf_counter() - t_agg if virtual else real_s / f
@@ -197,11 +202,18 @@ class RoundLoop:
         return {"strategy": entry.name, "round": rnd, "wall_s": wall_s, "real_s": real_s, "elapsed_s": pos.elapsed, **ev,
                 "bytes_up": sum(r.bytes_up for r in outcome.records.values()),
                 "bytes_down": sum(r.bytes_down for r in outcome.records.values()),
-                "payload": payload(tasks, outcome),
+                "payload": (moved := payload(tasks, outcome)),
+                "spilled_mb": (moved["blocks_up"] + moved["head_up"]) / 1e6 if keep else 0.0,
                 "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
                 "eval_s": eval_s, "aggregator_cpu_s": aggregator_cpu_s, "update_counts": update_counts(updates),
                 "metrics": metrics, "events": events,
                 "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}
+
+    def _keep(self, tasks: dict[str, Task]):
+        """Where the round's accepted results go: to files (testbed/spill.py) when they would add
+        up to more than `aggregator.hold_mb` (a result carries the tensors its task sent)."""
+        sent = sum(sum(tensor_sizes(t.tensors).values()) for t in tasks.values())
+        return self.spill.keep if sent > self.sc.aggregator.hold_mb * 1e6 else None
 
     def _parallel(self) -> int:
         """Virtual clock: nodes training at once (fewer trainers in memory, less contention in

@@ -125,6 +125,8 @@ class Run:
             signal.signal(signal.SIGINT, old_int)
             if agg is not None:
                 agg.close(say_bye=True)
+            if self.loop is not None:
+                self.loop.spill.clear()  # a round cut short leaves its spilled results
             self.backend.teardown()
             host_mem.stop()
             self._finish(status, agg)

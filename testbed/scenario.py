@@ -267,6 +267,9 @@ class AggregatorConfig(Strict):
     port: int = Field(0, ge=0, le=65535, description="0 = any free port")
     register_timeout_s: float = Field(600.0, gt=0)
     auth: Literal["curve", "none"] = Field("curve", description="curve: only nodes holding the run's keys get in")
+    hold_mb: float = Field(1024.0, ge=0, description="a round whose results add up to more than this (MB) writes "
+                           "each result to <run>/spill as it arrives and aggregates it from there, one tensor at a "
+                           "time, so the aggregator's memory does not grow with the number of nodes (0: always)")
 
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")

@@ -377,3 +377,29 @@ def test_a_round_with_one_task_at_a_time_sends_the_next_when_one_is_back(agg, fa
     assert set(out.results) == {"n0", "n1"}
     first, second = sorted(got, key=got.get)
     assert got[second] >= answered[first], "the second task went out after the first answer"
+
+
+def test_accepted_results_go_where_keep_puts_them_and_rejected_ones_nowhere(agg, fake_node, tmp_path):
+    """`keep` (testbed/spill.py): each accepted result's tensors are written to a file as it
+    arrives, and the round's results read them back from there; a rejected one is not kept."""
+    from testbed.spill import Spill, SpilledTensors
+    nodes = {}
+    for name in ("n0", "n1"):
+        nodes[name] = fake_node()
+        _hello(nodes[name].sock, agg, name)
+        nodes[name].sock.send_multipart(_msg(P.HEARTBEAT, meta={"phase": "ready"}))
+    end = time.monotonic() + GUARD_S
+    while agg.ready() != {"n0", "n1"} and time.monotonic() < end:
+        agg.poll(0.05)
+    nodes["n0"].play(lambda task: [_result(task, {"w": np.array([1.5, -2.0, 3.25], np.float32)})])
+    nodes["n1"].play(lambda task: [_result(task, {"w": np.array([1.0, np.nan, 0.0], np.float32)})])  # not finite
+    spill = Spill(tmp_path / "spill")
+    sent = {"w": np.zeros(3, np.float32)}
+    out = agg.run_round(1, "t", {n: ({"method": "full", "blocks": [0]}, sent) for n in nodes}, 10.0,
+                        alive=lambda n: True, check=_check, keep=spill.keep)
+    for node in nodes.values():
+        node.join()
+    assert set(out.results) == {"n0"} and out.records["n1"].status == "rejected"
+    kept = out.results["n0"].tensors
+    assert isinstance(kept, SpilledTensors) and kept["w"].tolist() == [1.5, -2.0, 3.25]
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["n0.bin"]

@@ -32,16 +32,21 @@ strategies:
 """
 
 
-def _run(tmp_path: Path, zygote: str) -> tuple[dict, list[dict]]:
+def _run(tmp_path: Path, zygote: str, *sets: str) -> tuple[dict, list[dict]]:
     scenario = write_scenario(tmp_path, SCENARIO, "zy.yaml")
-    run = run_scenario(scenario, tmp_path / f"run-{zygote}", "--set", f"zygote={zygote}", timeout=600)
+    run = run_scenario(scenario, tmp_path / f"run-{zygote}", "--set", f"zygote={zygote}", *sets, timeout=600)
     assert tagged_processes(run.run_id) == []
+    assert not (run.out / "spill").exists()
     return run.manifest, run.rounds
 
 
 def test_forked_nodes_train_exactly_like_separate_interpreters(tmp_path):
+    """The separate interpreters' run also spills every round's results to files
+    (`aggregator.hold_mb: 0`, testbed/spill.py): its aggregates must come out the same too."""
     m_fork, forked = _run(tmp_path, "on")
-    m_exec, separate = _run(tmp_path, "off")
+    m_exec, separate = _run(tmp_path, "off", "--set", "aggregator.hold_mb=0")
+    assert all(r["spilled_mb"] == 0 for r in forked if r["round"] >= 1)
+    assert all(r["spilled_mb"] > 0 for r in separate if r["round"] >= 1)
     assert m_fork["zygote"]["shared_mb"] > 100 and m_exec["zygote"] is None
     assert any("zygote" in note for note in m_fork["fidelity"])
     # training is deterministic: the same plan on the same shard gives the same numbers (up to
