@@ -122,6 +122,7 @@ class Agent:
         if idx.size and (idx.min() < 0 or idx.max() >= len(ds)):
             raise ValueError(f"shard indices outside dataset {ds.name} of {len(ds)} examples")
         self.data = trainer.examples(self.tokenizer, ds, idx, int(data["max_len"]))
+        trainer.import_training()  # before "ready": not inside the first round's compute time
         log.info("%s: welcome to run %s, %d examples", self.name, self.run_id, len(self.data))
         self.phase("ready")
 

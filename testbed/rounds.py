@@ -168,15 +168,7 @@ class RoundLoop:
                                         self._parallel() if self.setup.virtual else None)
         links = {n: inj.link_now[n] for n in tasks if n in inj.link_now}  # traced links' rates at the start
         t_round, cpu0 = time.perf_counter(), time.process_time()
-        deadline, virtual = self.sc.training.round_deadline_s, self.setup.virtual
-        outcome = self.agg.run_round(rnd, entry.name, {n: (t.plan.to_dict(), t.tensors) for n, t in tasks.items()},
-                                     self._real_timeout(tasks) if virtual else deadline * f,
-                                     lambda n: self.alive(n) and (virtual or n not in inj.lost),
-                                     lambda n, sent, msg: check_result(sent, msg), tick=None if virtual else inj.tick,
-                                     devices=self._devices(tasks), parallel=self._parallel() if virtual else None,
-                                     keep=(keep := self._keep(tasks)))
-        if virtual:  # the round on the virtual clock: faults and deadline applied to the arrivals
-            devices_s = VirtualRound(inj, pos.elapsed, deadline).settle(outcome)
+        outcome, devices_s, keep = self._collect(rnd, entry.name, tasks, pos.elapsed)
         events = [*restored, *inj.end_round(), *self._explain_losses(rnd, outcome)]
         self.host.after(rnd, host, kills0, outcome.records, events, self.backend.alive)
         nodes = {n: self._node_entry(n, tasks[n], outcome, links.get(n)) for n in outcome.records}
@@ -190,10 +182,10 @@ class RoundLoop:
         self.spill.clear()
         real_s = time.perf_counter() - t_round
         # virtual: the devices' time on the virtual clock, then the server's aggregation as it took
-        wall_s = devices_s + time.perf_counter() - t_agg if virtual else real_s / f
+        wall_s = devices_s + time.perf_counter() - t_agg if self.setup.virtual else real_s / f
         aggregator_cpu_s = time.process_time() - cpu0  # the orchestrator's own work in the round, host seconds
         pos.elapsed += wall_s
-        if virtual:
+        if self.setup.virtual:
             self._await_restarted()
         ev, eval_s = self.work.evaluate(gplan, pos.state)
         for d in nodes.values():
@@ -208,6 +200,22 @@ class RoundLoop:
                 "eval_s": eval_s, "aggregator_cpu_s": aggregator_cpu_s, "update_counts": update_counts(updates),
                 "metrics": metrics, "events": events,
                 "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}
+
+    def _collect(self, rnd: int, tag: str, tasks: dict[str, Task], elapsed: float) -> tuple[RoundOutcome, float, bool]:
+        """Send the tasks and collect the results: (outcome, the devices' time on the virtual
+        clock or 0 on the real one, whether the results were spilled). On the real clock the
+        deadline and faults act while the round runs; on the virtual clock they are applied to
+        the arrivals afterwards (testbed/vclock.py)."""
+        deadline, virtual, inj = self.sc.training.round_deadline_s, self.setup.virtual, self.inj
+        keep = self._keep(tasks)
+        outcome = self.agg.run_round(rnd, tag, {n: (t.plan.to_dict(), t.tensors) for n, t in tasks.items()},
+                                     self._real_timeout(tasks) if virtual else deadline * self.setup.dilation,
+                                     lambda n: self.alive(n) and (virtual or n not in inj.lost),
+                                     lambda n, sent, msg: check_result(sent, msg), tick=None if virtual else inj.tick,
+                                     devices=self._devices(tasks), parallel=self._parallel() if virtual else None,
+                                     keep=keep)
+        devices_s = VirtualRound(inj, elapsed, deadline).settle(outcome) if virtual else 0.0
+        return outcome, devices_s, keep is not None
 
     def _keep(self, tasks: dict[str, Task]):
         """Where the round's accepted results go: to files (testbed/spill.py) when they would add

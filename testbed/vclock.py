@@ -142,7 +142,8 @@ class Agreement:
     ratios virtual / real of each round's time, each device's compute time and each device's
     time in the round (download + compute + upload). A device's real times are taken by its CPU
     model, without the time the host added by not giving it its share (`host_short_s`, which the
-    real run records, and `host_short` lists); `recorded_ratios` keep it in."""
+    real run records, and `host_short` lists); `recorded_ratios` keep it in. A real round's time
+    is shortened by what the stretch added to its slowest device's time."""
     accuracy_pairs: list[tuple[str, int, float, float]]  # (strategy, round, real, virtual)
     device_ratios: list[tuple[str, int, str, float]]      # (strategy, round, node, ratio)
     compute_ratios: list[tuple[str, int, str, float]]
@@ -175,9 +176,12 @@ def agreement(real_rows: list[dict], virtual_rows: list[dict]) -> Agreement:
             continue
         key = (v["strategy"], v["round"])
         acc.append((*key, r.get("accuracy"), v.get("accuracy")))
-        if r["wall_s"] > 0:
-            rounds.append((*key, v["wall_s"] / r["wall_s"]))
         ok = {n["node"]: n for n in r["nodes"] if n["status"] == "ok"}
+        if r["wall_s"] > 0:  # the slowest device sets the round: without the host's stretch, it ends earlier
+            times = [device_time(m) for m in ok.values()]
+            model = [device_time(m) - float(m.get("host_short_s") or 0.0) for m in ok.values()]
+            cut = max(times) - max(model) if ok else 0.0
+            rounds.append((*key, v["wall_s"] / (r["wall_s"] - cut)))
         for n in v["nodes"]:
             m = ok.get(n["node"])
             if n["status"] != "ok" or m is None:

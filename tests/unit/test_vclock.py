@@ -165,6 +165,8 @@ def test_agreement_takes_the_real_runs_devices_by_their_cpu_model():
                 "nodes": [node("agx-0", 4.2), node("nx-0", 8.8), node("tx2-0", 9.5)]}]
     a = agreement(real, virtual)
     assert a.accuracy_pairs == [("legend", 1, 0.7, 0.7)] and a.accuracy_identical
+    # the round: 10 s, set by nx-0 (0.5 + 8 + 0.5 = 9 s) or agx-0 (6 s, 5 without the host's second):
+    # the slowest device's time is the same by either measure, so nothing comes off
     assert a.round_ratios == [("legend", 1, pytest.approx(0.9))]
     # compute: 4.2 / (5 - 1) and 8.8 / 8; the dropped real node is not compared
     assert a.compute_ratios == [("legend", 1, "agx-0", pytest.approx(1.05)), ("legend", 1, "nx-0", pytest.approx(1.1))]
@@ -173,3 +175,7 @@ def test_agreement_takes_the_real_runs_devices_by_their_cpu_model():
     assert a.recorded_ratios[0] == ("legend", 1, "agx-0", pytest.approx(5.2 / 6))
     assert a.host_short == [("legend", 1, "agx-0", pytest.approx(0.2))]
     assert a.worst == pytest.approx(9.8 / 9 - 1)                  # nx-0: 0.5 + 8.8 + 0.5 against 9
+    # were the host's stretch on nx-0 (2 s of its 8), the round would have ended 2 s earlier:
+    # without it nx-0 takes 7 s, agx-0 5 (6 recorded): the slowest is 7 s, not 9
+    real[1]["nodes"][1]["host_short_s"] = 2.0
+    assert agreement(real, virtual).round_ratios == [("legend", 1, pytest.approx(9.0 / (10.0 - 2.0)))]
