@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from node.agent import NODE_KEY_ENV  # the node's CURVE secret key (z85), read by `python -m node`
-from node.device import Emulated
+from node.device import Emulated, weight_nice
 
 from .profiles import Profile
 
@@ -88,6 +88,7 @@ class Launch:
     env: Mapping[str, str] = field(default_factory=dict)  # run id, threads, offline flags, its CURVE key
     server_key: str | None = None    # the aggregator's CURVE public key
     virtual: bool = False            # `clock: virtual`: the node reports its CPU seconds at its share, never waits
+    largest_share: float = 0.0       # the virtual clock: the run's largest cpu_share (node.device.weight_nice)
 
     def identity(self) -> list[str]:
         """Who the node is and where it dials: what a real device's join command gives too."""
@@ -99,7 +100,7 @@ class Launch:
         its command line at start, and in every TASK (a changed profile reaches it so)."""
         lim = self.limits
         if self.virtual:  # the aggregator times the links; the node only converts its CPU seconds
-            return Emulated(lim.cpus, "virtual")
+            return Emulated(lim.cpus, "virtual", nice=weight_nice(lim.cpus, self.largest_share))
         if emulate.cpu_time:  # CPU seconds at the dilated share (may exceed one core)
             share, clock = lim.cpus, "cpu"
         else:  # wall time: host contention has already slowed it by about the dilation
@@ -139,9 +140,10 @@ class Launcher:
     server_key: str | None = None
     secrets: Mapping[str, str] = field(default_factory=dict)  # node -> its CURVE secret key
     virtual: bool = False
+    largest_share: float = 0.0  # the virtual clock: the largest cpu_share of the run's emulated nodes
 
     def launch(self, name: str, profile: Profile) -> Launch:
         limits = Limits.of(profile, self.dilation)
         env = {**base_env(self.run_id, limits.threads),
                **({NODE_KEY_ENV: self.secrets[name]} if name in self.secrets else {})}
-        return Launch(name, profile, self.endpoint, limits, env, self.server_key, self.virtual)
+        return Launch(name, profile, self.endpoint, limits, env, self.server_key, self.virtual, self.largest_share)

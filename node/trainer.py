@@ -208,6 +208,14 @@ def import_training() -> None:
     import torch.optim  # noqa: F401
 
 
+def warm_up(base, plan: Plan, tensors: dict[str, np.ndarray], data) -> None:
+    """One untimed step of `plan`, thrown away: a process's first training step costs it more
+    than any later one (first use of the kernels at these shapes, the allocator growing; measured
+    0.1 CPU s on a 0.7 s task of 8 steps), and a device's first round must cost what its others
+    do. The random state is the caller's afterwards (train forks it)."""
+    train(base, replace(plan, train=replace(plan.train, local_steps=1)), tensors, data)
+
+
 def preload(spec: ModelSpec) -> None:
     """Load the base model once so that forked nodes share it copy-on-write (emulation/zygote.py).
     The trainer never writes the base (each round trains a copy), so its pages stay shared."""

@@ -105,7 +105,7 @@ class Run:
                 launcher = Launcher(self.run_id, f"tcp://{self.backend.connect_address(agg.bind)}:{agg.port}",
                                     s.dilation, self.keys and self.keys.server_public,
                                     {n: sec for n, (_, sec) in self.keys.nodes.items()} if self.keys else {},
-                                    s.virtual)
+                                    s.virtual, max(n.profile.cpu_share for n in self.nodes))
                 self._start_nodes(agg, launcher, join, progress)
                 injector = Injector(self.sc, self.nodes, self.backend, s.dilation, progress.message, s.virtual)
                 for note in injector.describe():

@@ -3,9 +3,10 @@
 The real run is on the machine's default backend (netns as root, with `cpu_limit: weight`; the
 process backend elsewhere); the virtual run is on the process backend. Both train the same nodes
 on the same data with the same seeds, so each round's accuracy must be the same, and each
-device's time in each round (download + compute + upload) must agree within 10%. Full FedAvg is
-left out here to keep the test short (its 60 MB models cross 1-30 Mbit/s links for minutes of
-real time); `bench/bench_clocks.py` runs the whole scenario.
+device's time in each round (download + compute + upload) must agree within 10%. Two strategies
+are left out to keep the test short: HetLoRA (LoRA as FedLoRA, with other ranks) and full FedAvg
+(its 60 MB models cross 1-30 Mbit/s links for minutes of real time). `bench/bench_clocks.py`
+runs the whole scenario.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from tests.runs import kill_run_processes, run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SETS = ["training.rounds=2", "training.local_steps=8", "data.test_size=40",
-        "strategies.run=[{name: fedlora, params: {rank: 8}}, {name: hetlora, params: {rank_min: 2, rank_max: 8}}, "
-        "{name: fedra, params: {rank: 8}}, {name: legend}]"]
+SETS = ["training.rounds=2", "training.local_steps=16", "data.test_size=40",
+        "strategies.run=[{name: fedlora, params: {rank: 8}}, {name: fedra, params: {rank: 8}}, {name: legend}]"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_both_clocks_finish_and_say_which_they_ran(both_clocks):
 def test_every_round_has_the_same_accuracy_in_both_clocks(both_clocks):
     real, virtual = both_clocks
     agree = agreement(real.rounds, virtual.rounds)
-    assert len(agree.accuracy_pairs) == 8, agree.accuracy_pairs   # 4 strategies x 2 rounds
+    assert len(agree.accuracy_pairs) == 6, agree.accuracy_pairs   # 3 strategies x 2 rounds
     assert agree.accuracy_identical, agree.accuracy_pairs
 
 
@@ -58,7 +58,8 @@ def test_each_devices_compute_and_each_rounds_time_agree_within_ten_percent(both
     and so does each device's whole time in the round. Its link times alone are not compared:
     on netns they are measured from the node's heartbeats, which adds the node's wake-up and the
     heartbeat's own trip (0.1-0.7 s on a 0.3 MB task), and htb lets a short message after an
-    idle spell through at line rate. 8 local steps make compute the larger part.
+    idle spell through at line rate. 16 local steps make compute the larger part, and halve the
+    noise of one device-round's CPU seconds against 8 (median difference 0.011 against 0.021).
 
     The real devices are taken by their CPU model: where the host gave a device less CPU than
     its share (six nodes' shares add up to exactly the host's cores; the scheduler's placement
@@ -78,10 +79,10 @@ def test_each_devices_compute_and_each_rounds_time_agree_within_ten_percent(both
         pytest.skip("the real clock ran on the process backend (no root), which stretches wall time under the "
                     "host's contention; the comparison needs the netns backend's CPU seconds")
     agree = agreement(*(_after_first_round(run.rounds) for run in (real, virtual)))
-    assert len(agree.compute_ratios) >= 35, agree.compute_ratios    # 6 devices x 7 rounds, all answered
+    assert len(agree.compute_ratios) >= 30, agree.compute_ratios    # 6 devices x 5 rounds, all answered
     off = [r for r in agree.compute_ratios if abs(r[-1] - 1) > 0.10]
     assert not off, ("compute", off, "host-stretched in the real run:", agree.host_short)
-    assert len(agree.round_ratios) == 7
+    assert len(agree.round_ratios) == 5
     off = [r for r in agree.round_ratios if abs(r[-1] - 1) > 0.10]
     assert not off, ("rounds", off, "host-stretched in the real run:", agree.host_short)
     off = [r for r in agree.device_ratios if abs(r[-1] - 1) > 0.10]   # download + compute + upload

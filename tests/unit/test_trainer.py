@@ -297,7 +297,7 @@ def test_a_task_with_another_device_trains_as_that_device(base):
     from node import protocol as P
     model, data = base
     agent = Agent.__new__(Agent)
-    agent.name, agent.base, agent.data, agent.run_id = "n", model, data, "r"
+    agent.name, agent.base, agent.data, agent.run_id, agent.warmed = "n", model, data, "r", False
     agent.become(Emulated(0.5, "cpu"))
     sent = []
     agent.phase = lambda *a, **k: None
@@ -322,3 +322,20 @@ def test_a_proximal_term_keeps_the_trained_tensors_near_where_they_started(base)
         return sum(float(((out[k] - init[k]) ** 2).sum()) for k in init)
     free, held = moved(0.0), moved(1e4)
     assert held < 0.5 * free, (held, free)
+
+
+def test_the_first_tasks_warm_up_changes_neither_its_result_nor_the_random_state(base):
+    """A node's first task begins with one untimed step (trainer.warm_up): what it trains and
+    the process's random state afterwards are those of a node that did not warm up."""
+    import torch
+    model, data = base
+    plan = lora_plan()
+    init = trainer.trainable_state(trainer.build_model(model, plan))
+    torch.manual_seed(123)
+    cold, _ = trainer.train(model, plan, dict(init), data)
+    after_cold = torch.rand(3)
+    torch.manual_seed(123)
+    trainer.warm_up(model, plan, dict(init), data)
+    warm, _ = trainer.train(model, plan, dict(init), data)
+    assert torch.equal(torch.rand(3), after_cold)
+    assert cold.keys() == warm.keys() and all(np.array_equal(cold[k], warm[k]) for k in cold)

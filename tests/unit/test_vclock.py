@@ -2,9 +2,12 @@
 times from rate, latency and bytes; a round's arrivals, deadline and mid-round faults."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from emulation.launch import Launcher
+from emulation.launch import Emulate, Launcher
+from emulation.profiles import get_profile
 from node.device import Emulated
 from testbed.aggregator import NodeRecord, RoundOutcome
 from testbed.faults import Injector
@@ -179,3 +182,19 @@ def test_agreement_takes_the_real_runs_devices_by_their_cpu_model():
     # without it nx-0 takes 7 s, agx-0 5 (6 recorded): the slowest is 7 s, not 9
     real[1]["nodes"][1]["host_short_s"] = 2.0
     assert agreement(real, virtual).round_ratios == [("legend", 1, pytest.approx(9.0 / (10.0 - 2.0)))]
+
+
+def test_virtual_nodes_get_the_cpu_weight_of_their_share_as_niceness():
+    from node.device import weight_nice
+    # the kernel's weight falls by 1.25 a step of niceness (nice 0: 1024, 3: 526, 6: 272 in its
+    # table): a TX2 (1/4 of the AGX's share) at nice 6 weighs 1024 / 272 = 3.8 times less
+    assert [weight_nice(s, 4.0) for s in (4.0, 2.0, 1.0)] == [0, 3, 6]
+    assert weight_nice(0.001, 4.0) == 19 and weight_nice(5.0, 4.0) == 0   # the kernel's range
+    launcher = Launcher("run", "tcp://x", 1.0, virtual=True, largest_share=1.0)
+    tx2 = replace(get_profile("jetson-tx2"), cpu_share=0.25)
+    dev = launcher.launch("tx2-0", tx2).emulated(Emulate())
+    assert (dev.cpu_clock, dev.nice) == ("virtual", 6)
+    # the real clock's nodes keep the weights of their sandbox (netns) or stretch wall time: no niceness
+    assert Launcher("run", "tcp://x", 1.0, largest_share=1.0).launch("tx2-0", tx2).emulated(Emulate()).nice == 0
+    with pytest.raises(ValueError, match=r"nice must be in \[0, 19\]"):
+        Emulated(1.0, "virtual", nice=20)
