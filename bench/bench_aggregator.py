@@ -227,15 +227,20 @@ def run_n(n_nodes: int, kinds: list[str], rounds: int, warmup: int, train_s: flo
             print_row(rows[-1], train_s)
     finally:
         P.encode, P.decode = real_encode, real_decode
-        try:
-            agg.close(say_bye=True)
-        finally:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        close(agg, child)
     return rows
+
+
+def close(agg, child: subprocess.Popen) -> None:
+    """Say BYE to the fake nodes and wait for their process to leave (killed after 15 s)."""
+    try:
+        agg.close(say_bye=True)
+    finally:
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 HEAD = (f"{'nodes':>5} {'payload':<10} {'MB/node':>7} {'rounds':>6} {'wall s':>7} {'send s':>7} {'recv s':>7} "

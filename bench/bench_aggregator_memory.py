@@ -44,7 +44,7 @@ def case(n_nodes: int, spilled: bool, train_s: float, stagger_s: float) -> dict:
     import hashlib
 
     import numpy as np
-    from bench_aggregator import SAMPLES, payload_state, strategy_for
+    from bench_aggregator import SAMPLES, close, payload_state, strategy_for
 
     from testbed.aggregator import Aggregator
     from testbed.rounds import check_result
@@ -83,14 +83,7 @@ def case(n_nodes: int, spilled: bool, train_s: float, stagger_s: float) -> dict:
     finally:
         spill.clear()
         tmp.cleanup()
-        try:
-            agg.close(say_bye=True)
-        finally:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        close(agg, child)
 
 
 def main(argv: list[str] | None = None) -> int:

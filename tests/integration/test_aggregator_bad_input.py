@@ -346,9 +346,8 @@ def test_check_rejects_wrong_names_shapes_and_samples(agg, dealer, fake_node):
     assert agg.rejected_total == len(cases)
 
 
-def test_a_round_with_one_task_at_a_time_sends_the_next_when_one_is_back(agg, fake_node):
-    """`parallel=1` (the virtual clock's waves): the second node gets its task only after the
-    first answered."""
+def _two_ready_nodes(agg, fake_node) -> dict:
+    """Fake nodes n0 and n1, registered and ready."""
     nodes = {}
     for name in ("n0", "n1"):
         nodes[name] = fake_node()
@@ -357,6 +356,13 @@ def test_a_round_with_one_task_at_a_time_sends_the_next_when_one_is_back(agg, fa
     end = time.monotonic() + GUARD_S
     while agg.ready() != {"n0", "n1"} and time.monotonic() < end:
         agg.poll(0.05)
+    return nodes
+
+
+def test_a_round_with_one_task_at_a_time_sends_the_next_when_one_is_back(agg, fake_node):
+    """`parallel=1` (the virtual clock's waves): the second node gets its task only after the
+    first answered."""
+    nodes = _two_ready_nodes(agg, fake_node)
     got, answered = {}, {}
 
     def answer(name):
@@ -383,14 +389,7 @@ def test_accepted_results_go_where_keep_puts_them_and_rejected_ones_nowhere(agg,
     """`keep` (testbed/spill.py): each accepted result's tensors are written to a file as it
     arrives, and the round's results read them back from there; a rejected one is not kept."""
     from testbed.spill import Spill, SpilledTensors
-    nodes = {}
-    for name in ("n0", "n1"):
-        nodes[name] = fake_node()
-        _hello(nodes[name].sock, agg, name)
-        nodes[name].sock.send_multipart(_msg(P.HEARTBEAT, meta={"phase": "ready"}))
-    end = time.monotonic() + GUARD_S
-    while agg.ready() != {"n0", "n1"} and time.monotonic() < end:
-        agg.poll(0.05)
+    nodes = _two_ready_nodes(agg, fake_node)
     nodes["n0"].play(lambda task: [_result(task, {"w": np.array([1.5, -2.0, 3.25], np.float32)})])
     nodes["n1"].play(lambda task: [_result(task, {"w": np.array([1.0, np.nan, 0.0], np.float32)})])  # not finite
     spill = Spill(tmp_path / "spill")
