@@ -628,7 +628,7 @@ def strategy_context(sc: Scenario, nodes: list[NodeSpec] | None = None):
     spec = model_spec(sc)
     config = model_config(spec)
     projections, modules = (), ()
-    if any(getattr(STRATEGIES.get(s.name), "reads_block_layout", False) for s in sc.strategies.run):
+    if any(STRATEGIES[s.type].reads_block_layout for s in sc.strategies.run):
         meta = meta_model(model_path(spec.name, spec.path), spec.task)
         block = meta.get_submodule(layout(meta).blocks + "0")
         projections, modules = block_projections(meta), tuple(n for n, _ in block.named_modules() if n)

@@ -58,3 +58,13 @@ def test_every_strategy_error_is_said_at_once():
     assert lines[1].startswith("  own.yaml: strategies.run[0].params.ranks: unknown profile(s) ['their-pi']; allowed:")
     assert "my-pi" in lines[1]
     assert lines[2] == "  own.yaml: strategies.run[1].params.calibration_depth: 5 exceeds the model's 2 blocks"
+
+
+def test_the_block_layout_is_read_for_a_strategy_that_needs_it_whatever_its_label():
+    """fedadapter and fedia3 read a block's projections, the others do not (so a scenario of
+    them is checked without building the model); a renamed entry counts by its type."""
+    doc = {**DOC, "strategies": {"baseline": "fedlora", "run": [{"name": "fedlora"}]}}
+    assert strategy_context(parse(doc)).block_projections == ()
+    doc["strategies"]["run"].append({"name": "small-adapters", "type": "fedadapter", "params": {"size": 8}})
+    projections = strategy_context(parse(doc)).block_projections
+    assert "attention.self.query" in projections and "output.dense" in projections
