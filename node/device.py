@@ -8,6 +8,7 @@ is itself.
 """
 from __future__ import annotations
 
+import json
 import math
 
 from dataclasses import asdict, dataclass, fields
@@ -92,6 +93,28 @@ class Emulated:
                 raise ValueError(f"device.{k} must be a number, got {v!r}")
         return cls(**{k: (v if k == "cpu_clock" else float(v)) for k, v in d.items() if k != "rate_steps"},
                    rate_steps=tuple(tuple(float(v) for v in s) for s in steps))
+
+
+def released_end(end: float, at: float, factor: float) -> float:
+    """When a wait due to end at `end` ends once its round is released at `at` (the same clock):
+    what remained of it after `at` passes `factor` times faster (testbed/release.py)."""
+    return end if at >= end else at + (end - at) / factor
+
+
+def read_release(path: str, key: str) -> tuple[float, float] | None:
+    """(at, factor) of the release of round `key` from the run's release file, or None while it
+    is not released (no file, another round's record, or a record that is not one)."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("key") != key:
+        return None
+    at, factor = rec.get("at"), rec.get("factor")
+    if not (_number(at) and _number(factor) and factor > 1):
+        return None
+    return float(at), float(factor)
 
 
 def weight_nice(share: float, largest: float) -> int:

@@ -23,6 +23,7 @@ from node.plan import block_of
 from .spill import tensor_sizes
 
 log = logging.getLogger("testbed.aggregator")
+MISSED = "missed the round deadline"  # the reason of a node still out when a round's deadline passed
 
 
 @dataclass
@@ -61,6 +62,10 @@ class RoundOutcome:
     records: dict[str, NodeRecord]
     wall_real_s: float
     answered: set[str] = field(default_factory=set)  # nodes whose RESULT or ERROR came back
+    started_at: float = 0.0                          # time.monotonic() when the first task went out
+    done_at: dict[str, float] = field(default_factory=dict)  # when each node left the round (answered or exited)
+    released_at: float | None = None                 # when the round was released (testbed/release.py)
+    released_s: dict[str, float] = field(default_factory=dict)  # real seconds the release took off each node's wait
 
 
 class Aggregator:
@@ -272,7 +277,8 @@ class Aggregator:
     def run_round(self, rnd: int, tag: str, tasks: dict[str, tuple[dict, dict]], deadline_real_s: float,
                   alive: Callable[[str], bool], check: Callable[[str, dict, P.Message], str | None],
                   tick: Callable[[], float | None] | None = None, devices: dict[str, dict] | None = None,
-                  parallel: int | None = None, keep: Callable[[str, dict], Mapping] | None = None) -> RoundOutcome:
+                  parallel: int | None = None, keep: Callable[[str, dict], Mapping] | None = None,
+                  release=None) -> RoundOutcome:
         """Send each node its TASK, collect RESULTs until all are in or the deadline passes.
 
         `parallel`: at most this many tasks out at once, the next sent as one comes back (the
@@ -283,6 +289,8 @@ class Aggregator:
         `keep(node, tensors)`: where an accepted result's tensors go (testbed/spill.py writes
         them to a file and gives them back as a mapping that reads them), so the round does not
         hold every result in memory.
+        `release` (testbed.release.ReleaseFile): the tasks name its file, and once every node
+        still out has said "computed" the round is released there, once.
         `tick()` runs between polls (at least every 0.25 s): the runner injects faults there. It
         returns the wall seconds until its next fault is due (or None), and the poll wakes by then.
         """
@@ -297,13 +305,17 @@ class Aggregator:
             while waiting and (parallel is None or len(pending) < parallel):
                 n = waiting.pop(0)
                 plan, tensors = tasks[n]
-                sent_at[n] = self.send_task(n, rnd, task_ids[n], plan, tensors, (devices or {}).get(n), records[n])
+                sent_at[n] = self.send_task(n, rnd, task_ids[n], plan, tensors, (devices or {}).get(n), records[n],
+                                            release)
                 if sent_at[n]:
                     pending.add(n)
 
         send_more()
         results: dict[str, P.Message] = {}
         answered: set[str] = set()
+        done_at: dict[str, float] = {}
+        released_s: dict[str, float] = {}
+        released_at = None
         last_done = t0
         while pending and time.monotonic() - t0 < deadline_real_s:
             due = tick() if tick is not None else None
@@ -314,31 +326,45 @@ class Aggregator:
                     continue
                 pending.discard(n)
                 answered.add(n)
-                last_done = time.monotonic()
+                last_done = done_at[n] = time.monotonic()
+                cut = msg.meta.get("released_s")
+                if isinstance(cut, (int, float)) and np.isfinite(cut) and cut > 0:
+                    released_s[n] = float(cut)
                 if self.take_result(n, rnd, msg, nbytes, records[n], sent_at[n],
                                     lambda m, n=n: check(n, tasks[n][1], m)):
                     results[n] = msg if keep is None else replace(msg, tensors=keep(n, msg.tensors))
             for n in [n for n in pending if not alive(n)]:
                 pending.discard(n)
+                done_at[n] = time.monotonic()
                 records[n].status, records[n].reason = "failed", "node process exited"
             send_more()
+            if release is not None and released_at is None and pending and not waiting \
+                    and all(self.computed(n, rnd) for n in pending):
+                released_at = release.announce(f"{tag}/{rnd}")
         for n in [*pending, *waiting]:
-            records[n].reason = "missed the round deadline"
+            records[n].reason = MISSED
         wall = (time.monotonic() if pending else last_done) - t0
-        return RoundOutcome(results, records, wall, answered)
+        return RoundOutcome(results, records, wall, answered, t0, done_at, released_at, released_s)
+
+    def computed(self, n: str, rnd: int) -> bool:
+        """Whether node `n` has done the CPU work of its task of round `rnd` (it said so, or is uploading)."""
+        times = self.peers[n].phase_at
+        return (rnd, "computed") in times or (rnd, "upload") in times
 
     def send_task(self, n: str, rnd: int, task_id: str, plan: dict, tensors: dict, device: dict | None,
-                  rec: NodeRecord) -> float:
-        """Send node `n` its TASK (with the device it emulates itself, if given); `rec` gets the
-        task's bytes, less that emulation control. Returns when it was sent (0: unreachable)."""
+                  rec: NodeRecord, release=None) -> float:
+        """Send node `n` its TASK (with the device it emulates itself, and the release file, if
+        given); `rec` gets the task's bytes, less that emulation control. Returns when it was
+        sent (0: unreachable)."""
         self.peers[n].phase_at.clear()
         sent_at = time.monotonic()
         meta = {"plan": plan, "task_id": task_id}
-        control = 0
+        control = -len(msgpack.packb(meta))
         if device is not None:  # emulation control, not the device's traffic: left out of bytes_down
-            control = -len(msgpack.packb(meta))
             meta["device"] = device
-            control += len(msgpack.packb(meta))
+        if release is not None:
+            meta["release"] = str(release.path)
+        control += len(msgpack.packb(meta))
         sent = self.send(n, P.TASK, rnd, meta, tensors)
         rec.bytes_down = max(0, sent - control) if sent else 0
         if not sent:

@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-PHASE_STYLE = {"train": "yellow", "upload": "cyan", "download": "cyan", "ready": "green", "idle": "green",
+PHASE_STYLE = {"train": "yellow", "computed": "magenta", "upload": "cyan", "download": "cyan", "ready": "green", "idle": "green",
                "ok": "green", "dropped": "red", "failed": "red", "rejected": "red", "welcome": "blue"}
 
 

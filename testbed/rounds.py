@@ -17,10 +17,11 @@ from emulation.launch import Launcher
 from node import protocol as P
 from node.plan import Plan
 
-from .aggregator import PAYLOAD_PARTS, Aggregator, RoundOutcome, add_payload, check_result  # noqa: F401
+from .aggregator import MISSED, PAYLOAD_PARTS, Aggregator, NodeRecord, RoundOutcome, add_payload, check_result  # noqa: F401
 from .faults import Injector
 from .hostwatch import HostWatch
 from .progress import Progress
+from .release import ReleaseFile
 from .scenario import NodeSpec, Scenario
 from .setup import RunSetup
 from .spill import Spill, tensor_sizes
@@ -72,6 +73,10 @@ class RoundLoop:
         self.fault_restores: list[dict] = []
         self.spill = Spill(store.out / "spill")  # a round's results, when they would not fit in memory
         self.spill.clear()                         # left by a run that was killed (--resume)
+        self.release = ReleaseFile(store.out / "release", setup.dilation) \
+            if sc.release_waits and not setup.virtual and setup.dilation > 1 else None
+        if self.release is not None:
+            self.release.clear()
 
     def alive(self, name: str) -> bool:
         """Emulated nodes: their sandbox runs. Remote (real) devices: judged by the round deadline."""
@@ -167,8 +172,12 @@ class RoundLoop:
         host, kills0 = self.host.before(entry.name, rnd, {n: t.plan for n, t in tasks.items()},
                                         self._parallel() if self.setup.virtual else None)
         links = {n: inj.link_now[n] for n in tasks if n in inj.link_now}  # traced links' rates at the start
-        t_round, cpu0 = time.perf_counter(), time.process_time()
+        t_round, cpu0, m_round = time.perf_counter(), time.process_time(), time.monotonic()
         outcome, devices_s, keep = self._collect(rnd, entry.name, tasks, pos.elapsed)
+        m_collected, saved_real_s = time.monotonic(), None
+        if outcome.released_at is not None:  # the devices' time as the round would have taken it unreleased
+            devices_s = outcome.started_at - m_round + self._released_devices(outcome)
+            saved_real_s = max(0.0, devices_s - (m_collected - m_round))
         events = [*restored, *inj.end_round(), *self._explain_losses(rnd, outcome)]
         self.host.after(rnd, host, kills0, outcome.records, events, self.backend.alive)
         nodes = {n: self._node_entry(n, tasks[n], outcome, links.get(n)) for n in outcome.records}
@@ -183,6 +192,8 @@ class RoundLoop:
         real_s = time.perf_counter() - t_round
         # virtual: the devices' time on the virtual clock, then the server's aggregation as it took
         wall_s = devices_s + time.perf_counter() - t_agg if self.setup.virtual else real_s / f
+        if outcome.released_at is not None:  # released: the devices' unreleased time, then the rest as it took
+            wall_s = (devices_s + time.monotonic() - m_collected) / f
         aggregator_cpu_s = time.process_time() - cpu0  # the orchestrator's own work in the round, host seconds
         pos.elapsed += wall_s
         if self.setup.virtual:
@@ -198,6 +209,8 @@ class RoundLoop:
                 "spilled_mb": (moved["blocks_up"] + moved["head_up"]) / 1e6 if keep else 0.0,
                 "participants": len(updates), "dropped": len(outcome.records) - len(updates), "failed": failed,
                 "eval_s": eval_s, "aggregator_cpu_s": aggregator_cpu_s, "update_counts": update_counts(updates),
+                "released_at_s": None if outcome.released_at is None
+                else (outcome.released_at - outcome.started_at) / f, "release_saved_real_s": saved_real_s,
                 "metrics": metrics, "events": events,
                 "offline": sorted(set(ready) - online), "host": host, "nodes": list(nodes.values())}
 
@@ -213,9 +226,37 @@ class RoundLoop:
                                      lambda n: self.alive(n) and (virtual or n not in inj.lost),
                                      lambda n, sent, msg: check_result(sent, msg), tick=None if virtual else inj.tick,
                                      devices=self._devices(tasks), parallel=self._parallel() if virtual else None,
-                                     keep=keep)
+                                     keep=keep, release=self._release(tasks, elapsed))
         devices_s = VirtualRound(inj, elapsed, deadline).settle(outcome) if virtual else 0.0
         return outcome, devices_s, keep is not None
+
+    def _release(self, tasks: dict[str, Task], elapsed: float) -> ReleaseFile | None:
+        """The release file, where this round may be released (`release_waits`): every node runs
+        on this host (a real device does not read the file), and no fault, trace step or
+        availability edge falls due within the round's deadline (they are timed in real time,
+        which a released round no longer keeps in step with the emulated one)."""
+        if self.release is None or any(n in self.remote for n in tasks):
+            return None
+        due = self.inj.next_due()
+        if due is not None and due <= elapsed + self.sc.training.round_deadline_s:
+            return None
+        return self.release
+
+    def _released_devices(self, outcome: RoundOutcome) -> float:
+        """A released round's device phase in real seconds as it would have lasted unreleased:
+        each node left the round the seconds its release saved later. A result that then falls
+        after the deadline is dropped, as the unreleased round would have dropped it."""
+        deadline = self.sc.training.round_deadline_s * self.setup.dilation
+        ends = {n: t - outcome.started_at + outcome.released_s.get(n, 0.0) for n, t in outcome.done_at.items()}
+        late = sorted(n for n, end in ends.items() if end > deadline and n in outcome.answered)
+        for n in late:
+            rec = outcome.records[n]
+            outcome.records[n] = NodeRecord(n, rec.profile, bytes_down=rec.bytes_down, reason=MISSED)
+            outcome.results.pop(n, None)
+            outcome.answered.discard(n)
+        if late or any(r.reason == MISSED for r in outcome.records.values()):  # someone was out at the deadline
+            return deadline
+        return max(ends.values(), default=0.0)
 
     def _keep(self, tasks: dict[str, Task]):
         """Where the round's accepted results go: to files (testbed/spill.py) when they would add

@@ -127,6 +127,8 @@ class Run:
                 agg.close(say_bye=True)
             if self.loop is not None:
                 self.loop.spill.clear()  # a round cut short leaves its spilled results
+                if self.loop.release is not None:
+                    self.loop.release.clear()
             self.backend.teardown()
             host_mem.stop()
             self._finish(status, agg)

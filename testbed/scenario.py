@@ -419,6 +419,9 @@ class Scenario(Strict):
     virtual_parallel: int | None = Field(None, ge=1, description="clock: virtual: at most this many nodes train "
                                          "at once on this host (default: its cores); a round's times do not "
                                          "depend on it, its memory and real time do")
+    release_waits: bool = Field(False, description="clock: real with a dilation: once every node of a round has "
+                                "done its CPU work, the rest of the round's waits passes undilated; recorded "
+                                "times do not change (docs/profiles.md: Released rounds)")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
@@ -473,6 +476,7 @@ class Scenario(Strict):
             raise ValueError(f"@training.min_results: {self.training.min_results} exceeds clients per round ({k or n})")
         self._check_engines()
         self._check_clock()
+        self._check_release()
         self._check_faults()
         self._check_links()
         return self
@@ -492,6 +496,20 @@ class Scenario(Strict):
                        for i, entry in enumerate(self.strategies.run)
                        if pauses and getattr(STRATEGIES[entry.type], "asynchronous", False)][:1]
         return errors
+
+    def _check_release(self) -> None:
+        """Released rounds need nodes that read the release file on this host, on the real clock."""
+        if not self.release_waits:
+            return
+        if self.clock == "virtual":
+            raise ValueError("@release_waits: goes with clock: real (the virtual clock has no waits to release)")
+        if self.backend == "docker":
+            raise ValueError("@release_waits: the docker backend's nodes cannot read the run's release file; "
+                             "allowed backends: auto, process, netns")
+        for i, g in enumerate(self.nodes):
+            if g.engine is not None:
+                raise ValueError(f"@nodes[{i}]: release_waits: group {g.group} runs on engine {g.engine}, whose "
+                                 "nodes cannot read the run's release file; remove engine: or release_waits")
 
     def _check_clock(self) -> None:
         """The virtual clock times devices it starts itself, on this host, undilated."""

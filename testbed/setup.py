@@ -52,6 +52,9 @@ def prepare(sc: Scenario, nodes: list[NodeSpec], requested: str, run_id: str, ou
     if sc.clock == "virtual":
         return _prepare_virtual(sc, nodes, requested, run_id, out, caps)
     name, reason = choose(requested, caps)
+    if sc.release_waits and name == "docker":  # before any backend is made: nothing to tear down
+        raise RunError(f"release_waits: the docker backend ({reason}) cannot give its nodes the run's release "
+                       "file; use --backend netns or process, or remove release_waits")
     backend = make_backend(sc, nodes, name, run_id, out, caps)
     local = {n.name: n.profile for n in nodes if not n.remote}
     hosts = backend.core_demands(local)
@@ -77,7 +80,27 @@ def prepare(sc: Scenario, nodes: list[NodeSpec], requested: str, run_id: str, ou
         notes.append("process backend: links live in the node's transport, so the scenario's link "
                      "cuts are recorded as not applied (use the netns or docker backend); rate and "
                      "latency changes reach the node with its next task")
+    notes += release_notes(sc, dilation, len(local) < len(nodes))
     return RunSetup(caps, name, reason, dilation, tuple(notes), here), backend
+
+
+def release_notes(sc: Scenario, dilation: float, remote: bool) -> list[str]:
+    """What `release_waits` will not release in this run (testbed/release.py)."""
+    if not sc.release_waits:
+        return []
+    if dilation <= 1:
+        return [f"release_waits: the dilation is {dilation:g}, so there is no slowed wait to release"]
+    from .strategies import STRATEGIES
+    notes = [f"release_waits: {e.name} is asynchronous (no rounds to release): its waits stay dilated"
+             for e in sc.strategies.run if getattr(STRATEGIES[e.type], "asynchronous", False)]
+    if remote:
+        notes.append("release_waits: rounds with a remote (real) device are not released (it cannot read the "
+                     "run's release file)")
+    avail = sc.faults.availability
+    if sc.faults.events or any(g.link_trace for g in sc.nodes) or avail.trace or avail.markov:
+        notes.append("release_waits: a round in which a fault, link trace step or availability change falls due "
+                     "is not released (they are timed in real time)")
+    return notes
 
 
 def _prepare_virtual(sc: Scenario, nodes: list[NodeSpec], requested: str, run_id: str, out: Path,

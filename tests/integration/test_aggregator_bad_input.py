@@ -402,3 +402,90 @@ def test_accepted_results_go_where_keep_puts_them_and_rejected_ones_nowhere(agg,
     kept = out.results["n0"].tensors
     assert isinstance(kept, SpilledTensors) and kept["w"].tolist() == [1.5, -2.0, 3.25]
     assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["n0.bin"]
+
+
+# -- released rounds (testbed/release.py) -------------------------------------------------
+
+def _released(path, key):
+    """Wait until the release file holds round `key`; its record."""
+    import json
+    end = time.monotonic() + GUARD_S
+    while time.monotonic() < end:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            rec = None
+        if rec and rec.get("key") == key:
+            return rec
+        time.sleep(0.02)
+    raise AssertionError(f"round {key} was never released")
+
+
+def test_a_round_is_released_once_every_node_still_out_has_computed(agg, fake_node, tmp_path):
+    """The release is announced once, after the last node still out said "computed", and
+    each task named the file."""
+    from testbed.release import ReleaseFile
+    release = ReleaseFile(tmp_path / "release", 4.0)
+    nodes, said = _two_ready_nodes(agg, fake_node), {}
+
+    def fast(task):
+        nodes["n0"].sock.send_multipart(_msg(P.HEARTBEAT, rnd=1, meta={"phase": "computed"}))
+        _released(release.path, "t/1")
+        return [_result(task, {"w": np.ones(3, np.float32)}, released_s=1.25)]
+
+    def slow(task):
+        time.sleep(0.3)
+        said["n1"] = time.monotonic()
+        nodes["n1"].sock.send_multipart(_msg(P.HEARTBEAT, rnd=1, meta={"phase": "computed"}))
+        _released(release.path, "t/1")
+        return [_result(task, {"w": np.ones(3, np.float32)}, released_s=0.0)]
+
+    nodes["n0"].play(fast)
+    nodes["n1"].play(slow)
+    sent = {"w": np.ones(3, np.float32)}
+    out = agg.run_round(1, "t", {n: ({"method": "full", "blocks": [0]}, sent) for n in nodes}, 10.0,
+                        alive=lambda n: True, check=_check, release=release)
+    for node in nodes.values():
+        node.join()
+    rec = _released(release.path, "t/1")
+    assert set(out.results) == {"n0", "n1"}
+    assert all(nodes[n].task.meta["release"] == str(release.path) for n in nodes)
+    assert rec["factor"] == 4.0 and out.released_at == rec["at"] and rec["at"] >= said["n1"]
+    assert out.released_s == {"n0": 1.25}  # n1's wait lost nothing
+    assert set(out.done_at) == {"n0", "n1"} and out.started_at <= min(out.done_at.values())
+
+
+def test_a_node_still_training_holds_the_release_until_it_answers(agg, fake_node, tmp_path):
+    """A node that never says "computed" (it did not wait) holds the release until its result
+    is in; a round run without a release file names none and writes none."""
+    from testbed.release import ReleaseFile
+    release = ReleaseFile(tmp_path / "release", 4.0)
+    nodes, answered = _two_ready_nodes(agg, fake_node), {}
+
+    def waiting(task):
+        nodes["n0"].sock.send_multipart(_msg(P.HEARTBEAT, rnd=1, meta={"phase": "computed"}))
+        _released(release.path, "t/1")
+        return [_result(task, {"w": np.ones(3, np.float32)})]
+
+    def training(task):
+        time.sleep(0.4)
+        answered["n1"] = time.monotonic()
+        return [_result(task, {"w": np.ones(3, np.float32)})]
+
+    nodes["n0"].play(waiting)
+    nodes["n1"].play(training)
+    sent = {"w": np.ones(3, np.float32)}
+    out = agg.run_round(1, "t", {n: ({"method": "full", "blocks": [0]}, sent) for n in nodes}, 10.0,
+                        alive=lambda n: True, check=_check, release=release)
+    for node in nodes.values():
+        node.join()
+    assert set(out.results) == {"n0", "n1"} and out.released_at >= answered["n1"]
+    release.clear()
+    for node in nodes.values():
+        node.play(lambda task: [_result(task, {"w": np.ones(3, np.float32)})])
+    out = agg.run_round(2, "t", {n: ({"method": "full", "blocks": [0]}, sent) for n in nodes}, 10.0,
+                        alive=lambda n: True, check=_check)
+    for node in nodes.values():
+        node.join()
+    assert out.released_at is None and not release.path.exists()
+    assert all("release" not in nodes[n].task.meta for n in nodes)
