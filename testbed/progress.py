@@ -11,8 +11,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-PHASE_STYLE = {"train": "yellow", "computed": "magenta", "upload": "cyan", "download": "cyan", "ready": "green", "idle": "green",
-               "ok": "green", "dropped": "red", "failed": "red", "rejected": "red", "welcome": "blue"}
+PHASE_STYLE = {"train": "yellow", "computed": "magenta", "upload": "cyan", "download": "cyan", "ready": "green",
+               "idle": "green", "ok": "green", "dropped": "red", "failed": "red", "rejected": "red", "welcome": "blue"}
 
 
 class Progress:

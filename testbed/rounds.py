@@ -17,7 +17,8 @@ from emulation.launch import Launcher
 from node import protocol as P
 from node.plan import Plan
 
-from .aggregator import MISSED, PAYLOAD_PARTS, Aggregator, NodeRecord, RoundOutcome, add_payload, check_result  # noqa: F401
+from .aggregator import (MISSED, PAYLOAD_PARTS, Aggregator, NodeRecord, RoundOutcome,  # noqa: F401
+                         add_payload, check_result)
 from .faults import Injector
 from .hostwatch import HostWatch
 from .progress import Progress

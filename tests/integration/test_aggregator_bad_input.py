@@ -421,6 +421,18 @@ def _released(path, key):
     raise AssertionError(f"round {key} was never released")
 
 
+def _play_round(agg, nodes, behaviours, rnd=1, release=None):
+    """Each fake node answers its task of round `rnd` as its behaviour says; the round's outcome."""
+    for name, node in nodes.items():
+        node.play(behaviours[name])
+    sent = {"w": np.ones(3, np.float32)}
+    out = agg.run_round(rnd, "t", {n: ({"method": "full", "blocks": [0]}, sent) for n in nodes}, 10.0,
+                        alive=lambda n: True, check=_check, release=release)
+    for node in nodes.values():
+        node.join()
+    return out
+
+
 def test_a_round_is_released_once_every_node_still_out_has_computed(agg, fake_node, tmp_path):
     """The release is announced once, after the last node still out said "computed", and
     each task named the file."""
@@ -440,13 +452,7 @@ def test_a_round_is_released_once_every_node_still_out_has_computed(agg, fake_no
         _released(release.path, "t/1")
         return [_result(task, {"w": np.ones(3, np.float32)}, released_s=0.0)]
 
-    nodes["n0"].play(fast)
-    nodes["n1"].play(slow)
-    sent = {"w": np.ones(3, np.float32)}
-    out = agg.run_round(1, "t", {n: ({"method": "full", "blocks": [0]}, sent) for n in nodes}, 10.0,
-                        alive=lambda n: True, check=_check, release=release)
-    for node in nodes.values():
-        node.join()
+    out = _play_round(agg, nodes, {"n0": fast, "n1": slow}, release=release)
     rec = _released(release.path, "t/1")
     assert set(out.results) == {"n0", "n1"}
     assert all(nodes[n].task.meta["release"] == str(release.path) for n in nodes)
@@ -472,20 +478,10 @@ def test_a_node_still_training_holds_the_release_until_it_answers(agg, fake_node
         answered["n1"] = time.monotonic()
         return [_result(task, {"w": np.ones(3, np.float32)})]
 
-    nodes["n0"].play(waiting)
-    nodes["n1"].play(training)
-    sent = {"w": np.ones(3, np.float32)}
-    out = agg.run_round(1, "t", {n: ({"method": "full", "blocks": [0]}, sent) for n in nodes}, 10.0,
-                        alive=lambda n: True, check=_check, release=release)
-    for node in nodes.values():
-        node.join()
+    out = _play_round(agg, nodes, {"n0": waiting, "n1": training}, release=release)
     assert set(out.results) == {"n0", "n1"} and out.released_at >= answered["n1"]
     release.clear()
-    for node in nodes.values():
-        node.play(lambda task: [_result(task, {"w": np.ones(3, np.float32)})])
-    out = agg.run_round(2, "t", {n: ({"method": "full", "blocks": [0]}, sent) for n in nodes}, 10.0,
-                        alive=lambda n: True, check=_check)
-    for node in nodes.values():
-        node.join()
+    plain = lambda task: [_result(task, {"w": np.ones(3, np.float32)})]  # noqa: E731
+    out = _play_round(agg, nodes, {"n0": plain, "n1": plain}, rnd=2)
     assert out.released_at is None and not release.path.exists()
     assert all("release" not in nodes[n].task.meta for n in nodes)
