@@ -191,10 +191,12 @@ class RoundLoop:
             pos.state, metrics = strat.aggregate(rnd, updates, pos.state)
         self.spill.clear()
         real_s = time.perf_counter() - t_round
-        # virtual: the devices' time on the virtual clock, then the server's aggregation as it took
-        wall_s = devices_s + time.perf_counter() - t_agg if self.setup.virtual else real_s / f
-        if outcome.released_at is not None:  # released: the devices' unreleased time, then the rest as it took
+        if self.setup.virtual:  # the devices' time on the virtual clock, then the server's aggregation as it took
+            wall_s = devices_s + time.perf_counter() - t_agg
+        elif outcome.released_at is not None:  # the devices' unreleased real time, then the rest as it took
             wall_s = (devices_s + time.monotonic() - m_collected) / f
+        else:
+            wall_s = real_s / f
         aggregator_cpu_s = time.process_time() - cpu0  # the orchestrator's own work in the round, host seconds
         pos.elapsed += wall_s
         if self.setup.virtual:

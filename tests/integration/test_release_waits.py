@@ -12,7 +12,7 @@ from tests.runs import kill_run_processes, run_scenario
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SETS = ["training.rounds=2", "training.local_steps=16", "data.test_size=40", "release_waits=true",
-        "strategies.run=[{name: fedlora, params: {rank: 8}}, {name: legend}]"]
+        "strategies.run=[{name: fedlora, params: {rank: 8}}]"]  # FedLoRA: its fast devices wait the most
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _rounds(run) -> list[dict]:
 
 def test_every_round_is_released_inside_it(released):
     rounds = _rounds(released)
-    assert len(rounds) == 4  # 2 strategies x 2 rounds
+    assert len(rounds) == 2
     for r in rounds:
         assert r["participants"] == 6 and not r["failed"], r
         assert 0 < r["released_at_s"] <= r["wall_s"], r
