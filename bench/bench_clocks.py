@@ -12,9 +12,13 @@ It prints, per strategy and for the run: whether every round's accuracy is the s
 how each device's time in each round (download + compute + upload, emulated seconds) compares
 (median and worst of second / real, and how many are within 10%); then the same for the
 compute phases alone and for each round's time. The real devices are taken by their CPU model
-(without `host_short_s`, the time the host added where it gave a device less than its share);
-a line "as recorded" compares with that time kept in, and says how many real node-rounds the
-host stretched. Then the real wall time of each run and their
+(without `host_short_s`, the time the host added where it gave a device less than its share),
+at the second run's host speed (the median, per round, of second / real CPU seconds of the same
+work: the host is not equally fast in two runs); a line "as recorded" compares with the real
+times as they were, and says how many real node-rounds the host stretched. The host speed's
+median and range follow, each device's times added over its rounds (second / real), and how
+far each device's emulated seconds per CPU second differ between the clocks (the CPU model: 1
+when both apply the same). Then the real wall time of each run and their
 ratio, and each run's host efficiency (training CPU / (cores x real round time)), per strategy
 and for the run.
 Nothing asserts. Both runs are written under --out (default: a temporary folder, removed).
@@ -94,6 +98,19 @@ def report(scenario: str, sets: list[str], second: str, agree, took: tuple[float
     print(describe("compute", [r for *_, r in agree.compute_ratios], second) + "  (compute phases alone)")
     print(describe("rounds", [r for *_, r in agree.round_ratios], second).replace("device-rounds", "rounds       ")
           + "  (each round's emulated time)")
+    if agree.device_totals:
+        worst = [max((r for _, r in totals), key=lambda r: abs(r - 1)) for totals in (agree.compute_totals,
+                                                                                     agree.device_totals)]
+        print(f"each device over its rounds: compute worst {worst[0]:.3f}, whole time worst {worst[1]:.3f}; "
+              f"all rounds' time {second}/real {agree.rounds_total:.3f}")
+    speeds = [r for *_, r in agree.host_speed]
+    if speeds:
+        print(f"host speed: {second}/real CPU seconds of the same work, per round: median {statistics.median(speeds):.3f}, "
+              f"{min(speeds):.3f}-{max(speeds):.3f} (the real compute above is taken at the {second} run's speed)")
+    if agree.model_ratios:
+        worst = max((r for *_, r in agree.model_ratios), key=lambda r: abs(r - 1))
+        print(f"CPU model: emulated compute per CPU second, {second}/real: worst {worst:.4f} "
+              f"of {len(agree.model_ratios)} device-rounds")
     for s, rnd, x, y in [p for p in agree.accuracy_pairs if p[2] != p[3]]:
         print(f"  accuracy differs: {s} round {rnd}: real {x}, {second} {y}")
     print(f"real wall time: real clock {took[0]:.1f} s, {second} {took[1]:.1f} s, "

@@ -16,6 +16,7 @@ So a virtual round needs the host's CPU for the work only: wall ~ training CPU /
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 from node.shaping import Link
@@ -140,16 +141,33 @@ def real_timeout_s(deadline_s: float, shares: list[float], cores: int) -> float:
 class Agreement:
     """How a virtual-clock run matches a real-clock run of the same scenario, round by round:
     ratios virtual / real of each round's time, each device's compute time and each device's
-    time in the round (download + compute + upload). A device's real times are taken by its CPU
-    model, without the time the host added by not giving it its share (`host_short_s`, which the
-    real run records, and `host_short` lists); `recorded_ratios` keep it in. A real round's time
-    is shortened by what the stretch added to its slowest device's time."""
+    time in the round (download + compute + upload).
+
+    Both clocks time compute by one CPU model (CPU seconds at the profile's share), so they agree
+    exactly when the same work costs the same CPU seconds in both runs. `model_ratios` check
+    the model: each device's emulated seconds per CPU second, virtual / real (1 when both apply
+    the same). The host's speed is not the same from one run to the next: `host_speed` is, per
+    round, the median over its devices of the virtual run's CPU seconds over the real run's for
+    the same work. The device and round ratios take the real run's compute at that speed, so
+    that a round the host ran slower as a whole in one run is not read as a wrong model; a device
+    whose CPU seconds moved apart from its round's still shows. A device's real times are taken
+    by the CPU model, without the time the host added by not giving it its share
+    (`host_short_s`, which the real run records, and `host_short` lists); `recorded_ratios`
+    keep it in and take the host as it was. A real round's time changes by what the host's
+    stretch and speed changed in its slowest device's time. The totals add each device's
+    seconds (and all rounds' seconds) over the rounds before they are divided: one device-round's
+    CPU seconds vary more between two runs than a device's over several rounds."""
     accuracy_pairs: list[tuple[str, int, float, float]]  # (strategy, round, real, virtual)
     device_ratios: list[tuple[str, int, str, float]]      # (strategy, round, node, ratio)
     compute_ratios: list[tuple[str, int, str, float]]
     round_ratios: list[tuple[str, int, float]]
     recorded_ratios: list[tuple[str, int, str, float]] = ()   # device times as the real run recorded them
     host_short: list[tuple[str, int, str, float]] = ()        # real node-rounds the host stretched: share of compute
+    host_speed: list[tuple[str, int, float]] = ()             # virtual / real CPU seconds of a round's same work
+    model_ratios: list[tuple[str, int, str, float]] = ()      # emulated compute per CPU second, virtual / real
+    device_totals: list[tuple[str, float]] = ()               # (node, its time over all rounds: ratio)
+    compute_totals: list[tuple[str, float]] = ()              # (node, its compute over all rounds: ratio)
+    rounds_total: float = 1.0                                 # all rounds' time, virtual / real
 
     @property
     def accuracy_identical(self) -> bool:
@@ -161,6 +179,14 @@ class Agreement:
         return max((abs(r - 1) for *_, r in self.device_ratios), default=0.0)
 
 
+def host_speed(pairs: list[tuple[dict, dict]]) -> float:
+    """The median of virtual / real CPU seconds over a round's (virtual, real) device entries:
+    how much faster or slower the host did the same work in the virtual run (1 without CPU
+    seconds to compare, as in runs recorded before they were kept)."""
+    ratios = [v["cpu_s"] / r["cpu_s"] for v, r in pairs if (v.get("cpu_s") or 0) > 0 and (r.get("cpu_s") or 0) > 0]
+    return statistics.median(ratios) if ratios else 1.0
+
+
 def device_time(entry: dict) -> float:
     """A device's time in a round: download, compute and upload (emulated seconds)."""
     return entry["download_s"] + entry["compute_s"] + entry["upload_s"]
@@ -169,29 +195,54 @@ def device_time(entry: dict) -> float:
 def agreement(real_rows: list[dict], virtual_rows: list[dict]) -> Agreement:
     """Per-round accuracy and each answered device's per-round time of two runs of one scenario."""
     real = {(r["strategy"], r["round"]): r for r in real_rows}
-    acc, ratios, compute, rounds, recorded, short = [], [], [], [], [], []
+    out: dict[str, list] = {k: [] for k in ("acc", "device", "compute", "rounds", "recorded", "short", "speed", "model")}
     for v in virtual_rows:
         r = real.get((v["strategy"], v["round"]))
         if r is None or v["round"] == 0:
             continue
         key = (v["strategy"], v["round"])
-        acc.append((*key, r.get("accuracy"), v.get("accuracy")))
+        out["acc"].append((*key, r.get("accuracy"), v.get("accuracy")))
         ok = {n["node"]: n for n in r["nodes"] if n["status"] == "ok"}
-        if r["wall_s"] > 0:  # the slowest device sets the round: without the host's stretch, it ends earlier
-            times = [device_time(m) for m in ok.values()]
-            model = [device_time(m) - float(m.get("host_short_s") or 0.0) for m in ok.values()]
-            cut = max(times) - max(model) if ok else 0.0
-            rounds.append((*key, v["wall_s"] / (r["wall_s"] - cut)))
-        for n in v["nodes"]:
-            m = ok.get(n["node"])
-            if n["status"] != "ok" or m is None:
-                continue
-            added = float(m.get("host_short_s") or 0.0)
-            if added > 0 and m["compute_s"] > 0:
-                short.append((*key, n["node"], added / m["compute_s"]))
-            if device_time(m) > added:
-                ratios.append((*key, n["node"], device_time(n) / (device_time(m) - added)))
-                recorded.append((*key, n["node"], device_time(n) / device_time(m)))
-            if m["compute_s"] > added:
-                compute.append((*key, n["node"], n["compute_s"] / (m["compute_s"] - added)))
-    return Agreement(acc, ratios, compute, rounds, recorded, short)
+        pairs = [(n, ok[n["node"]]) for n in v["nodes"] if n["status"] == "ok" and n["node"] in ok]
+        speed = host_speed(pairs)
+        out["speed"].append((*key, speed))
+        if r["wall_s"] > 0:  # the slowest device sets the round: by the CPU model at this speed, its time changes
+            cut = max(map(device_time, ok.values())) - max(_modelled(m, speed) for m in ok.values()) if ok else 0.0
+            out["rounds"].append((*key, v["wall_s"], r["wall_s"] - cut))
+        for n, m in pairs:
+            _compare(key, n, m, speed, out)
+    ratio = [(*k, a / b) for *k, a, b in out["device"]], [(*k, a / b) for *k, a, b in out["compute"]]
+    return Agreement(out["acc"], *ratio, [(*k, a / b) for *k, a, b in out["rounds"]], out["recorded"], out["short"],
+                     out["speed"], out["model"], _totals(out["device"]), _totals(out["compute"]),
+                     sum(a for *_, a, _ in out["rounds"]) / max(1e-9, sum(b for *_, b in out["rounds"])))
+
+
+def _totals(seconds: list[tuple[str, int, str, float, float]]) -> list[tuple[str, float]]:
+    """Per node, in order of first appearance: its virtual seconds over its real seconds, summed over rounds."""
+    sums: dict[str, list[float]] = {}
+    for _, _, node, a, b in seconds:
+        pair = sums.setdefault(node, [0.0, 0.0])
+        pair[0], pair[1] = pair[0] + a, pair[1] + b
+    return [(node, a / b) for node, (a, b) in sums.items()]
+
+
+def _modelled(real: dict, speed: float) -> float:
+    """A real device's time in its round by the CPU model, its compute at the host's `speed`."""
+    short = float(real.get("host_short_s") or 0.0)
+    return real["download_s"] + (real["compute_s"] - short) * speed + real["upload_s"]
+
+
+def _compare(key: tuple, v: dict, r: dict, speed: float, out: dict[str, list]) -> None:
+    """One device-round's times, virtual entry `v` against real entry `r`, into `out`: (virtual
+    seconds, real seconds by the CPU model at the host's speed) and ratios."""
+    added = float(r.get("host_short_s") or 0.0)
+    node = v["node"]
+    if added > 0 and r["compute_s"] > 0:
+        out["short"].append((*key, node, added / r["compute_s"]))
+    if _modelled(r, speed) > 0:
+        out["device"].append((*key, node, device_time(v), _modelled(r, speed)))
+        out["recorded"].append((*key, node, device_time(v) / device_time(r)))
+    if r["compute_s"] > added:
+        out["compute"].append((*key, node, v["compute_s"], (r["compute_s"] - added) * speed))
+        if (v.get("cpu_s") or 0) > 0 and (r.get("cpu_s") or 0) > 0:
+            out["model"].append((*key, node, (v["compute_s"] / v["cpu_s"]) / ((r["compute_s"] - added) / r["cpu_s"])))

@@ -198,3 +198,51 @@ def test_virtual_nodes_get_the_cpu_weight_of_their_share_as_niceness():
     assert Launcher("run", "tcp://x", 1.0, largest_share=1.0).launch("tx2-0", tx2).emulated(Emulate()).nice == 0
     with pytest.raises(ValueError, match=r"nice must be in \[0, 19\]"):
         Emulated(1.0, "virtual", nice=20)
+
+
+def test_agreement_takes_the_real_compute_at_the_hosts_speed_of_the_virtual_run():
+    from testbed.vclock import agreement
+
+    def node(name, compute, cpu, up=1.0, down=1.0):
+        return {"node": name, "status": "ok", "compute_s": compute, "cpu_s": cpu, "upload_s": up, "download_s": down}
+    # both clocks: compute = CPU seconds / share (0.5 here). The virtual run's host did the same
+    # work in 0.9 of the CPU seconds on agx-0 and nx-0; nx-1 took 0.63 of them: it moved alone
+    real = [{"strategy": "fedlora", "round": 1, "wall_s": 10.0, "accuracy": 0.6,
+             "nodes": [node("agx-0", 4.0, 2.0), node("nx-0", 8.0, 4.0), node("nx-1", 6.0, 3.0)]}]
+    virtual = [{"strategy": "fedlora", "round": 1, "wall_s": 9.2, "accuracy": 0.6,
+                "nodes": [node("agx-0", 3.6, 1.8), node("nx-0", 7.2, 3.6), node("nx-1", 3.78, 1.89)]}]
+    a = agreement(real, virtual)
+    assert a.host_speed == [("fedlora", 1, pytest.approx(0.9))]          # median of 0.9, 0.9, 0.63
+    assert [r for *_, r in a.model_ratios] == [pytest.approx(1.0)] * 3   # 2 s a CPU second in both
+    assert [r for *_, r in a.compute_ratios] == [pytest.approx(1.0), pytest.approx(1.0), pytest.approx(0.7)]
+    # agx-0's whole time: 1 + 3.6 + 1 against 1 + 4 x 0.9 + 1; as recorded, against 6
+    assert a.device_ratios[0][-1] == pytest.approx(1.0) and a.recorded_ratios[0][-1] == pytest.approx(5.6 / 6)
+    # the round: its slowest device, nx-0 (10 s), would take 1 + 7.2 + 1 = 9.2 at that speed
+    assert a.round_ratios == [("fedlora", 1, pytest.approx(1.0))]
+
+
+def test_agreement_shows_a_cpu_model_that_differs_between_the_clocks():
+    from testbed.vclock import agreement
+    real = [{"strategy": "legend", "round": 1, "wall_s": 5.0, "accuracy": 0.6, "nodes": [
+        {"node": "tx2-0", "status": "ok", "compute_s": 4.0, "cpu_s": 1.0, "upload_s": 0.5, "download_s": 0.5}]}]
+    virtual = [{"strategy": "legend", "round": 1, "wall_s": 3.0, "accuracy": 0.6, "nodes": [   # share 0.5, not 0.25
+        {"node": "tx2-0", "status": "ok", "compute_s": 2.0, "cpu_s": 1.0, "upload_s": 0.5, "download_s": 0.5}]}]
+    a = agreement(real, virtual)
+    assert a.host_speed == [("legend", 1, 1.0)] and a.model_ratios == [("legend", 1, "tx2-0", 0.5)]
+    assert a.compute_ratios == [("legend", 1, "tx2-0", 0.5)]
+
+
+def test_agreement_adds_each_devices_seconds_over_its_rounds_before_dividing():
+    from testbed.vclock import agreement
+
+    def row(rnd, wall, computes):
+        return {"strategy": "fedra", "round": rnd, "wall_s": wall, "accuracy": 0.6, "nodes": [
+            {"node": n, "status": "ok", "compute_s": c, "upload_s": 0.0, "download_s": 0.0} for n, c in computes]}
+    real = [row(1, 4.0, [("nx-0", 2.0), ("tx2-0", 4.0)]), row(2, 6.0, [("nx-0", 3.0), ("tx2-0", 6.0)])]
+    virtual = [row(1, 4.4, [("nx-0", 2.6), ("tx2-0", 4.4)]), row(2, 5.4, [("nx-0", 2.4), ("tx2-0", 5.4)])]
+    a = agreement(real, virtual)
+    assert [r for *_, r in a.compute_ratios] == [pytest.approx(x) for x in (1.3, 1.1, 0.8, 0.9)]
+    # nx-0: (2.6 + 2.4) / (2 + 3) = 1.0, though its rounds were 30% and 20% apart; tx2-0: 9.8 / 10
+    assert a.compute_totals == [("nx-0", pytest.approx(1.0)), ("tx2-0", pytest.approx(0.98))]
+    assert a.device_totals == a.compute_totals                      # no link time here
+    assert a.rounds_total == pytest.approx((4.4 + 5.4) / (4.0 + 6.0))
