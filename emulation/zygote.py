@@ -57,14 +57,19 @@ def _preload(spec: dict, data: dict) -> None:
     from node.data import DataSource, load_dataset
     trainer.preload(trainer.ModelSpec.from_dict(spec))
     load_dataset(DataSource.from_dict(data))
-    # transformers maps the weights file and pages it in lazily; page it in now (one float per
+    # transformers maps the weights file and pages it in lazily; page it in now (one element per
     # 4 KB page, with numpy: no torch kernel runs before fork) so shared_mb counts the weights
     import numpy as np
     (base, _), = trainer._PRELOADED.values()
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     for t in [*base.parameters(), *base.buffers()]:
-        a = t.detach().numpy().reshape(-1)
+        t = t.detach()
+        try:
+            a = t.numpy().reshape(-1)
+        except TypeError:  # a type numpy has not (bfloat16): the same bytes as integers
+            a = t.view(ints[t.element_size()]).numpy().reshape(-1)
         if a.size:
-            np.add.reduce(a[::1024].astype(np.float64))
+            np.add.reduce(a[::max(1, 4096 // a.itemsize)].astype(np.float64))
 
 
 def _child(cmd: dict, control: int, entered: int) -> None:

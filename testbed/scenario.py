@@ -112,7 +112,7 @@ class DataConfig(Strict):
         return self.source().label
 
 
-ZYGOTE_AUTO_NODES = 8  # from this many emulated nodes on, they fork from a zygote (memory: docs/architecture.md)
+ZYGOTE_AUTO_NODES = 2  # from this many emulated nodes on, they fork from a zygote (docs/architecture.md)
 
 
 class TrainingConfig(Strict):

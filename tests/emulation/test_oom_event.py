@@ -15,7 +15,7 @@ backend: netns
 dilation: off
 model: {name: all-minilm-l6-v2, num_layers: 2}
 data: {dataset: rotten_tomatoes, test_size: 40, train_size: 400, max_len: 128, partition: {kind: iid}}
-training: {rounds: 2, local_steps: 2, batch_size: 64, lr: 0.0001, target_accuracy: 0.99, round_deadline_s: 600}
+training: {rounds: 2, local_steps: 1, batch_size: 64, lr: 0.0001, target_accuracy: 0.99, round_deadline_s: 600}
 nodes:
   - {group: big, count: 1, profile: host}
   # enough to start and register (about 0.6 GB), far too little for full fine-tuning at batch 64
