@@ -183,8 +183,13 @@ def host_speed(pairs: list[tuple[dict, dict]]) -> float:
     """The median of virtual / real CPU seconds over a round's (virtual, real) device entries:
     how much faster or slower the host did the same work in the virtual run (1 without CPU
     seconds to compare, as in runs recorded before they were kept)."""
-    ratios = [v["cpu_s"] / r["cpu_s"] for v, r in pairs if (v.get("cpu_s") or 0) > 0 and (r.get("cpu_s") or 0) > 0]
+    ratios = [v["cpu_s"] / r["cpu_s"] for v, r in pairs if _has_cpu(v, r)]
     return statistics.median(ratios) if ratios else 1.0
+
+
+def _has_cpu(*entries: dict) -> bool:
+    """Whether every entry recorded the CPU seconds of its training."""
+    return all((e.get("cpu_s") or 0) > 0 for e in entries)
 
 
 def device_time(entry: dict) -> float:
@@ -211,10 +216,15 @@ def agreement(real_rows: list[dict], virtual_rows: list[dict]) -> Agreement:
             out["rounds"].append((*key, v["wall_s"], r["wall_s"] - cut))
         for n, m in pairs:
             _compare(key, n, m, speed, out)
-    ratio = [(*k, a / b) for *k, a, b in out["device"]], [(*k, a / b) for *k, a, b in out["compute"]]
-    return Agreement(out["acc"], *ratio, [(*k, a / b) for *k, a, b in out["rounds"]], out["recorded"], out["short"],
-                     out["speed"], out["model"], _totals(out["device"]), _totals(out["compute"]),
+    return Agreement(out["acc"], _ratios(out["device"]), _ratios(out["compute"]), _ratios(out["rounds"]),
+                     out["recorded"], out["short"], out["speed"], out["model"], _totals(out["device"]),
+                     _totals(out["compute"]),
                      sum(a for *_, a, _ in out["rounds"]) / max(1e-9, sum(b for *_, b in out["rounds"])))
+
+
+def _ratios(seconds: list[tuple]) -> list[tuple]:
+    """(key..., virtual seconds, real seconds) -> (key..., virtual / real)."""
+    return [(*key, a / b) for *key, a, b in seconds]
 
 
 def _totals(seconds: list[tuple[str, int, str, float, float]]) -> list[tuple[str, float]]:
@@ -239,10 +249,11 @@ def _compare(key: tuple, v: dict, r: dict, speed: float, out: dict[str, list]) -
     node = v["node"]
     if added > 0 and r["compute_s"] > 0:
         out["short"].append((*key, node, added / r["compute_s"]))
-    if _modelled(r, speed) > 0:
-        out["device"].append((*key, node, device_time(v), _modelled(r, speed)))
+    modelled = _modelled(r, speed)
+    if modelled > 0:
+        out["device"].append((*key, node, device_time(v), modelled))
         out["recorded"].append((*key, node, device_time(v) / device_time(r)))
     if r["compute_s"] > added:
         out["compute"].append((*key, node, v["compute_s"], (r["compute_s"] - added) * speed))
-        if (v.get("cpu_s") or 0) > 0 and (r.get("cpu_s") or 0) > 0:
+        if _has_cpu(v, r):
             out["model"].append((*key, node, (v["compute_s"] / v["cpu_s"]) / ((r["compute_s"] - added) / r["cpu_s"])))
