@@ -162,7 +162,8 @@ class Run:
         """Start the node zygote where the backend forks nodes (it is waited for when the first
         node forks), or tell the backend there is none."""
         sc, local = self.sc, [n for n in self.nodes if not n.remote]
-        want = sc.zygote == "on" or (sc.zygote == "auto" and len(local) >= ZYGOTE_AUTO_NODES)
+        forked = [n for n in local if self.backend.forks(n.name)]
+        want = sc.zygote == "on" or (sc.zygote == "auto" and len(forked) >= ZYGOTE_AUTO_NODES)
         if want and not self.backend.forks_nodes:
             if sc.zygote == "on":
                 self.notes.append(f"zygote: on has no effect on the {self.setup.backend} backend")

@@ -80,6 +80,10 @@ class Backend(ABC):
         zygote here when `zygote` is set: emulation/zygote.py). `data`: the run's data source
         (node.data.DataSource.to_dict())."""
 
+    def forks(self, name: str) -> bool:
+        """Whether node `name` would fork from this backend's zygote (zygote: auto counts these)."""
+        return self.forks_nodes
+
     def zygote_notes(self, profiles: list[Profile]) -> list[str]:
         """What forking from a zygote changes, for the manifest's fidelity notes."""
         return []

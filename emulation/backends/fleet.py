@@ -102,6 +102,10 @@ class Fleet(Backend):
         for b in self.engines.values():
             b.prepare(spec, data, False)
 
+    def forks(self, name: str) -> bool:
+        """Only the main backend forks; an engine's nodes are containers."""
+        return self.owner(name) is self.main and self.main.forks(name)
+
     def zygote_notes(self, profiles: list[Profile]) -> list[str]:
         return self.main.zygote_notes([self.profiles[n] for n in self._names(None)])
 

@@ -113,6 +113,14 @@ def test_cores_and_memory_per_host():
     assert [f.on_this_host(n) for n in ("a-0", "b-0", "c-0")] == [True, True, False]
 
 
+def test_only_the_main_backends_nodes_fork():
+    """zygote: auto counts the nodes that would fork: an engine's containers never do."""
+    f, main, e2, far = fleet()
+    assert [f.forks(n) for n in ("a-0", "b-0", "c-0")] == [False, False, False], "the fake main does not fork"
+    main.forks_nodes = e2.forks_nodes = True
+    assert [f.forks(n) for n in ("a-0", "b-0", "c-0", "c-1")] == [True, False, False, False]
+
+
 def test_teardown_reaches_every_member_even_when_one_fails():
     f, main, e2, far = fleet(fail=True)
     with pytest.raises(RuntimeError, match="far unreachable"):
