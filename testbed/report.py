@@ -11,12 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: reports are produced on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
 MANIFEST, ROUNDS, SUMMARY, REPORT = "manifest.json", "rounds.jsonl", "summary.json", "report.md"
 ACC_PNG, BYTES_PNG, TIMELINE_PNG = "accuracy_vs_time.png", "bytes_vs_time.png", "timeline.png"
 ENERGY_PNG = "accuracy_vs_energy.png"
@@ -343,7 +337,17 @@ def _default_summary(manifest: dict, rounds: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------- plots
+def _pyplot():
+    """matplotlib, headless (reports are produced on servers and in CI); imported when a plot is
+    drawn, so that a run's start does not wait for it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def _plot_accuracy(groups: dict, summary: dict, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, rows in groups.items():
         pts = [(t, a) for t, a in zip(_elapsed(rows), map(_acc, rows)) if a is not None]
@@ -364,6 +368,7 @@ def _plot_accuracy(groups: dict, summary: dict, path: Path) -> None:
 
 
 def _plot_bytes(groups: dict, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, rows in groups.items():
         cum, ys = 0, []
@@ -385,6 +390,7 @@ def _plot_timeline(groups: dict, path: Path) -> None:
     """Each round starts where the previous one ended in emulated time; within
     it every node's download/compute/upload/wait phases are laid end to end,
     so stragglers and idle waiting are visible at a glance."""
+    plt = _pyplot()
     nodes_of = {n: sorted({nd["node"] for r in rows for nd in r.get("nodes") or []}, key=str)
                 for n, rows in groups.items()}
     heights = [max(1, len(v)) for v in nodes_of.values()] or [1]
@@ -424,6 +430,7 @@ def _plot_timeline(groups: dict, path: Path) -> None:
     if ends and max(ends) > 0:
         axes[-1, 0].set_xlim(0, max(ends))
     axes[-1, 0].set_xlabel("elapsed emulated time (s)")
+    from matplotlib.patches import Patch
     legend = [Patch(label=k, **v) for k, v in _STYLE.items()]
     fig.legend(handles=legend, loc="upper right", ncol=6, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
@@ -669,6 +676,7 @@ def _plot_energy(groups: dict, summary: dict, path: Path) -> bool:
     series = {n: (s.get("energy") or {}).get("cumulative_j") for n, s in (summary.get("strategies") or {}).items()}
     if not any(series.values()):
         return False
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, rows in groups.items():
         joules = series.get(name)

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCENARIO = {
     "name": "async-resume", "seed": 6, "backend": "process", "zygote": "on", "dilation": 2,
     "model": {"num_layers": 2},
-    "data": {"partition": {"kind": "iid"}, "test_size": 100, "train_size": 600, "max_len": 32},
+    "data": {"partition": {"kind": "iid"}, "test_size": 40, "train_size": 600, "max_len": 32},
     "training": {"rounds": 500, "local_steps": 2, "batch_size": 16, "lr": 0.01, "time_budget_s": 8},
     "nodes": [{"group": "dev", "count": 3, "profile": "rpi5"}],
     "strategies": {"baseline": "fedbuff", "run": [{"name": "fedbuff", "params": {"rank": 4, "buffer_size": 2}}]},

@@ -16,8 +16,8 @@ ASYNC = ("fedbuff", "fedasync")
 def async_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("async") / "run"
     # half the scenario's emulated time (8 s: FedAsync is past the kill at step 5 and the restart at
-    # step 15 by 4 s) and 60 held-out examples: evaluating every step's model is most of the real time
-    short = ["--set", "training.time_budget_s=8", "--set", "data.test_size=60"]
+    # step 15 by 4 s) and 40 held-out examples: evaluating every step's model is most of the real time
+    short = ["--set", "training.time_budget_s=8", "--set", "data.test_size=40"]
     clock = ["--set", "clock=virtual", "--set", "dilation=off"] if request.param == "virtual" else []
     yield run_scenario("scenarios/async-ci.yaml", out, *short, *clock, timeout=1200)
     kill_run_processes(out)

@@ -11,7 +11,7 @@ from tests.runs import kill_run_processes, run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SETS = ["training.rounds=2", "training.local_steps=16", "data.test_size=40", "release_waits=true",
+SETS = ["training.rounds=2", "training.local_steps=8", "data.test_size=40", "release_waits=true",
         "strategies.run=[{name: fedlora, params: {rank: 8}}]"]  # FedLoRA: its fast devices wait the most
 
 

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCENARIO = {
     "name": "resume-test", "seed": 5, "backend": "process", "zygote": "on", "dilation": "off",
     "model": {"num_layers": 2},
-    "data": {"partition": {"kind": "iid"}, "test_size": 100, "train_size": 600, "max_len": 32},
+    "data": {"partition": {"kind": "iid"}, "test_size": 40, "train_size": 600, "max_len": 32},
     "training": {"rounds": 3, "local_steps": 4, "batch_size": 16, "lr": 0.01, "target_accuracy": 0.6},
     "nodes": [{"group": "dev", "count": 3, "profile": "host"}],
     # hetlora with self-pruning: the strategy object carries state (ranks) across rounds
