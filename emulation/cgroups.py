@@ -56,10 +56,16 @@ class CGroup:
     def create(self, cpu_share: float, memory_mb: int, by_weight: bool = False) -> None:
         """Make the group(s) and set quota = cpu_share x period (or, `by_weight`, no quota and a
         CPU weight proportional to cpu_share), memory limit = memory_mb (no swap)."""
-        if self.version == 2:
-            self._enable_v2_controllers()
-        for d in set(self.dirs.values()):
-            d.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            try:
+                if self.version == 2:
+                    self._enable_v2_controllers()
+                for d in set(self.dirs.values()):
+                    d.mkdir(parents=True, exist_ok=True)
+                break
+            except FileNotFoundError:  # another run ending removed the empty `fedge` parent meanwhile
+                if attempt == 2:
+                    raise
         self.set_limits(cpu_share, memory_mb, by_weight)
 
     def set_limits(self, cpu_share: float, memory_mb: int, by_weight: bool = False) -> None:

@@ -8,7 +8,8 @@ import pytest
 from emulation.backends import docker_missing
 from tests.runs import run_scenario, write_scenario
 
-pytestmark = pytest.mark.emulation
+# serial: with an engine it also runs on docker, and docker runs side by side were never tried
+pytestmark = [pytest.mark.emulation, pytest.mark.serial]
 TINY = """
 name: agree
 seed: 4

@@ -83,6 +83,7 @@ def test_netns_backend(keys, netns_caps, tmp_path, zygote):
     registers(b, keys, b.bind_address("127.0.0.1"))
 
 
+@pytest.mark.serial  # docker runs side by side were never tried
 def test_docker_backend(keys, caps, tmp_path):
     lacking = docker_missing(caps)
     if lacking:

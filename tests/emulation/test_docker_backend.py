@@ -24,7 +24,8 @@ from emulation.launch import Launcher
 from emulation.profiles import Profile
 from tests.runs import run_scenario, write_scenario
 
-pytestmark = pytest.mark.emulation
+# serial: docker runs side by side were never tried (no engine on the machine the suite is made on)
+pytestmark = [pytest.mark.emulation, pytest.mark.serial]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -57,7 +57,8 @@ def _why_not() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.emulation, pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")]
+# serial: docker runs side by side were never tried (no engine on the machine the suite is made on)
+pytestmark = [pytest.mark.emulation, pytest.mark.serial, pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")]
 
 
 def _link_exists(name: str) -> bool:

@@ -8,7 +8,8 @@ import pytest
 from emulation.cleanup import tagged_processes
 from tests.runs import kill_run_processes, run_scenario
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# serial: the idle and wait checks are fractions of a second of real time
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]
 ASYNC = ("fedbuff", "fedasync")
 
 

@@ -11,7 +11,8 @@ from node import protocol as P
 from testbed.aggregator import Aggregator
 from testbed.auth import RunKeys, curve_available
 
-pytestmark = [pytest.mark.integration,
+# serial: a node must register within 3 s
+pytestmark = [pytest.mark.integration, pytest.mark.serial,
               pytest.mark.skipif(not curve_available(), reason="this libzmq has no CURVE")]
 RUN = "auth-test"
 

@@ -12,7 +12,8 @@ import yaml
 from emulation.backends.process import node_env
 from testbed.scenario import expand_nodes, parse
 
-pytestmark = pytest.mark.integration
+# serial: it measures a link's rate and a device's speed
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 ROOT = Path(__file__).resolve().parents[2]
 
 

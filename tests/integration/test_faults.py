@@ -9,7 +9,8 @@ from emulation.cleanup import tagged_processes
 from emulation.netns import leftovers
 from tests.runs import kill_run_processes, run_scenario
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# serial: a round must end at its deadline with the devices that made it in time
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import pytest
 
 from tests.runs import kill_run_processes, run_scenario, write_scenario
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# serial: an unshaped upload must take under 50 ms
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]
 
 SCENARIO = """
 name: live-device

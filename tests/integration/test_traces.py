@@ -10,7 +10,8 @@ import pytest
 from emulation.cleanup import tagged_processes
 from tests.runs import ROOT, kill_run_processes, run_scenario
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# serial: it measures the links' rates over time
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")

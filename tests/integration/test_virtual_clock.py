@@ -15,7 +15,8 @@ import pytest
 from testbed.vclock import agreement
 from tests.runs import kill_run_processes, run_scenario
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# serial: the real run's devices must get their CPU shares for the clocks to agree
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]
 
 SETS = ["training.rounds=2", "training.local_steps=16", "data.test_size=40",
         "strategies.run=[{name: fedlora, params: {rank: 8}}, {name: fedra, params: {rank: 8}}, {name: legend}]"]

@@ -85,6 +85,28 @@ def test_empty_parents_go_after_a_run_busy_ones_stay(tmp_path):
     cgroups.remove_empty_parents(root=tmp_path)  # missing parents are no error
 
 
+def test_a_group_is_made_even_when_another_run_removes_the_parent_meanwhile(tmp_path):
+    """Two runs side by side: one ending removes the empty `fedge` parent between the other's
+    making it and making its own directory inside (ENOENT there); creating starts over."""
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    cg = CGroup("runB", "n0", 2, v2_root=tmp_path)
+    real = cg._enable_v2_controllers
+    calls = []
+
+    def parent_removed_once():
+        calls.append(1)
+        if len(calls) == 1:
+            (tmp_path / "fedge").mkdir()
+            cgroups.remove_empty_parents(tmp_path)  # run A ends: the parent is empty, so it goes
+            (tmp_path / "fedge" / "runB").mkdir()   # FileNotFoundError, as the kernel says
+        real()
+
+    cg._enable_v2_controllers = parent_removed_once
+    cg.create(cpu_share=0.5, memory_mb=64)
+    assert len(calls) == 2
+    assert (tmp_path / "fedge/runB/n0/cpu.max").read_text() == "50000 100000"
+
+
 def test_a_finished_run_takes_its_own_directory_with_it(tmp_path):
     """Removing a run's node groups leaves fedge/<run>; remove_run takes it (a benchmark once
     left five such directories behind), and leaves another run's alone."""
