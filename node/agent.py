@@ -34,6 +34,10 @@ HANDSHAKE_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EV
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 HANDSHAKE_RETRIES = 3  # quick failures without detail in a row before the node gives up
 HANDSHAKE_TIMEOUT_S = 5.0  # a handshake stalled this long is dropped and tried again (libzmq: 30 s)
+# a TCP connect unanswered this long is abandoned for a fresh one: left to the kernel, the SYNs of a
+# path that lost them back off to 8 and 16 s apart, and a recovered path waits that long
+# (bench/bench_reconnect.py: 3.4 and 7.8 s after 8 and 20 s of loss, against 0.4 and 0.03 s)
+CONNECT_TIMEOUT_S = 3.0
 RELEASE_POLL_S = 0.05  # how often a waiting node looks whether its round was released (testbed/release.py)
 
 
@@ -55,7 +59,9 @@ class Agent:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
+        self.sock.setsockopt(zmq.CONNECT_TIMEOUT, int(CONNECT_TIMEOUT_S * 1000))
         self.connected_at = 0.0
+        self.stalled_at: float | None = None  # when the last handshake stalled (for the log)
         if server_key:  # CURVE: encrypted, and the aggregator admits only the run's node keys
             if not secret_key:
                 raise ValueError(f"--server-key needs this node's secret key in ${NODE_KEY_ENV} or --key-file")
@@ -211,6 +217,10 @@ class Agent:
         kind = event["event"]
         if kind == zmq.EVENT_CONNECTED:
             self.connected_at = time.monotonic()
+            if self.stalled_at is not None:  # where the time after a stall goes: connecting, or a handshake
+                log.info("%s: connected again %.1f s after the stalled handshake", self.name,
+                         self.connected_at - self.stalled_at)
+                self.stalled_at = None
             return None
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.failed_handshakes = 0
@@ -221,6 +231,7 @@ class Agent:
         if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             if time.monotonic() - self.connected_at >= HANDSHAKE_TIMEOUT_S / 2:  # stalled, not refused
                 log.warning("%s: the handshake with %s stalled; trying again", self.name, self.connect)
+                self.stalled_at = time.monotonic()
                 return None
             self.failed_handshakes += 1
             if self.failed_handshakes < HANDSHAKE_RETRIES:
