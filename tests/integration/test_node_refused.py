@@ -88,6 +88,7 @@ def test_a_stalled_handshake_is_tried_again_not_taken_for_a_refusal():
         finally:
             node.kill()
     assert node.returncode == 3 and said.count("stalled; trying again") >= 2, said[-2000:]
+    assert "s after the stalled handshake" in said, "the log says how long connecting again took"
 
 
 def test_a_node_whose_data_differ_from_the_runs_refuses_to_train(tmp_path):
