@@ -8,8 +8,7 @@ import pytest
 from emulation.backends import docker_missing
 from tests.runs import run_scenario, write_scenario
 
-# serial: with an engine it also runs on docker, and docker runs side by side were never tried
-pytestmark = [pytest.mark.emulation, pytest.mark.serial]
+pytestmark = pytest.mark.emulation
 TINY = """
 name: agree
 seed: 4
@@ -31,8 +30,8 @@ def run(backend: str, tmp_path: Path) -> tuple[list[dict], dict]:
     return result.rounds, result.manifest
 
 
-def test_process_and_kernel_backends_give_the_same_learning(netns_caps, tmp_path):
-    backends = ["process", "netns"] + ([] if docker_missing(netns_caps) else ["docker"])
+def assert_same_learning(backends: list[str], tmp_path: Path) -> None:
+    """Each backend's rounds against the process backend's: the same accuracy, loss and bytes."""
     results = {b: run(b, tmp_path) for b in backends}
     ref_rows, _ = results["process"]
     for b, (rows, manifest) in results.items():
@@ -43,3 +42,15 @@ def test_process_and_kernel_backends_give_the_same_learning(netns_caps, tmp_path
             assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5), (b, r["strategy"], r["round"])
             assert r["bytes_down"] == ref["bytes_down"]
             assert abs(r["bytes_up"] - ref["bytes_up"]) <= 200 * max(1, len(r["nodes"]))  # timing fields in meta
+
+
+def test_process_and_kernel_backends_give_the_same_learning(netns_caps, tmp_path):
+    assert_same_learning(["process", "netns"], tmp_path)
+
+
+@pytest.mark.serial  # docker runs side by side were never tried (no engine where the suite is made)
+def test_docker_gives_the_same_learning_as_the_process_backend(caps, tmp_path):
+    lacking = docker_missing(caps)
+    if lacking:
+        pytest.skip(f"docker backend unavailable here: {'; '.join(lacking)}")
+    assert_same_learning(["process", "docker"], tmp_path)
