@@ -21,6 +21,7 @@ from pathlib import Path
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_link import build, teardown  # noqa: E402  (one namespace on a bridge, as the netns backend makes it)
 from emulation import netns as N  # noqa: E402
 
 BLOCK_S = float(os.environ.get("BLOCK_S", 8))
@@ -33,25 +34,21 @@ s.connect(sys.argv[1]); s.send(b"hello"); time.sleep(150)  # killed once the mes
 
 
 def recovery_s(bound_ms: int) -> float:
-    tag = uuid.uuid4().hex[:4]
-    subnet = N.pick_subnet(tag)
-    hosts = list(subnet.hosts())
-    bridge = N.Bridge(f"{N.IF_PREFIX}{tag}b", f"{hosts[0]}/{subnet.prefixlen}")
-    ns = N.Namespace(f"{N.NS_PREFIX}{tag}-bench")
-    link = N.VethLink(f"{N.IF_PREFIX}{tag}h0", f"{N.IF_PREFIX}{tag}n0", ns, f"{hosts[1]}/{subnet.prefixlen}")
+    created: list = []
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     node = None
     try:
-        bridge.create(); ns.create(); link.create(bridge)
-        port = router.bind_to_random_port(f"tcp://{bridge.ip}")
+        net = build(uuid.uuid4().hex[:4], created, server_ns=False)  # the aggregator's place: the bridge
+        ns, server = net["node"], net["server_ip"]
+        port = router.bind_to_random_port(f"tcp://{server}")
         # the answers to its SYNs are lost (a rule on OUTPUT would fail connect() at once: EPERM)
-        drop = ["iptables", "INPUT", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP"]
-        N.sh(*ns.exec_prefix(), drop[0], "-A", *drop[1:])
-        node = subprocess.Popen([*ns.exec_prefix(), sys.executable, "-c", NODE, f"tcp://{bridge.ip}:{port}",
+        drop = ["INPUT", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP"]
+        N.sh(*ns.exec_prefix(), "iptables", "-A", *drop)
+        node = subprocess.Popen([*ns.exec_prefix(), sys.executable, "-c", NODE, f"tcp://{server}:{port}",
                                  str(bound_ms)])
         time.sleep(BLOCK_S)
-        N.sh(*ns.exec_prefix(), drop[0], "-D", *drop[1:])
+        N.sh(*ns.exec_prefix(), "iptables", "-D", *drop)
         recovered = time.monotonic()
         if not router.poll(120_000):
             raise RuntimeError("no message within 120 s of the path's recovery")
@@ -59,8 +56,9 @@ def recovery_s(bound_ms: int) -> float:
     finally:
         router.close()
         if node is not None:
-            node.kill(); node.wait()
-        link.delete(); ns.delete(); bridge.delete()
+            node.kill()
+            node.wait()
+        teardown(created)  # the namespace goes with its iptables rule
 
 
 def main() -> None:
