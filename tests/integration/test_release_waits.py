@@ -9,7 +9,9 @@ import pytest
 
 from tests.runs import kill_run_processes, run_scenario
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# serial: the release saves real time only where the host has cores to spare (side by side with
+# another test's run it saved none)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]
 
 SETS = ["training.rounds=2", "training.local_steps=8", "data.test_size=40", "release_waits=true",
         "strategies.run=[{name: fedlora, params: {rank: 8}}]"]  # FedLoRA: its fast devices wait the most
