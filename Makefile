@@ -27,7 +27,8 @@ scenario: setup
 
 # Most tests wait on sockets, links and dilated devices, so two run side by side (whole files per
 # worker: a module's scenario run is made once); those marked `serial` (they measure time or rates,
-# or drive docker) then run with the host to itself. Both parts always run; the exit code is the first failure's.
+# or drive docker) then run with the host to itself. Both parts always run; the exit code is the
+# first failure's.
 TEST_WORKERS ?= 2
 
 test: setup

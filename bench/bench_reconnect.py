@@ -4,8 +4,9 @@ without a bound on each TCP connect (ZMQ_CONNECT_TIMEOUT). Needs root (a namespa
 A node in its own namespace connects to a ROUTER on the bridge while the answers to its SYNs are
 dropped (an iptables rule inside that namespace only) for BLOCK_S; then the rule goes. Without a
 bound the kernel's SYN retransmissions back off (on this kernel 1 s apart four times, then 2, 4, 8,
-16 s apart), so the connection comes at the next retransmission after the path recovered; with one, libzmq abandons an attempt after the bound and
-starts a fresh one. Prints the seconds from recovery to the first message, for each setting.
+16 s apart), so the connection comes at the next retransmission after the path recovered; with
+one, libzmq abandons an attempt after the bound and starts a fresh one. Prints the seconds from
+recovery to the first message, for each setting.
 
     .venv/bin/python bench/bench_reconnect.py
 """
